@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Sourced by demo.sh and test.sh: make (once) and activate .venv with everything the project needs.
+# On a machine whose python already has torch (a GPU box), the venv sees it and nothing is fetched.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+py="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$py" -m venv --system-site-packages .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
+if [ ! -f "$stamp" ]; then
+    python -m pip install -q --upgrade pip
+    # A CPU build of torch when none is present (a plain 'torch' requirement would pull a CUDA build).
+    python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+    python -m pip install -q -e ".[test]"
+    touch "$stamp"
+fi
