@@ -1,0 +1,210 @@
+"""Generation: prefill a prompt, then decode with sampling inside a CUDA graph (cugraph_rt.GraphHandle).
+
+One step is `decode_step(tokens, positions)` followed by on-device sampling; the graph's inputs are
+the tokens and positions, its output the sampled tokens. Once every row is past its prompt, the
+sampled tokens feed the next step without leaving the device (a device-to-device copy into the
+graph's static input); the host only reads them to stream text and to stop on end-of-sequence.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from model import ops as _ops
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 is greedy; top_k 0 and top_p 1.0 disable those filters."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (self.temperature >= 0.0):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]          # generated tokens per row (prompt excluded)
+    prefill_s: float
+    decode_s: float
+    prefill_tokens: int              # prompt tokens processed, all rows together
+    decode_tokens: int               # generated tokens, all rows together
+    stop_reasons: list[str] = field(default_factory=list)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else float("nan")
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+class Generator:
+    """Prefill and decode through one step function, replayed as a CUDA graph or run eagerly.
+
+    The graph (or eager) step takes `tokens[B]` and `positions[B]` (int64) and returns the sampled
+    next tokens `[B]` (int64, on the device); `decoder.logits` keeps the step's logits.
+    """
+
+    def __init__(self, decoder, sampling: SamplingParams = SamplingParams(), *,
+                 use_graph: bool = True, warmup: int = 2):
+        self.decoder = decoder
+        self.sampling = sampling
+        self.batch = decoder.max_batch
+        device = decoder.device
+        self._ops = _ops.backend(decoder.backend)
+        self._next_tokens = torch.zeros(self.batch, dtype=torch.int64, device=device)
+        self._sampler = self._ops.Sampler(decoder.cfg.vocab_size, self.batch, sampling, device=device)
+        self.use_graph = bool(use_graph)
+        self._handle = None
+        if self.use_graph:
+            if torch.device(device).type != "cuda":
+                raise ValueError(f"use_graph=True needs a CUDA device, the decoder is on {device!s}")
+            from cugraph_rt import GraphHandle
+
+            example = {
+                "tokens": torch.zeros(self.batch, dtype=torch.int64, device=device),
+                "positions": torch.zeros(self.batch, dtype=torch.int64, device=device),
+            }
+            self._handle = GraphHandle(self._step, example, warmup=warmup)
+
+    # The one step both paths run: decode, then sample into the static next-token buffer.
+    def _step(self, tokens, positions):
+        logits = self.decoder.decode_step(tokens, positions)
+        self._sampler(logits, self._next_tokens)
+        return self._next_tokens
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One decode step on host or device int64 tensors [B]; returns the sampled tokens [B] on
+        the device (a static buffer, overwritten by the next step)."""
+        if self._handle is not None:
+            return self._handle(tokens=tokens, positions=positions)
+        device = self.decoder.device
+        return self._step(tokens.to(device), positions.to(device))
+
+    def _on_step_stream(self):
+        """Host reads of step outputs must be ordered after the step on the stream that ran it."""
+        if self._handle is not None:
+            return torch.cuda.stream(self._handle.stream.torch)
+        return contextlib.nullcontext()
+
+    @property
+    def handle(self):
+        return self._handle
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, *, eos_token_ids=(),
+                 on_tokens=None, progress=None) -> GenerationResult:
+        """Run every row in lock-step from position 0: row r reads its prompt while it lasts, then
+        its own sampled tokens; it stops at an end-of-sequence token or after max_new_tokens.
+
+        on_tokens(step, tokens_by_row) is called with the rows' new tokens (None for rows still in
+        their prompt or already stopped); progress is a tqdm-like object with update(n).
+        """
+        prompts = self._check_prompts(prompts, max_new_tokens)
+        eos = set(int(t) for t in eos_token_ids)
+        rows = len(prompts)
+        if rows < self.batch:   # idle rows repeat row 0; their output is ignored
+            prompts = prompts + [prompts[0]] * (self.batch - rows)
+        self.decoder.reset()
+        self._sampler.reset()
+        lengths = [len(p) for p in prompts]
+        longest = max(lengths)
+        generated: list[list[int]] = [[] for _ in range(rows)]
+        stop = ["" for _ in range(rows)]
+        host_next = torch.empty(self.batch, dtype=torch.int64, pin_memory=self._pinned())
+        tokens_in = torch.tensor([p[0] for p in prompts], dtype=torch.int64)
+        prefill_s = decode_s = 0.0
+        t_phase = time.perf_counter()
+        position = 0
+        while True:
+            positions = torch.full((self.batch,), position, dtype=torch.int64)
+            self.decoder.check_positions(positions)
+            next_dev = self.step(tokens_in, positions)
+            with self._on_step_stream():
+                host_next.copy_(next_dev, non_blocking=True)
+                self._synchronize()
+            new = host_next.tolist()
+            position += 1
+            now = time.perf_counter()
+            if position < longest:
+                prefill_s += now - t_phase
+            else:
+                decode_s += now - t_phase
+            t_phase = now
+            emitted = [None] * rows
+            for r in range(rows):
+                if stop[r] or position < lengths[r]:
+                    continue
+                generated[r].append(new[r])
+                emitted[r] = new[r]
+                if new[r] in eos:
+                    stop[r] = "eos"
+                elif len(generated[r]) >= max_new_tokens:
+                    stop[r] = "length"
+            if on_tokens is not None and any(t is not None for t in emitted):
+                on_tokens(position, emitted)
+            if progress is not None and position >= longest:
+                progress.update(1)
+            if all(stop):
+                break
+            if position >= longest:
+                tokens_in = next_dev   # stays on the device
+            else:
+                tokens_in = torch.tensor(
+                    [prompts[r][position] if position < lengths[r] else new[r] for r in range(self.batch)],
+                    dtype=torch.int64)
+        prefill_tokens = sum(lengths[:rows])
+        decode_tokens = sum(len(g) for g in generated)
+        return GenerationResult(generated, prefill_s, decode_s, prefill_tokens, decode_tokens, stop)
+
+    def _check_prompts(self, prompts, max_new_tokens):
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if not prompts or not all(len(p) > 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token; got an empty prompt list or prompt")
+        if len(prompts) > self.batch:
+            raise ValueError(f"{len(prompts)} prompts but the decoder was built for batch {self.batch}")
+        vocab = self.decoder.cfg.vocab_size
+        out = []
+        for r, p in enumerate(prompts):
+            p = [int(t) for t in p]
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt {r}: token id {bad[0]} outside the vocabulary [0, {vocab})")
+            out.append(p)
+        need = max(len(p) for p in out) + max_new_tokens - 1
+        if need > self.decoder.max_seq:
+            raise ValueError(f"prompt of {max(len(p) for p in out)} tokens + {max_new_tokens} new tokens "
+                             f"needs {need} cache positions; the decoder holds {self.decoder.max_seq}")
+        return out
+
+    def _pinned(self) -> bool:
+        return torch.device(self.decoder.device).type == "cuda"
+
+    def _synchronize(self):
+        if torch.device(self.decoder.device).type == "cuda":
+            torch.cuda.current_stream().synchronize()
+
+    def close(self):
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
