@@ -1,0 +1,114 @@
+"""Pieces the decode tools share: building a decoder from CLI arguments, the memory-bandwidth floor,
+and timing steps with CUDA events."""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+PRESETS = ("tiny", "35b-a3b", "122b-a10b")
+
+
+def add_model_args(p: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", choices=PRESETS, default=None, help=f"random weights (default {default_preset})")
+    src.add_argument("--checkpoint", type=Path, help="Hugging Face safetensors checkpoint directory")
+    p.add_argument("--layers", type=int, default=None, help="keep only the first N layers (memory)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(default_preset=default_preset)
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def require_gpu(tool: str):
+    """Exit with a clear message where no CUDA GPU is usable; return torch otherwise."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print(f"{tool}: no CUDA GPU found. CUDA graphs (and this tool) need an NVIDIA GPU with its "
+              "driver; nothing was measured.", file=sys.stderr)
+        sys.exit(2)
+    return torch
+
+
+def build_model(args, device="cuda"):
+    """(cfg, weights) from --checkpoint or --preset (optionally cut to --layers)."""
+    import dataclasses
+
+    import torch
+
+    from model.config import ModelConfig
+
+    dtype = getattr(torch, args.dtype)
+    if args.checkpoint is not None:
+        if not args.checkpoint.is_dir():
+            raise SystemExit(f"--checkpoint {args.checkpoint}: no such directory")
+        from model.checkpoint import load_checkpoint
+
+        return load_checkpoint(args.checkpoint, device=device, dtype=dtype)
+    cfg = ModelConfig.preset(args.preset or args.default_preset)
+    if args.layers is not None:
+        if not 1 <= args.layers <= cfg.num_layers:
+            raise SystemExit(f"--layers {args.layers}: must be in [1, {cfg.num_layers}]")
+        cfg = dataclasses.replace(cfg, num_layers=args.layers)
+    from model.weights import random_weights
+
+    return cfg, random_weights(cfg, device=device, dtype=dtype, seed=args.seed)
+
+
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name()
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30, reps: int = 20) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written (median)."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times = time_cuda(lambda: dst.copy_(src), reps=reps, warmup=3)
+    del src, dst
+    return 2 * nbytes / (statistics.median(times) * 1e-3) / 1e9
+
+
+def time_cuda(fn, reps: int, warmup: int = 3, stream=None) -> list[float]:
+    """Per-call device time in ms of fn() with CUDA events on the current (or given) stream."""
+    import torch
+
+    ctx = torch.cuda.stream(stream) if stream is not None else _null()
+    with ctx:
+        for _ in range(warmup):
+            fn()
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(reps + 1)]
+        events[0].record()
+        for i in range(reps):
+            fn()
+            events[i + 1].record()
+        events[-1].synchronize()
+    return [events[i].elapsed_time(events[i + 1]) for i in range(reps)]
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def kv_bytes_per_token(cfg, context: int, dtype_bytes: int, batch: int = 1) -> int:
+    """KV-cache bytes one decode step reads at this context (attention layers only)."""
+    attn_layers = sum(1 for t in cfg.layer_types if t == "full_attention")
+    return 2 * attn_layers * cfg.num_key_value_heads * cfg.head_dim * context * dtype_bytes * batch
