@@ -1,0 +1,116 @@
+"""Generation on the CPU reference path: the loop's bookkeeping (prompts, lock-step rows, stopping)
+and the command lines' argument handling."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model.config import ModelConfig
+from model.decoder import Decoder
+from model.generation import Generator, SamplingParams
+from model.weights import random_weights
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = ModelConfig.preset("tiny")
+    return cfg, random_weights(cfg, device="cpu", dtype=torch.float32, seed=1)
+
+
+def _decoder(tiny, batch=1, max_seq=48):
+    cfg, weights = tiny
+    return Decoder(cfg, weights, max_batch=batch, max_seq=max_seq, backend="reference")
+
+
+def _greedy_by_hand(dec, prompt, n):
+    dec.reset()
+    out, pos, tok = [], 0, None
+    for t in prompt:
+        logits = dec.decode_step(torch.tensor([t]), torch.tensor([pos]))
+        pos += 1
+    for _ in range(n):
+        tok = int(torch.argmax(logits[0]))
+        out.append(tok)
+        logits = dec.decode_step(torch.tensor([tok]), torch.tensor([pos]))
+        pos += 1
+    return out
+
+
+def test_greedy_generation_matches_a_hand_written_loop(tiny):
+    dec = _decoder(tiny)
+    res = Generator(dec, SamplingParams(), use_graph=False).generate([[5, 9, 2]], 12)
+    assert res.tokens[0] == _greedy_by_hand(dec, [5, 9, 2], 12)
+    assert res.stop_reasons == ["length"] and res.decode_tokens == 12 and res.prefill_tokens == 3
+
+
+def test_rows_of_different_prompt_lengths_match_single_row_runs(tiny):
+    prompts = [[3, 4, 5, 6, 7], [8]]
+    both = Generator(_decoder(tiny, batch=2), use_graph=False).generate(prompts, 6)
+    for r, p in enumerate(prompts):
+        alone = Generator(_decoder(tiny), use_graph=False).generate([p], 6)
+        assert both.tokens[r] == alone.tokens[0]
+
+
+def test_stops_at_end_of_sequence(tiny):
+    dec = _decoder(tiny)
+    full = Generator(dec, use_graph=False).generate([[1, 2]], 10).tokens[0]
+    eos = full[3]
+    res = Generator(dec, use_graph=False).generate([[1, 2]], 10, eos_token_ids=[eos])
+    assert res.tokens[0] == full[: full.index(eos) + 1] and res.stop_reasons == ["eos"]
+
+
+@pytest.mark.parametrize("prompts,max_new,match", [
+    ([[1, 2]], 0, "max_new_tokens"),
+    ([[]], 4, "at least one token"),
+    ([[1, 10**9]], 4, "outside the vocabulary"),
+    ([[1]] * 3, 4, "built for batch 2"),
+    ([[1] * 40], 20, "cache positions"),
+])
+def test_bad_requests_are_refused_and_the_generator_still_works(tiny, prompts, max_new, match):
+    gen = Generator(_decoder(tiny, batch=2), use_graph=False)
+    with pytest.raises(ValueError, match=match):
+        gen.generate(prompts, max_new)
+    assert len(gen.generate([[1, 2]], 3).tokens[0]) == 3
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)])
+def test_bad_sampling_params_name_the_value(kw):
+    with pytest.raises(ValueError, match=repr(next(iter(kw.values())))):
+        SamplingParams(**kw)
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--max-new-tokens", "0"], "positive integer"),
+    (["--prompt-ids", "1,x"], "comma-separated integers"),
+    (["--preset", "huge"], "invalid choice"),
+    (["--prompt", "hi"], "tokenizer.json"),
+    (["--top-p", "2"], "top_p"),
+    (["--checkpoint", "/nonexistent/dir"], "no such directory"),
+])
+def test_generate_cli_rejects_bad_flags(argv, needle):
+    r = _run("-m", "model.generate", *argv)
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
+
+
+def test_generate_cli_runs_tiny_on_this_machine():
+    r = _run("-m", "model.generate", "--prompt-ids", "1,2,3", "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    assert "tok/s" in r.stdout
+
+
+@pytest.mark.parametrize("tool", ["tools/capture_trace.py", "tools/bench_decode.py"])
+def test_tools_reject_bad_flags(tool):
+    r = _run(tool, "--steps", "0")
+    assert r.returncode == 2 and "positive integer" in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+@pytest.mark.parametrize("tool", ["tools/capture_trace.py", "tools/bench_decode.py"])
+def test_tools_say_they_need_a_gpu(tool, tmp_path):
+    r = _run(tool, "--out", str(tmp_path))
+    assert r.returncode == 2 and "need an NVIDIA GPU" in r.stderr
