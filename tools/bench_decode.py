@@ -50,15 +50,18 @@ def fill_context(gen, batch: int, context: int, torch):
         gen.step(tokens, torch.full((batch,), pos, dtype=torch.int64))
 
 
-def greedy_tokens(gen, batch: int, steps: int, torch) -> tuple[list, "torch.Tensor"]:
-    gen.decoder.reset()
-    tok = torch.arange(1, batch + 1, dtype=torch.int64)
-    out = []
-    for pos in range(steps):
-        nxt = gen.step(tok, torch.full((batch,), pos, dtype=torch.int64))
-        tok = nxt.cpu()
-        out.append(tok.tolist())
-    return out, gen.decoder.logits[:batch].clone()
+def greedy_tokens(gen, batch: int, steps: int, stream, torch) -> tuple[list, "torch.Tensor"]:
+    """Greedy tokens over `steps` positions from a reset state, and the last logits; run and read
+    on `stream` so that host reads are ordered after the step."""
+    with torch.cuda.stream(stream):
+        gen.decoder.reset()
+        tok = torch.arange(1, batch + 1, dtype=torch.int64)
+        out = []
+        for pos in range(steps):
+            nxt = gen.step(tok, torch.full((batch,), pos, dtype=torch.int64))
+            tok = nxt.cpu()
+            out.append(tok.tolist())
+        return out, gen.decoder.logits[:batch].clone()
 
 
 def bench_ours(cfg, weights, batch, args, torch):
@@ -69,15 +72,15 @@ def bench_ours(cfg, weights, batch, args, torch):
                       backend="triton")
     eager = Generator(decoder, SamplingParams(), use_graph=False)
     graph = Generator(decoder, SamplingParams(), use_graph=True)
-    with torch.cuda.stream(graph.handle.stream.torch):
-        eager_tokens, eager_logits = greedy_tokens(eager, batch, args.check_steps, torch)
-    graph_tokens, graph_logits = greedy_tokens(graph, batch, args.check_steps, torch)
+    stream = graph.handle.stream.torch
+    eager_tokens, eager_logits = greedy_tokens(eager, batch, args.check_steps, stream, torch)
+    graph_tokens, graph_logits = greedy_tokens(graph, batch, args.check_steps, stream, torch)
     if eager_tokens != graph_tokens or not torch.equal(eager_logits, graph_logits):
         raise SystemExit(f"batch {batch}: graph replay differs from eager (tokens equal: "
                          f"{eager_tokens == graph_tokens}); no speed reported")
-    decoder.reset()
+    with torch.cuda.stream(stream):
+        decoder.reset()
     fill_context(graph, batch, args.context, torch)
-    stream = graph.handle.stream.torch
     tok = torch.ones(batch, dtype=torch.int64, device="cuda")
     pos = torch.full((batch,), args.context - 1, dtype=torch.int64, device="cuda")
     row = {"batch": batch}
@@ -98,7 +101,8 @@ def bench_ours(cfg, weights, batch, args, torch):
         static_pos.copy_(pos)
         tgraph.replay()
 
-    row["torch_graph_ms"] = statistics.median(common.time_cuda(torch_replay, args.steps))
+    stream.synchronize()
+    row["torch_graph_ms"] = statistics.median(common.time_cuda(torch_replay, args.steps, stream=stream))
     row["check"] = f"graph == eager over {args.check_steps} steps"
     graph.close()
     del tgraph, graph, eager, decoder

@@ -10,17 +10,18 @@ pytestmark = pytest.mark.gpu
 STEPS = 256
 
 
-def _run(gen, batch, steps):
-    """Greedy decode `steps` positions from a reset state feeding back the sampled tokens; returns
-    the tokens and every step's logits."""
-    gen.decoder.reset()
-    tok = torch.arange(1, batch + 1, dtype=torch.int64)
-    tokens, logits = [], []
-    for pos in range(steps):
-        nxt = gen.step(tok, torch.full((batch,), pos, dtype=torch.int64))
-        tok = nxt.cpu()          # synchronizes through torch's stream after the handle's work
-        tokens.append(tok.clone())
-        logits.append(gen.decoder.logits[:batch].float().cpu())
+def _run(gen, batch, steps, stream):
+    """Decode `steps` positions from a reset state feeding back the sampled tokens; returns the
+    tokens and every step's logits. Everything, reads included, runs on the handle's stream."""
+    with torch.cuda.stream(stream):
+        gen.decoder.reset()
+        tok = torch.arange(1, batch + 1, dtype=torch.int64)
+        tokens, logits = [], []
+        for pos in range(steps):
+            nxt = gen.step(tok, torch.full((batch,), pos, dtype=torch.int64))
+            tok = nxt.cpu()
+            tokens.append(tok.clone())
+            logits.append(gen.decoder.logits[:batch].float().cpu())
     return torch.stack(tokens), torch.stack(logits)
 
 
@@ -33,10 +34,9 @@ def _graph_vs_eager(cfg, batch, steps, dtype=torch.bfloat16, sampling=None):
     dec = Decoder(cfg, weights, max_batch=batch, max_seq=steps + 4, backend="triton")
     sampling = sampling or SamplingParams()
     with Generator(dec, sampling, use_graph=True) as graph:
-        with torch.cuda.stream(graph.handle.stream.torch):
-            eager_tokens, eager_logits = _run(Generator(dec, sampling, use_graph=False), batch, steps)
-        torch.cuda.synchronize()
-        graph_tokens, graph_logits = _run(graph, batch, steps)
+        stream = graph.handle.stream.torch
+        eager_tokens, eager_logits = _run(Generator(dec, sampling, use_graph=False), batch, steps, stream)
+        graph_tokens, graph_logits = _run(graph, batch, steps, stream)
         assert graph.handle.phase == "replay"
     del dec, weights
     gc.collect()
