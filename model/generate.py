@@ -114,7 +114,8 @@ def main(argv=None) -> int:
     from model.generation import Generator
 
     use_graph = on_gpu and not args.no_graph
-    eos = getattr(cfg, "eos_token_ids", ()) or ()
+    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, (tuple, list)) else \
+        (() if cfg.eos_token_id is None else (cfg.eos_token_id,))
     with Generator(decoder, sampling, use_graph=use_graph) as gen, \
             tqdm(total=args.max_new_tokens, desc="decode", unit="tok", file=sys.stderr,
                  leave=False) as bar:
