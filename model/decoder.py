@@ -1,0 +1,264 @@
+"""The Qwen3.5-MoE decode step over preallocated state and workspaces.
+
+`Decoder.decode_step(tokens, positions)` runs one token per row for rows 0..b-1 and writes the
+logits into the static buffer `decoder.logits` [max_batch, V], returning its [b, V] view. Every
+intermediate lives in a workspace allocated once here, and the state (KV cache, GDN conv and
+recurrent states) is updated in place, so with the Triton backend a step allocates nothing and
+can be captured in a CUDA graph. The same code runs on the torch references (backend="reference").
+
+Per layer (ops in `model.ops`, fused weights in `model.weights`):
+  GDN:        gemv(in_proj) -> conv1d_update -> gated_delta_step (+ gated RMSNorm) -> gemv(out_proj)
+  attention:  gemv(qkv) -> qk_norm_rope_store -> decode_attention (x sigmoid gate) -> gemv(o_proj)
+  then        add_rmsnorm -> gemv(router + shared gate/up + shared gate) -> router_topk -> moe_experts
+              -> add_rmsnorm (next layer's input norm, or the final norm) ... -> gemv(lm_head)
+"""
+from __future__ import annotations
+
+import importlib
+import types
+
+import torch
+
+from .config import LINEAR, ModelConfig
+from .state import DecodeState
+from .weights import ModelWeights
+
+BACKENDS = ("reference", "triton")
+_OPS = {  # op name -> module under model.ops
+    "gemv": "linear", "rmsnorm": "norm", "add_rmsnorm": "norm", "gated_rmsnorm": "norm",
+    "conv1d_update": "conv", "gated_delta_step": "gated_delta", "qk_norm_rope_store": "attention",
+    "decode_attention": "attention", "router_topk": "moe", "moe_experts": "moe",
+}
+
+
+def resolve_ops(backend: str):
+    """The op namespace of a backend: `model.ops.backend(name)` where it exists, else the
+    `<op>_<backend>` functions of the op modules."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    ops_pkg = importlib.import_module("model.ops")
+    if hasattr(ops_pkg, "backend"):
+        return ops_pkg.backend(backend)
+    ns = {}
+    for op, mod in _OPS.items():
+        m = importlib.import_module(f"model.ops.{mod}")
+        ns[op] = getattr(m, f"{op}_{backend}")
+    return types.SimpleNamespace(**ns)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """inv_freq [R/2] in fp32, computed as transformers does (on the host, then moved)."""
+    R = cfg.rotary_dim
+    return 1.0 / (cfg.rope_theta ** (torch.arange(0, R, 2, dtype=torch.int64).float() / R))
+
+
+class Decoder:
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, *, max_batch: int, max_seq: int,
+                 backend: str = "triton"):
+        if weights.cfg != cfg:
+            raise ValueError(f"weights were built for a different config ({weights.cfg.name}, "
+                             f"{weights.cfg.num_layers} layers) than the decoder's ({cfg.name}, {cfg.num_layers} layers)")
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        if not isinstance(max_seq, int) or max_seq < 1:
+            raise ValueError(f"max_seq must be an int >= 1, got {max_seq!r}")
+        self.cfg, self.weights = cfg, weights
+        self.max_batch, self.max_seq, self.backend = max_batch, max_seq, backend
+        self.device, self.dtype = weights.device, weights.dtype
+        if backend == "triton" and self.device.type != "cuda":
+            import os
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError(f"backend='triton' needs a CUDA device (or TRITON_INTERPRET=1), "
+                                 f"the weights are on {self.device}")
+        self.ops = resolve_ops(backend)
+        self.state = DecodeState(cfg, max_batch, max_seq, self.device, self.dtype)
+        self._alloc_workspaces()
+
+    # ---- buffers --------------------------------------------------------------------------------
+    def _alloc_workspaces(self):
+        cfg, B, dev, dt = self.cfg, self.max_batch, self.device, self.dtype
+        H = cfg.hidden_size
+
+        def buf(*shape, dtype=dt):
+            return torch.zeros(shape, device=dev, dtype=dtype)
+
+        self.residual = buf(B, H)
+        self.normed = buf(B, H)
+        self.mixer_out = buf(B, H)
+        self.moe_out = buf(B, H)
+        self.logits = buf(B, cfg.vocab_size)
+        # GDN
+        self.gdn_proj = buf(B, cfg.gdn_in_proj_rows)
+        self.conv_out = buf(B, cfg.conv_dim)
+        self.gdn_out = buf(B, cfg.linear_value_dim)
+        # attention
+        NH, D = cfg.num_attention_heads, cfg.head_dim
+        self.attn_proj = buf(B, cfg.attn_qkv_rows)
+        self.q = buf(B, NH, D)
+        self.attn_out = buf(B, NH * D)
+        self.inv_freq = rope_inv_freq(cfg).to(dev)
+        from .ops import attention as _attention
+
+        self.attn_ws = _attention.attention_workspace(B, NH, D, self.max_seq, dev)
+        # set to 1 on the device when a step's position is outside the cache (nothing is written then)
+        self.kv_error_flag = torch.zeros(1, device=dev, dtype=torch.int32)
+        # MoE
+        k = cfg.num_experts_per_tok
+        self.router_shared = buf(B, cfg.router_shared_rows)
+        self.topk_weights = buf(B, k)
+        self.topk_ids = buf(B, k, dtype=torch.int32)
+        self.moe_ws = self._ops_workspace("moe_workspace", B, k, cfg.moe_intermediate_size,
+                                          cfg.shared_expert_intermediate_size)
+
+    def _ops_workspace(self, name, *args):
+        fn = getattr(self.ops, name, None)
+        if fn is None:
+            return None
+        return fn(*args, device=self.device, dtype=self.dtype)
+
+    # ---- public API -----------------------------------------------------------------------------
+    def reset(self, row: int | None = None) -> None:
+        """Forget the sequence in `row` (all rows when None: also clears kv_error_flag): zero its KV
+        cache and GDN states."""
+        self.state.reset(row)
+        if row is None:
+            self.kv_error_flag.zero_()
+
+    def check_kv_error(self) -> None:
+        """Raise ValueError if a step since the last full reset had a position outside the cache
+        (the device-side flag the attention kernels set instead of writing; synchronises)."""
+        if int(self.kv_error_flag.item()):
+            raise ValueError(f"a decode step had a position outside the cache capacity max_seq={self.max_seq}; "
+                             f"its K/V were not stored (kv_error_flag is set; reset() clears it)")
+
+    def check_positions(self, positions) -> None:
+        """Raise ValueError when a (host) position is outside the cache: 0 <= p < max_seq."""
+        if isinstance(positions, torch.Tensor):
+            positions = positions.reshape(-1).tolist()
+        elif isinstance(positions, int):
+            positions = [positions]
+        for row, p in enumerate(positions):
+            if not 0 <= int(p) < self.max_seq:
+                raise ValueError(f"position {int(p)} (row {row}) is outside the cache capacity: "
+                                 f"max_seq={self.max_seq} holds positions 0..{self.max_seq - 1}")
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token per row for rows 0..b-1 (tokens, positions: int64 [b] on the device); returns
+        the [b, V] view of the static logits buffer. The reference backend checks positions on
+        the host (raises ValueError past max_seq); the Triton path never synchronises: check
+        positions with `check_positions` before the step."""
+        b = self._check_inputs(tokens, positions)
+        if self.backend == "reference":
+            bad = (positions < 0) | (positions >= self.max_seq)
+            if bool(bad.any()):
+                self.check_positions(positions.cpu())
+        return self._forward(tokens, positions, 0, b)
+
+    def prefill(self, prompts) -> torch.Tensor:
+        """Reset rows 0..len(prompts)-1 and feed each prompt from position 0 through decode steps
+        (rows run in lock-step while their prompts last); returns the [len(prompts), V] logits of
+        each prompt's last token (a view of `logits`)."""
+        n = len(prompts)
+        if not 1 <= n <= self.max_batch:
+            raise ValueError(f"{n} prompts; the decoder holds 1..{self.max_batch} rows")
+        prompts = [list(map(int, p)) for p in prompts]
+        for r, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {r} is empty")
+            if len(p) > self.max_seq:
+                raise ValueError(f"prompt {r} has {len(p)} tokens: position {len(p) - 1} is outside the cache "
+                                 f"capacity max_seq={self.max_seq}")
+            bad = [t for t in p if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {r}: token id {bad[0]} outside the vocabulary [0, {self.cfg.vocab_size})")
+        for r in range(n):
+            self.reset(r)
+        longest = max(len(p) for p in prompts)
+        for t in range(longest):
+            active = [r for r in range(n) if t < len(prompts[r])]
+            # runs of consecutive active rows share one step
+            runs, start = [], active[0]
+            for a, b in zip(active, active[1:] + [None]):
+                if b != a + 1:
+                    runs.append((start, a + 1))
+                    start = b
+            for r0, r1 in runs:
+                toks = torch.tensor([prompts[r][t] for r in range(r0, r1)], dtype=torch.int64).to(self.device)
+                pos = torch.full((r1 - r0,), t, dtype=torch.int64).to(self.device)
+                self._forward(toks, pos, r0, r1)
+        return self.logits[:n]
+
+    # ---- the step -------------------------------------------------------------------------------
+    def _check_inputs(self, tokens, positions) -> int:
+        for name, t in (("tokens", tokens), ("positions", positions)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype != torch.int64 or t.dim() != 1:
+                raise ValueError(f"{name} must be a 1-D int64 tensor, got {t.dtype} of shape {tuple(t.shape)}")
+            if t.device != self.device:
+                raise ValueError(f"{name} is on {t.device}, the decoder on {self.device}")
+        b = tokens.shape[0]
+        if positions.shape[0] != b:
+            raise ValueError(f"tokens has {b} rows, positions {positions.shape[0]}")
+        if not 1 <= b <= self.max_batch:
+            raise ValueError(f"batch {b} outside 1..max_batch={self.max_batch}")
+        return b
+
+    def _forward(self, tokens, positions, r0: int, r1: int) -> torch.Tensor:
+        cfg, ops, w, st = self.cfg, self.ops, self.weights, self.state
+        n = r1 - r0
+        eps = cfg.rms_norm_eps
+        resid, normed = self.residual[:n], self.normed[:n]
+        mixer_out, moe_out = self.mixer_out[:n], self.moe_out[:n]
+        torch.index_select(w.embed, 0, tokens, out=resid)
+        ops.rmsnorm(resid, w.layers[0].input_norm, eps, normed)
+        for i, L in enumerate(w.layers):
+            if L.kind == LINEAR:
+                self._gdn(i, L.mixer, normed, mixer_out, r0, r1)
+            else:
+                self._attention(i, L.mixer, normed, mixer_out, positions, r0, r1)
+            ops.add_rmsnorm(mixer_out, resid, L.post_norm, eps, normed)
+            self._moe(L.moe, normed, moe_out, n)
+            next_norm = w.layers[i + 1].input_norm if i + 1 < len(w.layers) else w.final_norm
+            ops.add_rmsnorm(moe_out, resid, next_norm, eps, normed)
+        logits = self.logits[r0:r1]
+        ops.gemv(normed, w.lm_head, logits)
+        return logits
+
+    def _gdn(self, i, m, x, out, r0, r1):
+        cfg, ops, n = self.cfg, self.ops, r1 - r0
+        C, VD, NV = cfg.conv_dim, cfg.linear_value_dim, cfg.linear_num_value_heads
+        proj = self.gdn_proj[:n]
+        ops.gemv(x, m.in_proj, proj)
+        qkv, z = proj[:, :C], proj[:, C:C + VD]
+        b, a = proj[:, C + VD:C + VD + NV], proj[:, C + VD + NV:]
+        conv_out = self.conv_out[:n]
+        ops.conv1d_update(qkv, self.state.conv_state(i)[r0:r1], m.conv, conv_out)
+        gdn_out = self.gdn_out[:n]
+        ops.gated_delta_step(conv_out, a, b, m.A_log, m.dt_bias, self.state.recurrent_state(i)[r0:r1], gdn_out,
+                             cfg.linear_num_key_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim,
+                             z=z, norm_weight=m.norm, eps=cfg.rms_norm_eps)
+        ops.gemv(gdn_out, m.out_proj, out)
+
+    def _attention(self, i, m, x, out, positions, r0, r1):
+        cfg, ops, n = self.cfg, self.ops, r1 - r0
+        NH, NKV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        proj = self.attn_proj[:n]
+        ops.gemv(x, m.qkv, proj)
+        k_cache, v_cache = self.state.k(i)[r0:r1], self.state.v(i)[r0:r1]
+        q = self.q[:n]
+        ops.qk_norm_rope_store(proj, m.q_norm, m.k_norm, positions, self.inv_freq, k_cache, v_cache, q,
+                               self.kv_error_flag, cfg.rms_norm_eps, NH, NKV, D)
+        attn_out = self.attn_out[:n]
+        ops.decode_attention(q, k_cache, v_cache, positions, proj, D ** -0.5, attn_out, self.attn_ws)
+        ops.gemv(attn_out, m.o_proj, out)
+
+    def _moe(self, m, x, out, n):
+        cfg, ops = self.cfg, self.ops
+        E, Is = cfg.num_experts, cfg.shared_expert_intermediate_size
+        rs = self.router_shared[:n]
+        ops.gemv(x, m.router_shared, rs)
+        tw, ti = self.topk_weights[:n], self.topk_ids[:n]
+        ops.router_topk(rs[:, :E], cfg.num_experts_per_tok, tw, ti)
+        ops.moe_experts(x, m.gate_up_proj, m.down_proj, ti, tw, rs[:, E:E + 2 * Is], m.shared_down,
+                        rs[:, E + 2 * Is], self.moe_ws, out)
