@@ -1,0 +1,165 @@
+"""The one error funnel for every cuda.bindings call, and the library's exceptions.
+
+cuda.bindings calls return tuples whose first element is the error code: ``(err,)``,
+``(err, value)`` or ``(err, a, b, ...)``. :func:`check` turns a failure into an exception that
+names the call, the CUDA error name and its text, and returns the value(s) otherwise.
+"""
+from __future__ import annotations
+
+from cuda.bindings import runtime as _rt
+
+__all__ = [
+    "CugraphRtError", "CudaError", "CudaUnavailableError", "CaptureError", "ClosedError",
+    "check", "call", "driver_call",
+]
+
+
+class CugraphRtError(RuntimeError):
+    """Base class of every error this library raises on its own account."""
+
+
+class CudaError(CugraphRtError):
+    """A CUDA call failed. ``call`` names the call, ``name``/``text`` the CUDA error."""
+
+    def __init__(self, message: str, *, call: str | None = None, code=None,
+                 name: str | None = None, text: str | None = None):
+        super().__init__(message)
+        self.call = call
+        self.code = code
+        self.name = name
+        self.text = text
+
+
+class CudaUnavailableError(CudaError):
+    """No usable CUDA: no driver, a driver too old, or no device. The message says which."""
+
+
+class CaptureError(CudaError):
+    """A stream capture was invalidated, is unsupported, or captured nothing."""
+
+
+class ClosedError(CugraphRtError):
+    """An object was used after ``close()``."""
+
+
+_E = _rt.cudaError_t
+_UNAVAILABLE = {
+    _E.cudaErrorInsufficientDriver, _E.cudaErrorNoDevice, _E.cudaErrorSystemDriverMismatch,
+    _E.cudaErrorCallRequiresNewerDriver, _E.cudaErrorIncompatibleDriverContext,
+}
+_CAPTURE = {
+    _E.cudaErrorStreamCaptureUnsupported, _E.cudaErrorStreamCaptureInvalidated,
+    _E.cudaErrorStreamCaptureMerge, _E.cudaErrorStreamCaptureUnmatched,
+    _E.cudaErrorStreamCaptureUnjoined, _E.cudaErrorStreamCaptureIsolation,
+    _E.cudaErrorStreamCaptureImplicit, _E.cudaErrorStreamCaptureWrongThread,
+    _E.cudaErrorCapturedEvent,
+}
+
+CAPTURE_HINT = (
+    "A stream capture breaks when the captured code synchronizes with the host "
+    "(.item(), .cpu(), .tolist(), torch.cuda.synchronize(), cudaStreamSynchronize), runs a "
+    "Triton autotune (run every autotune key during warmup), makes a blocking allocation or "
+    "cudaMemcpy, or uses the legacy default stream. Move that work out of the captured step."
+)
+
+
+def _error_strings(code) -> tuple[str, str]:
+    """(name, text) of a runtime or driver error code; never raises."""
+    try:
+        if isinstance(code, _E):
+            name = _rt.cudaGetErrorName(code)[1]
+            text = _rt.cudaGetErrorString(code)[1]
+        else:  # driver CUresult
+            from cuda.bindings import driver as _dr
+            name = _dr.cuGetErrorName(code)[1]
+            text = _dr.cuGetErrorString(code)[1]
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        text = text.decode() if isinstance(text, bytes) else str(text)
+        return name, text
+    except Exception:  # noqa: BLE001 - error reporting must not fail
+        return getattr(code, "name", str(code)), "(no description available)"
+
+
+def driver_version() -> int:
+    """The installed driver's CUDA version as an int (12040 = 12.4); 0 where no driver."""
+    try:
+        err, v = _rt.cudaDriverGetVersion()
+        return int(v) if err == _E.cudaSuccess else 0
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def _fmt_version(v: int) -> str:
+    return f"{v // 1000}.{(v % 1000) // 10}" if v else "none"
+
+
+def unavailable_reason(code=None) -> str:
+    """Why CUDA is unusable, naming the driver and runtime versions."""
+    drv = driver_version()
+    try:
+        rtv = int(_rt.cudaRuntimeGetVersion()[1])
+    except Exception:  # noqa: BLE001
+        rtv = 0
+    versions = f"driver CUDA version {_fmt_version(drv)}, runtime {_fmt_version(rtv)}"
+    if drv == 0:
+        return f"no NVIDIA driver found ({versions}): CUDA graphs need an NVIDIA GPU and driver"
+    if code == _E.cudaErrorNoDevice:
+        return f"the NVIDIA driver is installed but no CUDA device is visible ({versions})"
+    if code in (_E.cudaErrorInsufficientDriver, _E.cudaErrorCallRequiresNewerDriver,
+                _E.cudaErrorSystemDriverMismatch):
+        return f"the NVIDIA driver is too old for this call or runtime ({versions})"
+    return f"CUDA is unusable ({versions})"
+
+
+def _raise(code, call: str | None):
+    name, text = _error_strings(code)
+    where = f"{call} failed" if call else "CUDA call failed"
+    if code in _UNAVAILABLE:
+        raise CudaUnavailableError(f"{where}: {name} ({text}); {unavailable_reason(code)}",
+                                   call=call, code=code, name=name, text=text)
+    if code in _CAPTURE:
+        raise CaptureError(f"{where}: {name} ({text}). {CAPTURE_HINT}",
+                           call=call, code=code, name=name, text=text)
+    raise CudaError(f"{where}: {name} ({text})", call=call, code=code, name=name, text=text)
+
+
+def _is_success(code) -> bool:
+    return int(code) == 0
+
+
+def check(result, call: str | None = None):
+    """Raise for a failed cuda.bindings result tuple, else return its value(s).
+
+    ``(err,)`` gives None, ``(err, v)`` gives v, ``(err, a, b, ...)`` gives ``(a, b, ...)``.
+    """
+    if not isinstance(result, tuple) or not result:
+        raise TypeError(f"check() expects a cuda.bindings result tuple (err, ...); got {result!r}")
+    code = result[0]
+    if not _is_success(code):
+        _raise(code, call)
+    if len(result) == 1:
+        return None
+    if len(result) == 2:
+        return result[1]
+    return result[1:]
+
+
+def call(fn, *args):
+    """``check(fn(*args), fn.__name__)``: a runtime call through the funnel, named."""
+    return check(fn(*args), getattr(fn, "__name__", None))
+
+
+def driver_call(fn, *args):
+    """A driver-API call through the funnel; a missing driver library becomes
+    CudaUnavailableError rather than the loader's exception."""
+    name = getattr(fn, "__name__", None)
+    try:
+        result = fn(*args)
+    except CugraphRtError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the loader raises its own types
+        if "driver" in str(exc).lower() or "libcuda" in str(exc).lower():
+            raise CudaUnavailableError(f"{name} failed: {exc}; {unavailable_reason()}",
+                                       call=name) from exc
+        raise
+    return check(result, name)

@@ -1,0 +1,344 @@
+"""GraphHandle: the three-phase handle around a step function.
+
+WARMUP  the first ``warmup`` calls run the step eagerly on the handle's stream, on the static
+        buffers (Triton JIT, autotuning, library workspaces happen here);
+CAPTURE the next call captures the step (every bucket, largest first, one shared pool),
+        instantiates with AutoFreeOnLaunch, uploads, and launches it once;
+REPLAY  later calls copy inputs into the static buffers (cudaMemcpyAsync) and launch the graph.
+Outputs stay on the device (the same static tensors every replay) unless host copies are asked
+for. A rejected call changes nothing. close(): sync -> exec -> graph -> pool -> buffers -> stream.
+"""
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import asdict, dataclass, field
+
+from cuda.bindings import runtime as _rt
+
+from .buckets import capture_order, normalize_buckets, pick_bucket
+from .capture import capture, check_capture_args
+from .device import require_cuda
+from .errors import ClosedError, check
+from .graph import GraphExec, graph_memory
+from .handle_io import HostOutputs, StaticInput, Staging, copy_inputs, map_outputs
+from .stream import Event, Stream
+from .validation import as_spec, validate_call
+
+__all__ = ["GraphHandle", "HandleStats"]
+
+_launch = _rt.cudaGraphLaunch
+
+
+@dataclass
+class HandleStats:
+    warmup_s: float = 0.0
+    capture_s: float = 0.0
+    instantiate_s: float = 0.0
+    upload_s: float = 0.0
+    warmups: int = 0
+    replays: int = 0
+    eager_calls: int = 0
+    nodes: int = 0
+    graph_mem_bytes: int = 0
+    nodes_per_bucket: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Resources:
+    """What the handle owns, released in order by close() or the finalizer. It never refers to
+    the handle (or the finalizer would keep the handle alive)."""
+
+    def __init__(self):
+        self.stream: Stream | None = None
+        self.owns_stream = False
+        self.execs: dict = {}
+        self.graphs: dict = {}
+        self.pool = None
+        self.device = 0
+        self.ti = None
+        self.statics: dict = {}       # bucket -> {name: StaticInput}
+        self.outputs: dict = {}       # bucket -> static outputs
+        self.staging = Staging()
+        self.host_outputs = HostOutputs()
+        self.events: list = []
+
+    def drop_graphs(self) -> None:
+        for ex in self.execs.values():
+            ex.close()
+        self.execs.clear()
+        for g in self.graphs.values():
+            g.close()
+        self.graphs.clear()
+        self.outputs.clear()
+
+    def release(self) -> None:
+        steps = [
+            lambda: self.stream is not None and self.stream.synchronize(),
+            lambda: [ex.close() for ex in self.execs.values()],
+            lambda: [g.close() for g in self.graphs.values()],
+            lambda: self.pool is not None and self.ti.release_pool(self.device, self.pool),
+            self._release_buffers,
+            lambda: self.owns_stream and self.stream.close(),
+        ]
+        for step in steps:
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - release everything we can
+                pass
+        self.execs.clear()
+        self.graphs.clear()
+        self.pool = None
+
+    def _release_buffers(self) -> None:
+        self.outputs.clear()
+        for per_bucket in self.statics.values():
+            for st in per_bucket.values():
+                st.close()
+        self.statics.clear()
+        self.staging.close()
+        self.host_outputs.close()
+        for ev in self.events:
+            ev.close()
+
+
+class GraphHandle:
+    """Capture ``fn(**static_inputs)`` once, replay it with new inputs. See the module doc."""
+
+    def __init__(self, fn, inputs: dict, *, warmup: int = 2, stream=None,
+                 allocator: str = "pool", buckets=None, bucket_dim: int = 0,
+                 upload: bool = True, host_outputs: bool = False,
+                 capture_mode: str = "thread_local", slice_outputs: bool = True):
+        if not callable(fn):
+            raise TypeError(f"fn must be callable; got {type(fn).__name__}")
+        if not isinstance(inputs, dict) or not all(isinstance(k, str) for k in inputs):
+            raise TypeError("inputs must be a dict of name -> tensor or spec")
+        if int(warmup) < 0:
+            raise ValueError(f"warmup must be >= 0; got {warmup}")
+        check_capture_args(capture_mode, allocator)
+        self._specs = {name: as_spec(name, v) for name, v in inputs.items()}
+        self._buckets = normalize_buckets(buckets)
+        self._bucket_dim = int(bucket_dim)
+        if self._buckets is not None:
+            for name, spec in self._specs.items():
+                if not 0 <= self._bucket_dim < len(spec.shape):
+                    raise ValueError(f"bucket_dim {bucket_dim} is out of range for input "
+                                     f"{name!r} of shape {spec.shape}")
+        self.fn, self.warmup = fn, int(warmup)
+        self.allocator, self.capture_mode = allocator, capture_mode
+        self.upload, self.host_outputs, self.slice_outputs = upload, host_outputs, slice_outputs
+        require_cuda()
+        from . import torch_interop as ti
+        if allocator == "async" and ti.allocator_backend() != "cudaMallocAsync":
+            raise ValueError("allocator='async' needs torch's cudaMallocAsync backend "
+                             "(PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync); torch's native "
+                             "allocator cannot make graph memory nodes: use allocator='pool'")
+        res = self._res = _Resources()
+        self._finalizer = weakref.finalize(self, res.release)
+        res.ti = ti
+        if stream is None:
+            res.stream, res.owns_stream = Stream(), True
+        else:
+            res.stream = stream if isinstance(stream, Stream) else Stream.wrap(
+                int(getattr(stream, "cuda_stream", stream)))
+        res.device = res.stream.device
+        for b in (self._buckets or (None,)):
+            res.statics[b] = {}
+            for name, spec in self._specs.items():
+                shape = list(spec.shape)
+                if b is not None:
+                    shape[self._bucket_dim] = b
+                res.statics[b][name] = StaticInput(tuple(shape), spec.dtype, ti)
+                res.statics[b][name].buffer.fill_zero(stream=res.stream)
+        res.stream.synchronize()
+        self._ev_in, self._ev_out = Event(timing=False), Event(timing=False)
+        res.events += [self._ev_in, self._ev_out]
+        self._calls = 0
+        self._captured = False
+        self._warm = {b: 0 for b in res.statics}
+        self._last_bucket = None
+        self.stats = HandleStats()
+
+    # -- properties ---------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def _check_open(self):
+        if self.closed:
+            raise ClosedError("GraphHandle is closed (used after close())")
+
+    @property
+    def phase(self) -> str:
+        if self._captured:
+            return "replay"
+        return "warmup" if self._calls < self.warmup else "capture"
+
+    @property
+    def stream(self) -> Stream:
+        self._check_open()
+        return self._res.stream
+
+    @property
+    def graph(self):
+        """The Graph of the bucket used last (the largest one before any replay)."""
+        self._check_open()
+        if not self._res.graphs:
+            return None
+        b = self._last_bucket if self._last_bucket in self._res.graphs else max(
+            self._res.graphs, key=lambda k: -1 if k is None else k)
+        return self._res.graphs[b]
+
+    @property
+    def graphs(self) -> dict:
+        self._check_open()
+        return dict(self._res.graphs)
+
+    def static_inputs(self, bucket=None) -> dict:
+        self._check_open()
+        return {k: v.tensor for k, v in self._res.statics[bucket].items()}
+
+    # -- calling --------------------------------------------------------------------------
+    def __call__(self, **inputs):
+        self._check_open()
+        res = self._res
+        n = validate_call(self._specs, inputs, device_index=res.device,
+                          buckets=self._buckets, bucket_dim=self._bucket_dim)
+        bucket = None if self._buckets is None else pick_bucket(self._buckets, n)
+        stream = res.stream.handle
+        torch_stream = res.ti.current_raw_stream(res.device)
+        foreign = torch_stream != stream
+        if foreign:  # order after work already queued on torch's current stream
+            self._ev_in.record(torch_stream)
+            res.stream.wait(self._ev_in)
+        if self._buckets is not None and bucket is None:
+            out = self._eager_direct(inputs)
+        else:
+            copy_inputs(res.statics[bucket], inputs, n=n, bucket_dim=self._bucket_dim,
+                        stream=stream, staging=res.staging)
+            out = self._step(bucket)
+            if n is not None and self.slice_outputs and n != bucket:
+                d = self._bucket_dim
+                out = map_outputs(out, lambda t: t.narrow(d, 0, n)
+                                  if t.dim() > d and t.shape[d] == bucket else t)
+        self._calls += 1
+        if foreign:  # let torch's current stream consume the outputs
+            self._ev_out.record(stream)
+            check(_rt.cudaStreamWaitEvent(torch_stream, self._ev_out.handle, 0),
+                  "cudaStreamWaitEvent")
+        return self._host(out) if self.host_outputs else out
+
+    def _step(self, bucket):
+        res = self._res
+        self._last_bucket = bucket
+        if self._captured:
+            err = _launch(res.execs[bucket].handle, res.stream.handle)[0]
+            if err:
+                check((err,), "cudaGraphLaunch")
+            self.stats.replays += 1
+            return res.outputs[bucket]
+        if self._calls < self.warmup:
+            return self._run_eager(bucket)
+        self._capture_all()
+        res.execs[bucket].launch(res.stream.handle)
+        self.refresh_stats()
+        return res.outputs[bucket]
+
+    def _run_eager(self, bucket):
+        t0 = time.perf_counter()
+        with self._res.ti.stream_context(self._res.stream):
+            out = self.fn(**self.static_inputs(bucket))
+        self._warm[bucket] += 1
+        self.stats.warmups += 1
+        self.stats.warmup_s += time.perf_counter() - t0
+        return out
+
+    def _eager_direct(self, inputs):
+        res = self._res
+        dev = f"cuda:{res.device}"
+        with res.ti.stream_context(res.stream):
+            moved = {k: v.to(dev, non_blocking=False) for k, v in inputs.items()}
+            out = self.fn(**moved)
+        self.stats.eager_calls += 1
+        return out
+
+    def _capture_all(self):
+        """Capture every bucket (largest first, one pool), instantiate, upload. All or nothing:
+        on failure the handle stays in the capture phase and the stream stays usable."""
+        res, stats = self._res, self.stats
+        for b in res.statics:  # buckets no call reached yet get their warmup now
+            while self.warmup and self._warm[b] < self.warmup:
+                self._run_eager(b)
+        order = capture_order(self._buckets) if self._buckets else [None]
+        if res.pool is None:
+            res.pool = res.ti.new_pool()
+        res.stream.synchronize()
+        mem0 = self._mem_now()
+        try:
+            for b in order:
+                t0 = time.perf_counter()
+                with res.ti.stream_context(res.stream):
+                    with capture(res.stream, mode=self.capture_mode, allocator=self.allocator,
+                                 pool=res.pool) as cap:
+                        res.outputs[b] = self.fn(**self.static_inputs(b))
+                t1 = time.perf_counter()
+                res.graphs[b] = cap.graph
+                res.execs[b] = GraphExec(cap.graph, auto_free_on_launch=True)
+                t2 = time.perf_counter()
+                if self.upload:
+                    res.execs[b].upload(res.stream.handle)
+                    res.stream.synchronize()
+                t3 = time.perf_counter()
+                stats.capture_s += t1 - t0
+                stats.instantiate_s += t2 - t1
+                stats.upload_s += t3 - t2
+                stats.nodes_per_bucket[b] = cap.graph.num_nodes
+        except BaseException:
+            res.drop_graphs()
+            raise
+        stats.nodes = sum(stats.nodes_per_bucket.values())
+        self._captured = True
+        self._mem0 = mem0
+
+    def _mem_now(self) -> int:
+        import torch
+        return graph_memory(self._res.device)["used_current"] + \
+            torch.cuda.memory_reserved(self._res.device)
+
+    def _host(self, out):
+        return self._res.host_outputs.copy(out, self._res.stream)
+
+    def outputs_to_host(self, outputs=None):
+        """Pinned-host copies of the last outputs (views of pinned buffers reused next time)."""
+        self._check_open()
+        if outputs is None:
+            if self._last_bucket not in self._res.outputs:
+                raise RuntimeError("no captured outputs yet: pass the outputs to copy")
+            outputs = self._res.outputs[self._last_bucket]
+        return self._host(outputs)
+
+    def refresh_stats(self) -> HandleStats:
+        """Update graph_mem_bytes (graph memory + torch pool growth since before capture)."""
+        if self._captured:
+            self._res.stream.synchronize()
+            self.stats.graph_mem_bytes = max(0, self._mem_now() - self._mem0)
+        return self.stats
+
+    # -- lifetime -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release everything: sync -> exec -> graph -> pool -> buffers -> stream. Idempotent."""
+        self._finalizer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        if self.closed:
+            return "<GraphHandle closed>"
+        return (f"<GraphHandle phase={self.phase} inputs={list(self._specs)} "
+                f"buckets={self._buckets} replays={self.stats.replays}>")

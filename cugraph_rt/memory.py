@@ -1,0 +1,202 @@
+"""DeviceBuffer (cudaMalloc, or cudaMallocAsync on a stream / from a pool), HostBuffer (pinned),
+zero-copy views for any array library, and cudaMemcpyAsync copies in every direction."""
+from __future__ import annotations
+
+import ctypes
+import math
+
+from cuda.bindings import runtime as _rt
+
+from ._lifetime import Owned
+from .device import require_cuda
+from .errors import call
+
+__all__ = ["DeviceBuffer", "HostBuffer", "copy_async", "memset_async"]
+
+_DEFAULT = _rt.cudaMemcpyKind.cudaMemcpyDefault
+
+
+def _ptr(x) -> int:
+    """Device/host address of a buffer, a torch tensor, an int, or an array-interface object."""
+    if isinstance(x, int):
+        return x
+    if isinstance(x, (DeviceBuffer, HostBuffer)):
+        return x.ptr
+    if hasattr(x, "data_ptr"):
+        return int(x.data_ptr())
+    for attr in ("__cuda_array_interface__", "__array_interface__"):
+        iface = getattr(x, attr, None)
+        if iface is not None:
+            return int(iface["data"][0])
+    raise TypeError(f"cannot take the address of {type(x).__name__}")
+
+
+def copy_async(dst, src, nbytes: int, stream) -> None:
+    """cudaMemcpyAsync of ``nbytes`` (direction inferred through unified addressing)."""
+    call(_rt.cudaMemcpyAsync, _ptr(dst), _ptr(src), int(nbytes), _DEFAULT, int(stream))
+
+
+def memset_async(dst, value: int, nbytes: int, stream) -> None:
+    call(_rt.cudaMemsetAsync, _ptr(dst), int(value), int(nbytes), int(stream))
+
+
+def _typestr(dtype) -> tuple[str, int]:
+    import numpy as np
+    dt = np.dtype(dtype)
+    return dt.str, dt.itemsize
+
+
+class _CudaArrayView:
+    """A typed window on device memory exposing ``__cuda_array_interface__`` (v3)."""
+
+    def __init__(self, owner, ptr: int, shape, dtype, stream: int | None):
+        self._owner = owner  # keeps the memory alive
+        typestr, itemsize = _typestr(dtype)
+        self.shape = tuple(int(s) for s in shape)
+        self.__cuda_array_interface__ = {
+            "shape": self.shape, "typestr": typestr, "data": (int(ptr), False),
+            "strides": None, "version": 3,
+            **({"stream": int(stream)} if stream else {}),
+        }
+
+
+def _view_shape(nbytes: int, dtype, shape) -> tuple[tuple[int, ...], int]:
+    _, itemsize = _typestr(dtype)
+    if shape is None:
+        shape = (nbytes // itemsize,)
+    shape = tuple(int(s) for s in (shape if isinstance(shape, (tuple, list)) else (shape,)))
+    need = math.prod(shape) * itemsize
+    if need > nbytes:
+        raise ValueError(f"view of shape {shape} and dtype {dtype} needs {need} bytes; "
+                         f"the buffer holds {nbytes}")
+    return shape, itemsize
+
+
+def _free(ptr: int) -> None:
+    _rt.cudaFree(ptr)
+
+
+def _free_async(ptr: int, stream: int) -> None:
+    _rt.cudaFreeAsync(ptr, stream)
+
+
+def _free_host(ptr: int) -> None:
+    _rt.cudaFreeHost(ptr)
+
+
+class DeviceBuffer(Owned):
+    """Device memory: ``cudaMalloc`` by default; ``cudaMallocAsync`` on ``stream`` (from ``pool``
+    when given, a ``cudaMemPool_t`` handle), then freed stream-ordered on that stream."""
+
+    def __init__(self, nbytes: int, *, stream=None, pool=None):
+        if int(nbytes) < 0:
+            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+        require_cuda()
+        self.nbytes = int(nbytes)
+        self.device = int(call(_rt.cudaGetDevice))
+        n = max(self.nbytes, 1)
+        if stream is None:
+            if pool is not None:
+                raise ValueError("a pool allocation is stream-ordered: pass stream= too")
+            self.ptr = int(call(_rt.cudaMalloc, n))
+            self._own(_free, self.ptr)
+        else:
+            if pool is not None:
+                self.ptr = int(call(_rt.cudaMallocFromPoolAsync, n, int(pool), int(stream)))
+            else:
+                self.ptr = int(call(_rt.cudaMallocAsync, n, int(stream)))
+            self._own(_free_async, self.ptr, int(stream))
+
+    def __repr__(self) -> str:
+        return f"<DeviceBuffer {self.nbytes} B at 0x{self.ptr:x}{' closed' if self.closed else ''}>"
+
+    def view(self, dtype="uint8", shape=None, stream=None) -> _CudaArrayView:
+        """A ``__cuda_array_interface__`` view (CuPy, Numba, torch.as_tensor ...), no copy."""
+        self._check_open()
+        shape, _ = _view_shape(self.nbytes, dtype, shape)
+        return _CudaArrayView(self, self.ptr, shape, dtype, stream)
+
+    @property
+    def __cuda_array_interface__(self):
+        return self.view().__cuda_array_interface__
+
+    def as_tensor(self, dtype, shape=None):
+        """A torch tensor on this memory (no copy). ``dtype`` is a torch dtype."""
+        self._check_open()
+        from .torch_interop import tensor_from_device_buffer
+        return tensor_from_device_buffer(self, dtype, shape)
+
+    def copy_from(self, src, nbytes: int | None = None, *, stream) -> None:
+        self._check_open()
+        copy_async(self.ptr, src, self.nbytes if nbytes is None else nbytes, stream)
+
+    def copy_to(self, dst, nbytes: int | None = None, *, stream) -> None:
+        self._check_open()
+        copy_async(dst, self.ptr, self.nbytes if nbytes is None else nbytes, stream)
+
+    def fill_zero(self, *, stream) -> None:
+        self._check_open()
+        memset_async(self.ptr, 0, self.nbytes, stream)
+
+
+class HostBuffer(Owned):
+    """Pinned (page-locked) host memory from ``cudaHostAlloc``: async copies run at full speed."""
+
+    def __init__(self, nbytes: int):
+        if int(nbytes) < 0:
+            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+        require_cuda()
+        self.nbytes = int(nbytes)
+        self.ptr = int(call(_rt.cudaHostAlloc, max(self.nbytes, 1),
+                            int(_rt.cudaHostAllocPortable)))
+        self._own(_free_host, self.ptr)
+
+    def __repr__(self) -> str:
+        return f"<HostBuffer {self.nbytes} B at 0x{self.ptr:x}{' closed' if self.closed else ''}>"
+
+    def numpy(self, dtype="uint8", shape=None):
+        """A numpy array on this memory (no copy); it keeps the buffer alive."""
+        import numpy as np
+        self._check_open()
+        shape, itemsize = _view_shape(self.nbytes, dtype, shape)
+        count = math.prod(shape)
+        raw = (ctypes.c_char * max(count * itemsize, 1)).from_address(self.ptr)
+        arr = np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+        return _KeepAlive(arr, self).arr
+
+    @property
+    def __array_interface__(self):
+        self._check_open()
+        return {"shape": (self.nbytes,), "typestr": "|u1", "data": (self.ptr, False),
+                "version": 3}
+
+    def as_tensor(self, dtype, shape=None):
+        """A torch CPU tensor on this pinned memory (no copy). ``dtype`` is a torch dtype."""
+        self._check_open()
+        from .torch_interop import tensor_from_host_buffer
+        return tensor_from_host_buffer(self, dtype, shape)
+
+    def copy_from(self, src, nbytes: int | None = None, *, stream) -> None:
+        self._check_open()
+        copy_async(self.ptr, src, self.nbytes if nbytes is None else nbytes, stream)
+
+    def copy_to(self, dst, nbytes: int | None = None, *, stream) -> None:
+        self._check_open()
+        copy_async(dst, self.ptr, self.nbytes if nbytes is None else nbytes, stream)
+
+
+class _KeepAlive:
+    """Ties a numpy array's base to the HostBuffer so the pinned memory outlives the array."""
+
+    def __init__(self, arr, owner):
+        import numpy as np
+        # A 0-copy array whose .base chain ends in an object referencing the owner.
+        holder = _Holder(arr, owner)
+        self.arr = np.asarray(holder)
+
+
+class _Holder:
+    def __init__(self, arr, owner):
+        self._arr = arr
+        self._owner = owner
+        self.__array_interface__ = arr.__array_interface__
