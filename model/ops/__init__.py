@@ -1,31 +1,74 @@
 """Decode-step operators. Each module holds a Triton kernel beside a plain-torch reference of the
-same math; `reference` and `triton` below are the two backends the decoder runs on.
+same math; `reference` and `triton` below are the two backends the decoder runs on
+(`ops = model.ops.backend("triton" | "reference")`, then `ops.gemv(...)` etc.).
 
 Contract shared by both backends (every function, same signature, same semantics):
 - Outputs are written into caller-provided tensors (`out=` and friends) and nothing is returned
-  unless stated; the Triton versions allocate nothing, so a decode step can be captured.
+  unless stated; the Triton versions allocate nothing, sync nothing and autotune nothing, so a
+  decode step can be captured in a CUDA graph (workspaces are passed in, sized by the helpers).
 - `B` is the batch (one sequence per row), `H` the hidden size; activations are in the model
   dtype (bf16 or fp32), accumulation in fp32; rounding points follow transformers' qwen3_5_moe.
+- A "row" argument [B, N] may be a column slice of a wider buffer (e.g. of a fused projection
+  output): its rows must have unit inner stride, the row stride is free. Weights, caches, states
+  and workspaces are contiguous.
 
-linear.gemv(x[B,K], w[N,K], out[B,N])                         out = x @ w.T
+linear.gemv(x[B,K], w[N,K], out[B,N])                         out = x @ w.T   (B <= 16)
 norm.rmsnorm(x[B,H], weight[H], eps, out[B,H])                out = rms(x) * (1 + w)
 norm.add_rmsnorm(x[B,H], residual[B,H], weight[H], eps, out)  residual += x (rounded to dtype),
                                                               out = rmsnorm(residual)
-norm.gated_rmsnorm(o[B,NV,V], z[B,NV,V], weight[V], eps, out[B,NV*V])
+norm.gated_rmsnorm(o[B,NV*V] or [B,NV,V], z[B,NV*V], weight[V], eps, out[B,NV*V])
                                                               out = (norm(o) * w) * silu(z), no 1+
 conv.conv1d_update(x[B,C], conv_state[B,C,W], weight[C,W], out[B,C])
                                                               state <- [state[:,:,1:], x];
                                                               out = silu(sum_j w[:,j] * state[:,:,j])
 gated_delta.gated_delta_step(qkv[B,2*NK*K+NV*V], a[B,NV], b[B,NV], A_log[NV], dt_bias[NV],
-                             state[B,NV,K,V] fp32 (in place), out[B,NV,V], NK, K, V)
-attention.qk_norm_rope_store(qkv[B, NH*2D + 2*NKV*D], q_norm_w[D], k_norm_w[D], positions[B],
-                             inv_freq[R/2], k_cache[B,NKV,S,D], v_cache[B,NKV,S,D], q_out[B,NH,D],
-                             eps, NH, NKV, D)                 q: per head first D of 2D (next D
-                                                              is the gate); rope on first R dims
-attention.decode_attention(q[B,NH,D], k_cache, v_cache, positions[B], gate (qkv view), scale,
-                           out[B,NH*D], workspace)           attend to 0..positions[b], x sigmoid(gate)
-moe.router_topk(logits[B,E], top_k, weights_out[B,k], ids_out[B,k] int32)
-moe.moe_experts(x[B,H], gate_up_proj[E,2I,H], down_proj[E,H,I], ids[B,k], weights[B,k],
-                shared_gate_up[B,2Is], shared_down[H,Is], shared_gate_logit[B], act_ws, out[B,H])
-sampling.sample(logits[B,V], params, rng_state, out_tokens[B])   greedy or temperature/top-k/top-p
+                             state[B,NV,K,V] fp32 (in place), out[B,NV*V] or [B,NV,V], NK, K, V,
+                             z=None, norm_weight=None, eps=1e-6)
+                                                              qkv is the conv output; out = o, or
+                                                              with z/norm_weight the fused
+                                                              gated_rmsnorm(o, z, norm_weight, eps)
+attention.qk_norm_rope_store(qkv[B, NH*2D + 2*NKV*D], q_norm_w[D], k_norm_w[D], positions[B] int64,
+                             inv_freq[R/2] fp32, k_cache[B,NKV,S,D], v_cache[B,NKV,S,D],
+                             q_out[B,NH,D], err[>=1] int32, eps, NH, NKV, D)
+                                                              q: per head first D of 2D (next D
+                                                              is the gate); q/k norm (1+w), rope
+                                                              on first R dims; k, v stored at
+                                                              positions[b]; a position outside
+                                                              [0, S) is not stored and sets
+                                                              err[0] = 1 (device side)
+attention.decode_attention(q[B,NH,D], k_cache, v_cache, positions[B], qkv[B, >=NH*2D], scale,
+                           out[B,NH*D], workspace)            attend to 0..min(positions[b], S-1),
+                                                              x sigmoid(gate), gate of head h =
+                                                              qkv[:, h*2D+D : h*2D+2D]
+moe.router_topk(logits[B,E], top_k, weights_out[B,k] (logits dtype), ids_out[B,k] int32)
+                                                              softmax fp32, top-k descending,
+                                                              renormalised
+moe.moe_experts(x[B,H], gate_up_proj[E,2I,H], down_proj[E,H,I], ids[B,k] int32, weights[B,k],
+                shared_gate_up[B,2Is], shared_down[H,Is], shared_gate_logit[B] or [B,1], act_ws,
+                out[B,H])                                     routed experts + sigmoid(logit) x
+                                                              shared expert (no residual add)
+sampling.sample(logits[B,V], params[B,3] fp32 (temperature, top_k, top_p), rng_state[2] int64
+                (seed, counter; counter += 1 on device), out_tokens[B] int64, workspace)
+                                                              greedy when temperature <= 0
+sampling.Sampler(vocab_size, batch, sampling (has .temperature/.top_k/.top_p/.seed), device)
+                                                              owns params/rng/workspace;
+                                                              sampler(logits, out_tokens), reset()
+
+Workspace sizing (same for both backends; allocate once, before capture):
+attention_workspace_numel(B, NH, D, S) fp32 / attention_workspace(B, NH, D, S, device)
+moe_workspace_numel(B, k, I) model dtype / moe_workspace(B, k, I, dtype, device)
+sample_workspace_numel(B, V) fp32; make_params(B, temperature, top_k, top_p, device);
+make_rng_state(seed, device)
 """
+from __future__ import annotations
+
+import importlib
+
+BACKENDS = ("triton", "reference")
+
+
+def backend(name: str):
+    """The op namespace of a backend: "triton" (kernels) or "reference" (plain torch)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown ops backend {name!r}; expected one of {BACKENDS}")
+    return importlib.import_module(f"{__name__}.{name}")

@@ -1,0 +1,137 @@
+"""Gated DeltaNet decode step, fused: one kernel does the L2 norm of q and k (fp32), the q scale,
+key-head sharing (value head j reads key head j // (NV // NK)), beta = sigmoid(b) and
+g = -exp(A_log) * softplus(a + dt_bias), the decay and delta-rule update of the fp32 state in
+place, and the output o = S^T q — optionally followed by the gated RMSNorm of the output
+(norm(o) * w * silu(z)), which saves a kernel per layer.
+
+Math and rounding points as transformers' torch_recurrent_gated_delta_rule (use_qk_l2norm_in_kernel
+=True): beta is rounded to the model dtype (b.sigmoid() on model-dtype b), g is fp32, the output is
+rounded to the model dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._util import as_rows, check_contiguous, check_rows, next_pow2
+from .norm import gated_rmsnorm_reference
+
+
+def _check(qkv, a, b, A_log, dt_bias, state, out, NK, K, V, z, norm_weight):
+    bsz, nv = state.shape[0], state.shape[1]
+    check_contiguous("state", state, (bsz, nv, K, V))
+    if state.dtype != torch.float32:
+        raise TypeError(f"state must be float32, got {state.dtype}")
+    if nv % NK != 0:
+        raise ValueError(f"value heads ({nv}) must be a multiple of key heads ({NK})")
+    check_rows("qkv", qkv, bsz, 2 * NK * K + nv * V)
+    check_rows("a", a, bsz, nv)
+    check_rows("b", b, bsz, nv)
+    out2 = as_rows("out", out, bsz, nv * V)
+    if (z is None) != (norm_weight is None):
+        raise ValueError("z and norm_weight go together (both for the fused gated norm, or neither)")
+    if z is not None:
+        check_rows("z", z, bsz, nv * V)
+        if norm_weight.numel() != V:
+            raise ValueError(f"norm_weight must have {V} elements, got {norm_weight.numel()}")
+    return bsz, nv, out2
+
+
+def gated_delta_step_reference(qkv, a, b, A_log, dt_bias, state, out, NK, K, V,
+                               z=None, norm_weight=None, eps=1e-6) -> None:
+    bsz, nv, out2 = _check(qkv, a, b, A_log, dt_bias, state, out, NK, K, V, z, norm_weight)
+    dtype = qkv.dtype
+    q = qkv[:, : NK * K].reshape(bsz, NK, K).float()
+    k = qkv[:, NK * K: 2 * NK * K].reshape(bsz, NK, K).float()
+    v = qkv[:, 2 * NK * K: 2 * NK * K + nv * V].reshape(bsz, nv, V).float()
+    rep = nv // NK
+    q = q.repeat_interleave(rep, dim=1)
+    k = k.repeat_interleave(rep, dim=1)
+    beta = b.sigmoid().float()
+    g = -A_log.float().exp() * torch.nn.functional.softplus(a.float() + dt_bias)
+    q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6)
+    k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+    q = q / (K ** 0.5)
+    s = state * g.exp()[..., None, None]
+    kv = (s * k.unsqueeze(-1)).sum(dim=-2)
+    delta = (v - kv) * beta.unsqueeze(-1)
+    s = s + k.unsqueeze(-1) * delta.unsqueeze(-2)
+    o = (s * q.unsqueeze(-1)).sum(dim=-2)
+    state.copy_(s)
+    o = o.to(dtype).reshape(bsz, nv * V)
+    if z is None:
+        out2.copy_(o)
+    else:
+        gated_rmsnorm_reference(o, z, norm_weight, eps, out2)
+
+
+@triton.jit
+def _gated_delta_kernel(qkv_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, state_ptr, out_ptr, z_ptr, nw_ptr,
+                        NK, NV, K, V, q_div, eps, stride_qkv, stride_a, stride_b, stride_out, stride_z,
+                        FUSE_NORM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+    pid = tl.program_id(0)
+    vb = tl.program_id(1)
+    row = pid // NV
+    vh = pid % NV
+    kh = vh // (NV // NK)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+    mk = offs_k < K
+    mv = offs_v < V
+    base = qkv_ptr + row * stride_qkv
+    q = tl.load(base + kh * K + offs_k, mask=mk, other=0.0).to(tl.float32)
+    k = tl.load(base + NK * K + kh * K + offs_k, mask=mk, other=0.0).to(tl.float32)
+    v = tl.load(base + 2 * NK * K + vh * V + offs_v, mask=mv, other=0.0).to(tl.float32)
+    dt = out_ptr.dtype.element_ty
+    # beta = sigmoid(b) rounded to the model dtype; g = -exp(A_log) * softplus(a + dt_bias), fp32
+    bb = tl.load(b_ptr + row * stride_b + vh).to(tl.float32)
+    beta = tl.sigmoid(bb).to(b_ptr.dtype.element_ty).to(tl.float32)
+    x = tl.load(a_ptr + row * stride_a + vh).to(tl.float32) + tl.load(dtb_ptr + vh).to(tl.float32)
+    ex = tl.exp(x)
+    sp_small = ex * (1.0 - ex * (0.5 - ex * (1.0 / 3.0 - ex * 0.25)))  # log1p(e) for small e
+    sp = tl.where(x > 20.0, x, tl.where(ex < 1e-2, sp_small, tl.log(1.0 + ex)))
+    g = -tl.exp(tl.load(alog_ptr + vh).to(tl.float32)) * sp
+    # L2 norms (fp32), q scale
+    q = q * tl.math.rsqrt(tl.sum(q * q, axis=0) + 1e-6)
+    q = q / q_div
+    k = k * tl.math.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
+    # state [K, V] of this (row, value head), fp32, updated in place
+    s_ptrs = state_ptr + (pid.to(tl.int64) * K + offs_k[:, None]) * V + offs_v[None, :]
+    m2 = mk[:, None] & mv[None, :]
+    s = tl.load(s_ptrs, mask=m2, other=0.0)
+    s = s * tl.exp(g)
+    kv = tl.sum(s * k[:, None], axis=0)
+    delta = (v - kv) * beta
+    s = s + k[:, None] * delta[None, :]
+    tl.store(s_ptrs, s, mask=m2)
+    o = tl.sum(s * q[:, None], axis=0)
+    o = o.to(dt).to(tl.float32)
+    out_ptrs = out_ptr + row * stride_out + vh * V + offs_v
+    if FUSE_NORM:
+        var = tl.sum(tl.where(mv, o * o, 0.0), axis=0) / V
+        hn = (o * tl.math.rsqrt(var + eps)).to(dt).to(tl.float32)
+        w = tl.load(nw_ptr + offs_v, mask=mv, other=0.0).to(tl.float32)
+        hw = (w * hn).to(dt).to(tl.float32)
+        zz = tl.load(z_ptr + row * stride_z + vh * V + offs_v, mask=mv, other=0.0).to(tl.float32)
+        o = hw * (zz * tl.sigmoid(zz))
+    tl.store(out_ptrs, o.to(dt), mask=mv)
+
+
+def gated_delta_step_triton(qkv, a, b, A_log, dt_bias, state, out, NK, K, V,
+                            z=None, norm_weight=None, eps=1e-6) -> None:
+    bsz, nv, out2 = _check(qkv, a, b, A_log, dt_bias, state, out, NK, K, V, z, norm_weight)
+    fuse = z is not None
+    block_k = next_pow2(K)
+    block_v = next_pow2(V)
+    if not fuse and bsz * nv < 132:
+        # split the value columns across programs (they are independent) to fill the GPU
+        while block_v > 32 and bsz * nv * triton.cdiv(V, block_v) < 132:
+            block_v //= 2
+    warps = 8 if block_k * block_v >= 8192 else 4
+    grid = (bsz * nv, triton.cdiv(V, block_v))
+    zt = z if fuse else out2
+    _gated_delta_kernel[grid](qkv, a, b, A_log, dt_bias, state, out2, zt, norm_weight if fuse else A_log,
+                              NK, nv, K, V, float(K ** 0.5), float(eps), qkv.stride(0), a.stride(0),
+                              b.stride(0), out2.stride(0), zt.stride(0),
+                              FUSE_NORM=fuse, BLOCK_K=block_k, BLOCK_V=block_v, num_warps=warps)

@@ -1,0 +1,79 @@
+"""GEMV for the projections and the lm_head: out[B, N] = x[B, K] @ w[N, K]^T.
+
+Decode is bandwidth-bound: the Triton kernel streams each weight row exactly once for the whole
+batch (B <= 16 rows of x ride along in registers), with wide contiguous loads along K, fp32
+accumulation and one rounding to the output dtype. Launch configuration is a pure function of the
+shape (no autotuning), so it is safe inside a CUDA-graph capture.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._util import check_rows, next_pow2
+
+MAX_BATCH = 16
+_TARGET_PROGRAMS = 4 * 132  # enough CTAs to keep every SM of an H100 streaming
+
+
+def _check(x, w, out):
+    if w.dim() != 2 or w.stride(1) != 1:
+        raise ValueError(f"w must be a row-major [N, K] matrix, got shape {tuple(w.shape)} strides {w.stride()}")
+    n, k = w.shape
+    if x.dim() != 2:
+        raise ValueError(f"x must be [B, {k}], got shape {tuple(x.shape)}")
+    b = x.shape[0]
+    check_rows("x", x, b, k)
+    check_rows("out", out, b, n)
+    return b, n, k
+
+
+def gemv_reference(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+    """out = x @ w.T (transformers' nn.Linear without bias), rounded to out's dtype."""
+    _check(x, w, out)
+    out.copy_(torch.nn.functional.linear(x.to(w.dtype), w))
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, B, N, K, stride_xb, stride_wn, stride_ob,
+                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = tl.arange(0, BLOCK_B)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask_b = offs_b < B
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    x_rows = x_ptr + offs_b[:, None] * stride_xb
+    acc = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        mk = kk < K
+        w = tl.load(w_rows + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
+        x = tl.load(x_rows + kk[None, :], mask=mask_b[:, None] & mk[None, :], other=0.0)
+        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    res = tl.sum(acc, axis=2)
+    out_ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :]
+    tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_n[None, :])
+
+
+def gemv_config(b: int, n: int, k: int, elem_size: int) -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_N, BLOCK_K, num_warps) for a [b, k] x [n, k]^T GEMV; fixed per shape."""
+    block_b = next_pow2(b)
+    block_k = min(next_pow2(k), 512 if elem_size <= 2 else 256)
+    budget = 8192 if block_b == 1 else 4096  # fp32 accumulator elements per program (4 warps)
+    block_n = max(1, min(16, budget // (block_b * block_k)))
+    while block_n > 1 and triton.cdiv(n, block_n) < _TARGET_PROGRAMS:
+        block_n //= 2
+    return block_b, block_n, block_k, 4
+
+
+def gemv_triton(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+    b, n, k = _check(x, w, out)
+    if b > MAX_BATCH:
+        raise ValueError(f"gemv handles batches up to {MAX_BATCH}, got B={b}")
+    block_b, block_n, block_k, warps = gemv_config(b, n, k, w.element_size())
+    grid = (triton.cdiv(n, block_n),)
+    _gemv_kernel[grid](x, w, out, b, n, k, x.stride(0), w.stride(0), out.stride(0),
+                       BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)

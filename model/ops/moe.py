@@ -1,0 +1,236 @@
+"""Sparse MoE: router (softmax fp32, top-k, renormalise) and the experts plus the gated shared expert.
+
+The experts are read in place by index from the fused tensors gate_up_proj [E, 2I, H] (gate rows
+first) and down_proj [E, H, I]: no gathers. Two kernels:
+  1. gate/up GEMV of every (row, chosen expert), SiLU-multiply fused -> act_ws [B, k, I] (model dtype);
+  2. down GEMV of every chosen expert, times its routing weight, summed in ascending expert id (the
+     order transformers' eager loop adds them, with the same model-dtype rounding after each add),
+     plus the shared expert: its gate/up rows come precomputed (a slice of a fused GEMV output),
+     its act is formed on the fly, then down_proj and x sigmoid(shared gate logit).
+Rows that pick the same expert read its weights once each (fine for the small decode batch).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._util import check_contiguous, check_rows, next_pow2
+
+
+# ----------------------------------------------------------------------------- router
+def _check_router(logits, top_k, weights_out, ids_out):
+    b, e = logits.shape
+    check_rows("logits", logits, b, e)
+    if not 1 <= top_k <= e:
+        raise ValueError(f"top_k must be in [1, {e}], got {top_k}")
+    check_contiguous("weights_out", weights_out, (b, top_k))
+    check_contiguous("ids_out", ids_out, (b, top_k))
+    if ids_out.dtype != torch.int32:
+        raise TypeError(f"ids_out must be int32, got {ids_out.dtype}")
+    return b, e
+
+
+def router_topk_reference(logits, top_k, weights_out, ids_out) -> None:
+    """softmax (fp32) -> top-k (descending) -> renormalise -> rounded to the logits dtype."""
+    _check_router(logits, top_k, weights_out, ids_out)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    val, idx = torch.topk(probs, top_k, dim=-1)
+    val = val / val.sum(dim=-1, keepdim=True)
+    weights_out.copy_(val.to(logits.dtype))
+    ids_out.copy_(idx.to(torch.int32))
+
+
+@triton.jit
+def _router_topk_kernel(logits_ptr, w_ptr, ids_ptr, E, TOPK, stride_l,
+                        BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_E)
+    me = offs < E
+    x = tl.load(logits_ptr + row * stride_l + offs, mask=me, other=float("-inf")).to(tl.float32)
+    p = tl.exp(x - tl.max(x, axis=0))
+    p = p / tl.sum(p, axis=0)
+    p = tl.where(me, p, -1.0)
+    offs_k = tl.arange(0, BLOCK_K)
+    vals = tl.zeros([BLOCK_K], tl.float32)
+    idxs = tl.zeros([BLOCK_K], tl.int32)
+    for j in range(0, TOPK):
+        best = tl.max(p, axis=0)
+        bi = tl.min(tl.where(p == best, offs, BLOCK_E), axis=0)   # lowest index among ties
+        vals = tl.where(offs_k == j, best, vals)
+        idxs = tl.where(offs_k == j, bi, idxs)
+        p = tl.where(offs == bi, -2.0, p)
+    mk = offs_k < TOPK
+    vals = vals / tl.sum(tl.where(mk, vals, 0.0), axis=0)
+    tl.store(w_ptr + row * TOPK + offs_k, vals.to(w_ptr.dtype.element_ty), mask=mk)
+    tl.store(ids_ptr + row * TOPK + offs_k, idxs, mask=mk)
+
+
+def router_topk_triton(logits, top_k, weights_out, ids_out) -> None:
+    b, e = _check_router(logits, top_k, weights_out, ids_out)
+    _router_topk_kernel[(b,)](logits, weights_out, ids_out, e, top_k, logits.stride(0),
+                              BLOCK_E=next_pow2(e), BLOCK_K=next_pow2(top_k), num_warps=4)
+
+
+# ----------------------------------------------------------------------------- experts
+def moe_workspace_numel(batch: int, top_k: int, intermediate: int) -> int:
+    """Model-dtype elements of moe_experts' act_ws: the SiLU-multiplied gate/up of each (row, expert)."""
+    return batch * top_k * intermediate
+
+
+def moe_workspace(batch, top_k, intermediate, dtype, device) -> torch.Tensor:
+    return torch.empty(moe_workspace_numel(batch, top_k, intermediate), dtype=dtype, device=device)
+
+
+def _check_moe(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_down, shared_gate_logit, act_ws, out):
+    b, h = x.shape
+    check_rows("x", x, b, h)
+    if gate_up_proj.dim() != 3 or not gate_up_proj.is_contiguous() or gate_up_proj.shape[2] != h \
+            or gate_up_proj.shape[1] % 2:
+        raise ValueError(f"gate_up_proj must be a contiguous [E, 2I, {h}], got {tuple(gate_up_proj.shape)}")
+    e, i2, _ = gate_up_proj.shape
+    i = i2 // 2
+    check_contiguous("down_proj", down_proj, (e, h, i))
+    k = ids.shape[1]
+    check_contiguous("ids", ids, (b, k))
+    check_contiguous("weights", weights, (b, k))
+    if ids.dtype != torch.int32:
+        raise TypeError(f"ids must be int32, got {ids.dtype}")
+    if shared_down.dim() != 2 or shared_down.shape[0] != h or not shared_down.is_contiguous():
+        raise ValueError(f"shared_down must be a contiguous [{h}, Is], got {tuple(shared_down.shape)}")
+    i_s = shared_down.shape[1]
+    check_rows("shared_gate_up", shared_gate_up, b, 2 * i_s)
+    if shared_gate_logit.shape[0] != b or shared_gate_logit.numel() != b:
+        raise ValueError(f"shared_gate_logit must hold one logit per row ([{b}] or [{b}, 1]), "
+                         f"got {tuple(shared_gate_logit.shape)}")
+    if act_ws.numel() < b * k * i or act_ws.dtype != x.dtype:
+        raise ValueError(f"act_ws must be {x.dtype} with >= {b * k * i} elements (moe_workspace_numel), "
+                         f"got {act_ws.dtype} {act_ws.numel()}")
+    check_rows("out", out, b, h)
+    return b, h, e, i, k, i_s
+
+
+def moe_experts_reference(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_down,
+                          shared_gate_logit, act_ws, out) -> None:
+    """out = sum_j w_j * down[e_j](silu(gate) * up) + sigmoid(shared_gate_logit) * shared_down(act_s),
+    with transformers' eager rounding and summation order (ascending expert id)."""
+    b, h, e, i, k, i_s = _check_moe(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_down,
+                                    shared_gate_logit, act_ws, out)
+    act = torch.nn.functional.silu
+    for r in range(b):
+        total = torch.zeros(h, dtype=x.dtype, device=x.device)
+        order = torch.argsort(ids[r].long())
+        for j in order.tolist():
+            ex = int(ids[r, j])
+            gate, up = torch.nn.functional.linear(x[r:r + 1], gate_up_proj[ex]).chunk(2, dim=-1)
+            y = torch.nn.functional.linear(act(gate) * up, down_proj[ex])[0]
+            total = total + (y * weights[r, j]).to(x.dtype)
+        sg, su = shared_gate_up[r:r + 1, :i_s], shared_gate_up[r:r + 1, i_s:2 * i_s]
+        ys = torch.nn.functional.linear(act(sg) * su, shared_down)[0]
+        gl = shared_gate_logit.reshape(b)[r:r + 1]
+        out[r].copy_(total + torch.sigmoid(gl) * ys)
+
+
+@triton.jit
+def _moe_gate_up_kernel(x_ptr, gu_ptr, ids_ptr, act_ptr, H, I, TOPK, stride_x,
+                        BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr):
+    pid = tl.program_id(0)     # row * TOPK + slot
+    ib = tl.program_id(1)
+    row = pid // TOPK
+    e = tl.load(ids_ptr + pid).to(tl.int64)
+    offs_i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_h = tl.arange(0, BLOCK_H)
+    mi = offs_i < I
+    g_rows = gu_ptr + (e * 2 * I + offs_i)[:, None] * H
+    u_rows = g_rows + I * H
+    acc_g = tl.zeros([BLOCK_I, BLOCK_H], tl.float32)
+    acc_u = tl.zeros([BLOCK_I, BLOCK_H], tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        hh = h0 + offs_h
+        mh = hh < H
+        xv = tl.load(x_ptr + row * stride_x + hh, mask=mh, other=0.0).to(tl.float32)
+        m2 = mi[:, None] & mh[None, :]
+        wg = tl.load(g_rows + hh[None, :], mask=m2, other=0.0)
+        wu = tl.load(u_rows + hh[None, :], mask=m2, other=0.0)
+        acc_g += wg.to(tl.float32) * xv[None, :]
+        acc_u += wu.to(tl.float32) * xv[None, :]
+    dt = act_ptr.dtype.element_ty
+    g = tl.sum(acc_g, axis=1).to(dt).to(tl.float32)
+    u = tl.sum(acc_u, axis=1).to(dt).to(tl.float32)
+    a = (g * tl.sigmoid(g)).to(dt).to(tl.float32)
+    tl.store(act_ptr + pid.to(tl.int64) * I + offs_i, (a * u).to(dt), mask=mi)
+
+
+@triton.jit
+def _moe_down_kernel(act_ptr, dn_ptr, ids_ptr, w_ptr, sgu_ptr, sdn_ptr, sgl_ptr, out_ptr,
+                     H, I, IS, TOPK, stride_sgu, stride_sgl, stride_out,
+                     BLOCK_HO: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    hb = tl.program_id(1)
+    offs_h = hb * BLOCK_HO + tl.arange(0, BLOCK_HO)
+    offs_i = tl.arange(0, BLOCK_I)
+    offs_k = tl.arange(0, BLOCK_K)
+    mh = offs_h < H
+    mk = offs_k < TOPK
+    dt = out_ptr.dtype.element_ty
+    ids = tl.load(ids_ptr + row * TOPK + offs_k, mask=mk, other=2147483647)
+    wts = tl.load(w_ptr + row * TOPK + offs_k, mask=mk, other=0.0).to(tl.float32)
+    total = tl.zeros([BLOCK_HO], tl.float32)
+    for _ in range(0, TOPK):
+        # next expert in ascending id order (the order transformers adds them in)
+        e32 = tl.min(ids, axis=0)
+        slot = tl.min(tl.where(ids == e32, offs_k, BLOCK_K), axis=0)
+        wj = tl.sum(tl.where(offs_k == slot, wts, 0.0), axis=0)
+        ids = tl.where(offs_k == slot, 2147483647, ids)
+        e = e32.to(tl.int64)
+        rows = dn_ptr + (e * H + offs_h)[:, None] * I
+        a_base = act_ptr + (row * TOPK + slot).to(tl.int64) * I
+        acc = tl.zeros([BLOCK_HO, BLOCK_I], tl.float32)
+        for i0 in range(0, I, BLOCK_I):
+            ii = i0 + offs_i
+            mi = ii < I
+            av = tl.load(a_base + ii, mask=mi, other=0.0).to(tl.float32)
+            wv = tl.load(rows + ii[None, :], mask=mh[:, None] & mi[None, :], other=0.0)
+            acc += wv.to(tl.float32) * av[None, :]
+        y = tl.sum(acc, axis=1).to(dt).to(tl.float32)
+        y = (y * wj).to(dt).to(tl.float32)
+        total = (total + y).to(dt).to(tl.float32)
+    # shared expert: act formed on the fly from the precomputed gate/up rows
+    acc = tl.zeros([BLOCK_HO, BLOCK_I], tl.float32)
+    srows = sdn_ptr + offs_h.to(tl.int64)[:, None] * IS
+    for i0 in range(0, IS, BLOCK_I):
+        ii = i0 + offs_i
+        mi = ii < IS
+        g = tl.load(sgu_ptr + row * stride_sgu + ii, mask=mi, other=0.0).to(tl.float32)
+        u = tl.load(sgu_ptr + row * stride_sgu + IS + ii, mask=mi, other=0.0).to(tl.float32)
+        a = ((g * tl.sigmoid(g)).to(dt).to(tl.float32) * u).to(dt).to(tl.float32)
+        wv = tl.load(srows + ii[None, :], mask=mh[:, None] & mi[None, :], other=0.0)
+        acc += wv.to(tl.float32) * a[None, :]
+    ys = tl.sum(acc, axis=1).to(dt).to(tl.float32)
+    gl = tl.load(sgl_ptr + row * stride_sgl).to(tl.float32)
+    gs = tl.sigmoid(gl).to(dt).to(tl.float32)
+    ys = (gs * ys).to(dt).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + offs_h, (total + ys).to(dt), mask=mh)
+
+
+def moe_experts_triton(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_down,
+                       shared_gate_logit, act_ws, out) -> None:
+    b, h, e, i, k, i_s = _check_moe(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_down,
+                                    shared_gate_logit, act_ws, out)
+    # kernel 1: (row, slot) x I-blocks, each streaming 2*BLOCK_I weight rows of length H
+    block_h = min(512, next_pow2(h))
+    block_i = max(1, min(16, 4096 // block_h))
+    while block_i > 2 and b * k * triton.cdiv(i, block_i) < 264:
+        block_i //= 2
+    _moe_gate_up_kernel[(b * k, triton.cdiv(i, block_i))](x, gate_up_proj, ids, act_ws, h, i, k, x.stride(0),
+                                                         BLOCK_I=block_i, BLOCK_H=block_h, num_warps=4)
+    # kernel 2: row x H-blocks, each streaming BLOCK_HO rows of every chosen expert's down_proj
+    block_i2 = min(512, next_pow2(max(i, i_s)))
+    block_ho = max(1, min(16, 4096 // block_i2))
+    while block_ho > 2 and b * triton.cdiv(h, block_ho) < 264:
+        block_ho //= 2
+    sgl = shared_gate_logit.reshape(b, -1) if shared_gate_logit.dim() == 1 else shared_gate_logit
+    _moe_down_kernel[(b, triton.cdiv(h, block_ho))](act_ws, down_proj, ids, weights, shared_gate_up, shared_down,
+                                                    sgl, out, h, i, i_s, k, shared_gate_up.stride(0),
+                                                    sgl.stride(0), out.stride(0), BLOCK_HO=block_ho,
+                                                    BLOCK_I=block_i2, BLOCK_K=next_pow2(k), num_warps=4)

@@ -1,0 +1,126 @@
+"""RMSNorm with (1 + w), fused residual add + RMSNorm, and the gated RMSNorm of Gated DeltaNet.
+
+Rounding points follow transformers' qwen3_5_moe: the residual add is rounded to the model dtype;
+RMSNorm computes in fp32 and multiplies by (1 + w) in fp32 before one rounding; the gated norm
+rounds the normalised value to the model dtype, multiplies by w in the model dtype, then by
+silu(z) in fp32 and rounds once more.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._util import as_rows, check_rows, next_pow2
+
+
+# ----------------------------------------------------------------------------- references
+def _rms_ref(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    hf = h.float()
+    y = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * (1.0 + weight.float())).to(h.dtype)
+
+
+def rmsnorm_reference(x, weight, eps, out) -> None:
+    """out = rms(x) * (1 + w)."""
+    b, h = x.shape
+    check_rows("x", x, b, h)
+    check_rows("out", out, b, h)
+    out.copy_(_rms_ref(x, weight, eps))
+
+
+def add_rmsnorm_reference(x, residual, weight, eps, out) -> None:
+    """residual += x (rounded to the model dtype), out = rms(residual) * (1 + w)."""
+    b, h = x.shape
+    for name, t in (("x", x), ("residual", residual), ("out", out)):
+        check_rows(name, t, b, h)
+    residual.add_(x)
+    out.copy_(_rms_ref(residual, weight, eps))
+
+
+def gated_rmsnorm_reference(o, z, weight, eps, out) -> None:
+    """out = (rms(o) rounded * w) * silu(z), per head of V = weight.numel() channels (no 1+)."""
+    v = weight.numel()
+    b = o.shape[0]
+    o2 = as_rows("o", o, b, o[0].numel())
+    nv = o2.shape[1] // v
+    z2 = as_rows("z", z, b, nv * v)
+    check_rows("out", out, b, nv * v)
+    dtype = o.dtype
+    hf = o2.reshape(b, nv, v).float()
+    hf = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    hw = weight * hf.to(dtype)
+    y = hw * torch.nn.functional.silu(z2.reshape(b, nv, v).float())
+    out.copy_(y.to(dtype).reshape(b, nv * v))
+
+
+# ----------------------------------------------------------------------------- Triton
+@triton.jit
+def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, H, eps, stride_x, stride_r, stride_o,
+                    ADD: tl.constexpr, BLOCK_H: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_H)
+    mask = offs < H
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if ADD:
+        r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0)
+        x = (r.to(tl.float32) + x.to(tl.float32)).to(res_ptr.dtype.element_ty)
+        tl.store(res_ptr + row * stride_r + offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / H
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = xf * tl.math.rsqrt(var + eps) * (1.0 + w)
+    tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _norm_warps(block: int) -> int:
+    return 4 if block <= 2048 else 8
+
+
+def rmsnorm_triton(x, weight, eps, out) -> None:
+    b, h = x.shape
+    check_rows("x", x, b, h)
+    check_rows("out", out, b, h)
+    blk = next_pow2(h)
+    _rmsnorm_kernel[(b,)](x, x, weight, out, h, float(eps), x.stride(0), x.stride(0), out.stride(0),
+                          ADD=False, BLOCK_H=blk, num_warps=_norm_warps(blk))
+
+
+def add_rmsnorm_triton(x, residual, weight, eps, out) -> None:
+    b, h = x.shape
+    for name, t in (("x", x), ("residual", residual), ("out", out)):
+        check_rows(name, t, b, h)
+    blk = next_pow2(h)
+    _rmsnorm_kernel[(b,)](x, residual, weight, out, h, float(eps), x.stride(0), residual.stride(0),
+                          out.stride(0), ADD=True, BLOCK_H=blk, num_warps=_norm_warps(blk))
+
+
+@triton.jit
+def _gated_rmsnorm_kernel(o_ptr, z_ptr, w_ptr, out_ptr, NV, V, eps, stride_o, stride_z, stride_out,
+                          BLOCK_V: tl.constexpr):
+    pid = tl.program_id(0)
+    row = pid // NV
+    head = pid % NV
+    offs = tl.arange(0, BLOCK_V)
+    mask = offs < V
+    col = head * V + offs
+    o = tl.load(o_ptr + row * stride_o + col, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + row * stride_z + col, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    dt = out_ptr.dtype.element_ty
+    var = tl.sum(o * o, axis=0) / V
+    hn = (o * tl.math.rsqrt(var + eps)).to(dt)
+    hw = (w.to(tl.float32) * hn.to(tl.float32)).to(dt).to(tl.float32)
+    y = hw * (z * tl.sigmoid(z))
+    tl.store(out_ptr + row * stride_out + col, y.to(dt), mask=mask)
+
+
+def gated_rmsnorm_triton(o, z, weight, eps, out) -> None:
+    v = weight.numel()
+    b = o.shape[0]
+    o2 = as_rows("o", o, b, o[0].numel())
+    nv = o2.shape[1] // v
+    z2 = as_rows("z", z, b, nv * v)
+    check_rows("out", out, b, nv * v)
+    _gated_rmsnorm_kernel[(b * nv,)](o2, z2, weight, out, nv, v, float(eps), o2.stride(0), z2.stride(0),
+                                     out.stride(0), BLOCK_V=next_pow2(v), num_warps=1 if v <= 256 else 4)

@@ -1,0 +1,26 @@
+"""The plain-torch backend: every op of the contract (see model/ops/__init__.py) as its reference."""
+from .attention import (attention_workspace, attention_workspace_numel,  # noqa: F401
+                        decode_attention_reference as decode_attention,
+                        qk_norm_rope_store_reference as qk_norm_rope_store)
+from .conv import conv1d_update_reference as conv1d_update  # noqa: F401
+from .gated_delta import gated_delta_step_reference as gated_delta_step  # noqa: F401
+from .linear import gemv_reference as gemv  # noqa: F401
+from .moe import moe_experts_reference as moe_experts, moe_workspace, moe_workspace_numel  # noqa: F401
+from .moe import router_topk_reference as router_topk  # noqa: F401
+from .norm import add_rmsnorm_reference as add_rmsnorm, gated_rmsnorm_reference as gated_rmsnorm  # noqa: F401
+from .norm import rmsnorm_reference as rmsnorm  # noqa: F401
+from .sampling import make_params, make_rng_state, sample_workspace_numel  # noqa: F401
+from .sampling import sample_reference as sample
+from .sampling import Sampler as _Sampler
+
+NAME = "reference"
+
+
+def Sampler(vocab_size, batch, sampling=None, device="cpu"):
+    return _Sampler(vocab_size, batch, sampling, device, backend="reference")
+
+
+__all__ = ["gemv", "rmsnorm", "add_rmsnorm", "gated_rmsnorm", "conv1d_update", "gated_delta_step",
+           "qk_norm_rope_store", "decode_attention", "router_topk", "moe_experts", "sample", "Sampler",
+           "attention_workspace", "attention_workspace_numel", "moe_workspace", "moe_workspace_numel",
+           "sample_workspace_numel", "make_params", "make_rng_state"]
