@@ -1,0 +1,138 @@
+"""cugraph_rt core on a GPU: streams, buffers, capture, Graph/GraphExec."""
+import numpy as np
+import pytest
+import torch
+
+import cugraph_rt as cg
+from _cugraph_steps import elementwise_step
+
+pytestmark = pytest.mark.gpu
+
+
+def test_device_info_and_buffers():
+    info = cg.device_info()
+    assert info["name"] and info["total_memory"] > 0 and info["driver_version"] > 0
+    with cg.Stream() as s, cg.DeviceBuffer(4096) as d, cg.HostBuffer(4096) as h:
+        a = h.numpy(np.float32, (1024,))
+        a[:] = np.arange(1024, dtype=np.float32)
+        d.copy_from(h, stream=s)
+        t = d.as_tensor(torch.float32, (1024,))
+        with torch.cuda.stream(s.torch):
+            t.mul_(2)
+        h2 = cg.HostBuffer(4096)
+        d.copy_to(h2, stream=s)
+        s.synchronize()
+        assert np.array_equal(h2.numpy(np.float32), a * 2)
+        assert torch.equal(torch.as_tensor(d.view(np.float32, (1024,)), device="cuda"),
+                           t)
+        h2.close()
+    assert s.closed and d.closed
+    with pytest.raises(cg.ClosedError):
+        s.synchronize()
+    d.close()  # idempotent
+
+
+def test_async_buffer_and_event_timing():
+    with cg.Stream() as s:
+        buf = cg.DeviceBuffer(1 << 20, stream=s)
+        e0, e1 = cg.Event(), cg.Event()
+        e0.record(s)
+        buf.fill_zero(stream=s)
+        e1.record(s)
+        e1.synchronize()
+        assert e0.elapsed_ms(e1) >= 0.0
+        buf.close()
+        s.synchronize()
+
+
+def test_capture_graph_nodes_dot_and_launch(tmp_path):
+    s = cg.Stream()
+    x = torch.randn(4096, device="cuda")
+    with torch.cuda.stream(s.torch):
+        ref = elementwise_step(x)
+        with cg.capture(s) as cap:
+            out = elementwise_step(x)
+    g = cap.graph
+    nodes = g.nodes()
+    kernels = [n for n in nodes if n.type == "Kernel"]
+    assert len(kernels) >= 2
+    triton_nodes = [n for n in kernels if n.name and "_sin_axpy_kernel" in n.name]
+    assert triton_nodes, [n.name for n in kernels]
+    k = triton_nodes[0]
+    assert k.grid == (16, 1, 1) and k.block[0] > 0 and k.shared_mem is not None
+    torch_nodes = [n for n in kernels if n.name and "at::" in n.name]
+    assert torch_nodes, "torch kernel names should come back demangled"
+    dot = g.to_dot(tmp_path / "g.dot")
+    assert "_sin_axpy_kernel" in open(dot).read()
+    ex = g.instantiate(upload_stream=s)
+    with torch.cuda.stream(s.torch):
+        out.fill_(float("nan"))  # poison: the replay must write every element
+    ex.launch(s)
+    s.synchronize()
+    assert torch.equal(out, ref)
+    assert ex.update(g) in ("updated", "reinstantiated")
+    ex.launch(s)
+    s.synchronize()
+    assert torch.equal(out, ref)
+    mem = cg.graph_memory()
+    assert set(mem) == {"used_current", "used_high", "reserved_current", "reserved_high"}
+    ex.close(), g.close(), s.close()
+    with pytest.raises(cg.ClosedError):
+        ex.launch(s)
+
+
+def test_empty_capture_refused():
+    s, other = cg.Stream(), cg.Stream()
+    buf = cg.DeviceBuffer(1024)
+    with pytest.raises(cg.CaptureError, match="empty capture"):
+        with cg.capture(s):
+            buf.fill_zero(stream=other)  # work on another stream: nothing captured
+    assert not s.is_capturing()
+    other.synchronize()
+    with cg.capture(s) as cap:
+        buf.fill_zero(stream=s)
+    assert cap.graph.num_nodes == 1
+    cap.graph.close(), buf.close(), s.close(), other.close()
+
+
+def test_sync_inside_capture_raises_and_stream_survives():
+    s = cg.Stream()
+    buf = cg.DeviceBuffer(1024)
+    with pytest.raises(cg.CaptureError) as info:
+        with cg.capture(s):
+            buf.fill_zero(stream=s)
+            s.synchronize()
+    assert "synchronize" in str(info.value)
+    assert not s.is_capturing()
+    buf.fill_zero(stream=s)
+    s.synchronize()
+    x = torch.randn(1000, device="cuda")
+    with torch.cuda.stream(s.torch):
+        with pytest.raises(cg.CaptureError, match="item"):
+            with cg.capture(s):
+                y = x * 2
+                y.sum().item()
+        # torch, the stream and capture all still work
+        z = (x * 2).sum()
+        with cg.capture(s) as cap:
+            w = x * 3
+    ex = cap.graph.instantiate()
+    ex.launch(s)
+    s.synchronize()
+    assert torch.equal(w, x * 3) and torch.isfinite(z)
+    ex.close(), cap.graph.close(), buf.close(), s.close()
+
+
+def test_forbid_allocator():
+    s = cg.Stream()
+    x = torch.randn(256, device="cuda")
+    out = torch.empty_like(x)
+    with torch.cuda.stream(s.torch):
+        torch.mul(x, 2, out=out)
+        with cg.capture(s, allocator="forbid") as cap:
+            torch.mul(x, 2, out=out)  # allocates nothing: fine
+        with pytest.raises(cg.CaptureError, match="forbid"):
+            with cg.capture(s, allocator="forbid"):
+                _ = x * 2
+    assert cap.graph.num_nodes == 1
+    cap.graph.close(), s.close()
