@@ -58,7 +58,8 @@ class capture:
     """``with capture(stream) as cap: step()`` then ``cap.graph`` is the captured Graph.
 
     ``pool`` shares a torch private pool between captures (buckets); by default each capture
-    gets its own, released when the graph is closed.
+    gets its own. Each capture holds one use of the pool, given back when its graph is closed
+    (as torch.cuda.CUDAGraph does), so memory the graph writes is never handed out meanwhile.
     """
 
     def __init__(self, stream, *, mode: str = "thread_local", allocator: str = "pool",
@@ -74,7 +75,7 @@ class capture:
         self.pool = pool
         self.graph: Graph | None = None
         self._routing = None
-        self._owns_pool = False
+        self._began = False
         self._alloc_before = None
         self._torch = None
         self._device = None
@@ -89,7 +90,6 @@ class capture:
             self._alloc_before = ti.allocation_count(self._device)
         if self.pool is None:
             self.pool = ti.new_pool()
-            self._owns_pool = True
         routing = ti.PoolRouting(self._device, self.pool)
         with ti.stream_context(self._stream_obj()):
             try:
@@ -98,6 +98,7 @@ class capture:
                 # An allocator backend without pool routing: allocations stay stream-ordered.
                 return
         self._routing = routing
+        self._began = True
 
     def _stream_obj(self):
         from .stream import Stream
@@ -111,12 +112,11 @@ class capture:
                 self._routing = None
 
     def _release_pool(self) -> None:
-        if self._owns_pool and self._torch is not None:
-            try:
-                self._torch.release_pool(self._device, self.pool)
-            except Exception:  # noqa: BLE001
-                pass
-            self._owns_pool = False
+        """Each begin of pool routing takes one use of the pool (torch counts them); give it
+        back here when no graph came out of the capture."""
+        if self._began:
+            self._began = False
+            _release(self._torch, self._device, self.pool)
 
     # -- the context --------------------------------------------------------------------
     def __enter__(self) -> "capture":
@@ -141,8 +141,8 @@ class capture:
             _rt.cudaGetLastError()  # clear the sticky-until-read last error of the runtime
             self._release_pool()
             if exc_type is not None:
-                if isinstance(exc, CaptureError):
-                    return False
+                if isinstance(exc, CaptureError) or int(err) == 0:
+                    return False  # ours already, or the body failed on its own: re-raise it
                 name = _rt.cudaGetErrorName(err)[1]
                 name = name.decode() if isinstance(name, bytes) else str(name)
                 raise CaptureError(
@@ -180,9 +180,9 @@ class capture:
                     "the step to use preallocated buffers, or capture with allocator='pool'.",
                     call="cudaStreamEndCapture")
         graph = Graph(graph_handle)
-        if self._owns_pool and self._torch is not None:
+        if self._began:  # the graph gives the pool use back when it is destroyed
             graph.keep(_PoolReleaser(self._torch, self._device, self.pool))
-            self._owns_pool = False
+            self._began = False
         self.graph = graph
 
 
