@@ -13,13 +13,15 @@ Attention then reads min(position + 1, S) entries, so it never reads outside the
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from ._util import check_rows, next_pow2
 
-_IEEE = "ieee"
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _check_cache(name, t, b, nkv, d):
@@ -183,7 +185,8 @@ def attention_workspace(batch, num_heads, head_dim, max_seq, device) -> torch.Te
 @triton.jit
 def _attn_split_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, ws_ptr, NH, NKV, G, D, CAP, NSPLIT, SPLIT, scale,
                        stride_cb, stride_ch, stride_cs,
-                       BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                       BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       DOT_FP32: tl.constexpr):
     pid = tl.program_id(0)
     sp = tl.program_id(1)
     row = pid // NKV
@@ -213,14 +216,21 @@ def _attn_split_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, ws_ptr, NH, NKV, G, D, CA
             kvm = mn[:, None] & md[None, :]
             k = tl.load(kc_ptr + kv_ofs, mask=kvm, other=0.0)
             v = tl.load(vc_ptr + kv_ofs, mask=kvm, other=0.0)
-            s = tl.dot(q, tl.trans(k.to(dt)), input_precision="ieee")
+            if DOT_FP32:  # Triton's CPU interpreter multiplies bf16 operands as raw integers
+                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k.to(dt)), input_precision="ieee")
             s = (s.to(dt).to(tl.float32) * scale).to(dt).to(tl.float32)
             s = tl.where(mn[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(dt), v.to(dt), input_precision="ieee")
+            if DOT_FP32:
+                pv = tl.dot(p.to(dt).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(dt), v.to(dt), input_precision="ieee")
+            acc = acc * alpha[:, None] + pv
             m_i = m_new
         # workspace layout [B, NH, NSPLIT, D + 2]: partial o (unnormalised), then m, then l
         wrow = ((row * NH + heads).to(tl.int64) * NSPLIT + sp) * (D + 2)
@@ -284,6 +294,7 @@ def decode_attention_triton(q, k_cache, v_cache, positions, qkv, scale, out, wor
     _attn_split_kernel[(b * nkv, nsplit)](q, k_cache, v_cache, positions, workspace, nh, nkv, g, d, cap, nsplit,
                                           split, float(scale), k_cache.stride(0), k_cache.stride(1),
                                           k_cache.stride(2), BLOCK_G=max(16, next_pow2(g)), BLOCK_N=block_n,
-                                          BLOCK_D=block_d, num_warps=4)
+                                          BLOCK_D=block_d, DOT_FP32=_INTERPRET or q.dtype == torch.float32,
+                                          num_warps=4)
     _attn_reduce_kernel[(b * nh,)](workspace, positions, qkv, out, nh, d, cap, nsplit, split, qkv.stride(0),
                                    out.stride(0), BLOCK_S=next_pow2(nsplit), BLOCK_D=block_d, num_warps=4)
