@@ -13,15 +13,12 @@ Attention then reads min(position + 1, S) entries, so it never reads outside the
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ._util import check_rows, next_pow2
+from ._util import INTERPRET as _INTERPRET, check_rows, next_pow2
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _check_cache(name, t, b, nkv, d):

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import as_rows, check_contiguous, check_rows, next_pow2
+from ._util import FILL_PROGRAMS, as_rows, check_contiguous, check_rows, next_pow2
 from .norm import gated_rmsnorm_reference
 
 
@@ -124,9 +124,9 @@ def gated_delta_step_triton(qkv, a, b, A_log, dt_bias, state, out, NK, K, V,
     fuse = z is not None
     block_k = next_pow2(K)
     block_v = next_pow2(V)
-    if not fuse and bsz * nv < 132:
+    if not fuse and bsz * nv < FILL_PROGRAMS:
         # split the value columns across programs (they are independent) to fill the GPU
-        while block_v > 32 and bsz * nv * triton.cdiv(V, block_v) < 132:
+        while block_v > 32 and bsz * nv * triton.cdiv(V, block_v) < FILL_PROGRAMS:
             block_v //= 2
     warps = 8 if block_k * block_v >= 8192 else 4
     grid = (bsz * nv, triton.cdiv(V, block_v))

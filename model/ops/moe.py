@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import check_contiguous, check_rows, next_pow2
+from ._util import FILL_PROGRAMS, check_contiguous, check_rows, next_pow2
 
 
 # ----------------------------------------------------------------------------- router
@@ -220,14 +220,14 @@ def moe_experts_triton(x, gate_up_proj, down_proj, ids, weights, shared_gate_up,
     # kernel 1: (row, slot) x I-blocks, each streaming 2*BLOCK_I weight rows of length H
     block_h = min(512, next_pow2(h))
     block_i = max(1, min(16, 4096 // block_h))
-    while block_i > 2 and b * k * triton.cdiv(i, block_i) < 264:
+    while block_i > 2 and b * k * triton.cdiv(i, block_i) < FILL_PROGRAMS:
         block_i //= 2
     _moe_gate_up_kernel[(b * k, triton.cdiv(i, block_i))](x, gate_up_proj, ids, act_ws, h, i, k, x.stride(0),
                                                          BLOCK_I=block_i, BLOCK_H=block_h, num_warps=4)
     # kernel 2: row x H-blocks, each streaming BLOCK_HO rows of every chosen expert's down_proj
     block_i2 = min(512, next_pow2(max(i, i_s)))
     block_ho = max(1, min(16, 4096 // block_i2))
-    while block_ho > 2 and b * triton.cdiv(h, block_ho) < 264:
+    while block_ho > 2 and b * triton.cdiv(h, block_ho) < FILL_PROGRAMS:
         block_ho //= 2
     sgl = shared_gate_logit.reshape(b, -1) if shared_gate_logit.dim() == 1 else shared_gate_logit
     _moe_down_kernel[(b, triton.cdiv(h, block_ho))](act_ws, down_proj, ids, weights, shared_gate_up, shared_down,
