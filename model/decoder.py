@@ -107,14 +107,9 @@ class Decoder:
         self.router_shared = buf(B, cfg.router_shared_rows)
         self.topk_weights = buf(B, k)
         self.topk_ids = buf(B, k, dtype=torch.int32)
-        self.moe_ws = self._ops_workspace("moe_workspace", B, k, cfg.moe_intermediate_size,
-                                          cfg.shared_expert_intermediate_size)
+        from .ops import moe as _moe
 
-    def _ops_workspace(self, name, *args):
-        fn = getattr(self.ops, name, None)
-        if fn is None:
-            return None
-        return fn(*args, device=self.device, dtype=self.dtype)
+        self.moe_ws = _moe.moe_workspace(B, k, cfg.moe_intermediate_size, dt, dev)
 
     # ---- public API -----------------------------------------------------------------------------
     def reset(self, row: int | None = None) -> None:
