@@ -14,9 +14,6 @@ Per layer (ops in `model.ops`, fused weights in `model.weights`):
 """
 from __future__ import annotations
 
-import importlib
-import types
-
 import torch
 
 from .config import LINEAR, ModelConfig
@@ -24,26 +21,15 @@ from .state import DecodeState
 from .weights import ModelWeights
 
 BACKENDS = ("reference", "triton")
-_OPS = {  # op name -> module under model.ops
-    "gemv": "linear", "rmsnorm": "norm", "add_rmsnorm": "norm", "gated_rmsnorm": "norm",
-    "conv1d_update": "conv", "gated_delta_step": "gated_delta", "qk_norm_rope_store": "attention",
-    "decode_attention": "attention", "router_topk": "moe", "moe_experts": "moe",
-}
 
 
 def resolve_ops(backend: str):
-    """The op namespace of a backend: `model.ops.backend(name)` where it exists, else the
-    `<op>_<backend>` functions of the op modules."""
+    """The op namespace of a backend (`model.ops.backend(name)`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    ops_pkg = importlib.import_module("model.ops")
-    if hasattr(ops_pkg, "backend"):
-        return ops_pkg.backend(backend)
-    ns = {}
-    for op, mod in _OPS.items():
-        m = importlib.import_module(f"model.ops.{mod}")
-        ns[op] = getattr(m, f"{op}_{backend}")
-    return types.SimpleNamespace(**ns)
+    from . import ops
+
+    return ops.backend(backend)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -97,9 +83,7 @@ class Decoder:
         self.q = buf(B, NH, D)
         self.attn_out = buf(B, NH * D)
         self.inv_freq = rope_inv_freq(cfg).to(dev)
-        from .ops import attention as _attention
-
-        self.attn_ws = _attention.attention_workspace(B, NH, D, self.max_seq, dev)
+        self.attn_ws = self.ops.attention_workspace(B, NH, D, self.max_seq, dev)
         # set to 1 on the device when a step's position is outside the cache (nothing is written then)
         self.kv_error_flag = torch.zeros(1, device=dev, dtype=torch.int32)
         # MoE
@@ -107,9 +91,7 @@ class Decoder:
         self.router_shared = buf(B, cfg.router_shared_rows)
         self.topk_weights = buf(B, k)
         self.topk_ids = buf(B, k, dtype=torch.int32)
-        from .ops import moe as _moe
-
-        self.moe_ws = _moe.moe_workspace(B, k, cfg.moe_intermediate_size, dt, dev)
+        self.moe_ws = self.ops.moe_workspace(B, k, cfg.moe_intermediate_size, dt, dev)
 
     # ---- public API -----------------------------------------------------------------------------
     def reset(self, row: int | None = None) -> None:
