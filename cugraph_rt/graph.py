@@ -94,12 +94,21 @@ class Graph(Owned):
                          upload_stream=upload_stream)
 
 
-def _instantiate(graph_handle: int, auto_free: bool) -> int:
+def _instantiate(graph_handle: int, auto_free: bool):
+    """A cudaGraphExec_t (the object: passing it back is cheaper than an int)."""
     flags = _AUTO_FREE if auto_free else 0
     try:
-        return int(call(_rt.cudaGraphInstantiate, graph_handle, flags))
+        return call(_rt.cudaGraphInstantiate, graph_handle, flags)
     except TypeError:  # a release that wants a plain int
-        return int(call(_rt.cudaGraphInstantiate, graph_handle, int(flags)))
+        return call(_rt.cudaGraphInstantiate, graph_handle, int(flags))
+
+
+def _stream_arg(stream):
+    """A cudaStream_t for a Stream (its prebuilt object), an int, or a bindings stream."""
+    raw = getattr(stream, "_raw", None)
+    if raw is not None:
+        return raw
+    return stream if isinstance(stream, _rt.cudaStream_t) else _rt.cudaStream_t(int(stream))
 
 
 class GraphExec(Owned):
@@ -112,7 +121,7 @@ class GraphExec(Owned):
         self.graph = graph
         self.auto_free_on_launch = bool(auto_free_on_launch)
         self._box = [_instantiate(graph.handle, self.auto_free_on_launch)]
-        self.handle = self._box[0]
+        self.handle = int(self._box[0])
         self._own(_destroy_exec, self._box)
         if upload_stream is not None:
             self.upload(upload_stream)
@@ -124,14 +133,14 @@ class GraphExec(Owned):
     def upload(self, stream) -> None:
         """Upload the executable graph to the device ahead of its first launch."""
         self._check_open()
-        call(_rt.cudaGraphUpload, self.handle, int(stream))
+        call(_rt.cudaGraphUpload, self._box[0], _stream_arg(stream))
 
     def launch(self, stream) -> None:
         """cudaGraphLaunch on ``stream`` (Stream or raw handle)."""
         h = self._box[0]
         if h is None:
             raise ClosedError("GraphExec is closed (used after close())")
-        err = _launch(h, stream if isinstance(stream, int) else int(stream))[0]
+        err = _launch(h, _stream_arg(stream))[0]
         if err:
             check((err,), "cudaGraphLaunch")
 
@@ -141,13 +150,14 @@ class GraphExec(Owned):
         self._check_open()
         if graph.closed:
             raise ClosedError("cannot update from a closed Graph")
-        res = _rt.cudaGraphExecUpdate(self.handle, graph.handle)
+        res = _rt.cudaGraphExecUpdate(self._box[0], graph.handle)
         if int(res[0]) == 0:
             self.graph = graph
             return "updated"
         _rt.cudaGetLastError()  # a refused update must not linger as the last error
         new = _instantiate(graph.handle, self.auto_free_on_launch)
-        call(_rt.cudaGraphExecDestroy, self.handle)
-        self._box[0] = self.handle = new
+        call(_rt.cudaGraphExecDestroy, self._box[0])
+        self._box[0] = new
+        self.handle = int(new)
         self.graph = graph
         return "reinstantiated"

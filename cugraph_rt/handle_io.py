@@ -88,7 +88,7 @@ def copy_inputs(statics: dict, given: dict, *, n, bucket_dim: int, stream: int,
     for name, st in statics.items():
         t = given[name]
         src = t.data_ptr()
-        if t.device.type == "cpu":
+        if not t.is_cuda:
             if not used_staging:
                 staging.wait_free()
                 used_staging = True

@@ -14,11 +14,25 @@ def _sin_axpy_kernel(x_ptr, y_ptr, out_ptr, n, a, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, tl.sin(x) * a + y * y, mask=mask)
 
 
-def sin_axpy(x, y, a=0.5):
-    out = torch.empty_like(x)
+def sin_axpy(x, y, a=0.5, out=None):
+    out = torch.empty_like(x) if out is None else out
     n = x.numel()
     _sin_axpy_kernel[(triton.cdiv(n, 256),)](x, y, out, n, a, BLOCK=256)
     return out
+
+
+def make_async_step(tmp):
+    """A torch + Triton step for the cudaMallocAsync backend. Triton refuses pointers to graph
+    memory that a capture allocated (its launcher's cuPointerGetAttribute check fails on them:
+    "Pointer argument cannot be accessed from Triton"), so the Triton kernel works on memory
+    allocated before the capture (``tmp``, the static inputs) and the torch ops allocate."""
+
+    def step(x, w):
+        sin_axpy(x, x, out=tmp)
+        h = torch.tanh(tmp @ w) + 1.0   # allocations: graph MemAlloc nodes
+        return h, h.sum(dim=-1)
+
+    return step
 
 
 def mixed_step(x, w):

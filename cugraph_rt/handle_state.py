@@ -1,0 +1,84 @@
+"""GraphHandle's bookkeeping: its stats, and the resources it owns with their release order
+(sync -> exec -> graph -> pool -> buffers -> stream)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .handle_io import HostOutputs, Staging
+from .stream import Stream
+
+__all__ = ["HandleStats"]
+
+
+@dataclass
+class HandleStats:
+    warmup_s: float = 0.0
+    capture_s: float = 0.0
+    instantiate_s: float = 0.0
+    upload_s: float = 0.0
+    warmups: int = 0
+    replays: int = 0
+    eager_calls: int = 0
+    nodes: int = 0
+    graph_mem_bytes: int = 0
+    nodes_per_bucket: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Resources:
+    """What the handle owns, released in order by close() or the finalizer. It never refers to
+    the handle (or the finalizer would keep the handle alive)."""
+
+    def __init__(self):
+        self.stream: Stream | None = None
+        self.owns_stream = False
+        self.execs: dict = {}
+        self.graphs: dict = {}
+        self.pool = None
+        self.device = 0
+        self.ti = None
+        self.statics: dict = {}       # bucket -> {name: StaticInput}
+        self.outputs: dict = {}       # bucket -> static outputs
+        self.staging = Staging()
+        self.host_outputs = HostOutputs()
+        self.events: list = []
+
+    def drop_graphs(self) -> None:
+        for ex in self.execs.values():
+            ex.close()
+        self.execs.clear()
+        for g in self.graphs.values():
+            g.close()
+        self.graphs.clear()
+        self.outputs.clear()
+
+    def release(self) -> None:
+        steps = [
+            lambda: self.stream is not None and self.stream.synchronize(),
+            lambda: [ex.close() for ex in self.execs.values()],
+            lambda: [g.close() for g in self.graphs.values()],
+            # the torch pool: each graph gave its use back when closed (capture.py)
+            self._release_buffers,
+            lambda: self.owns_stream and self.stream.close(),
+        ]
+        for step in steps:
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - release everything we can
+                pass
+        self.execs.clear()
+        self.graphs.clear()
+        self.pool = None
+
+    def _release_buffers(self) -> None:
+        self.outputs.clear()
+        for per_bucket in self.statics.values():
+            for st in per_bucket.values():
+                st.close()
+        self.statics.clear()
+        self.staging.close()
+        self.host_outputs.close()
+        for ev in self.events:
+            ev.close()
