@@ -43,17 +43,24 @@ class ClosedError(CugraphRtError):
 
 
 _E = _rt.cudaError_t
-_UNAVAILABLE = {
-    _E.cudaErrorInsufficientDriver, _E.cudaErrorNoDevice, _E.cudaErrorSystemDriverMismatch,
-    _E.cudaErrorCallRequiresNewerDriver, _E.cudaErrorIncompatibleDriverContext,
-}
-_CAPTURE = {
-    _E.cudaErrorStreamCaptureUnsupported, _E.cudaErrorStreamCaptureInvalidated,
-    _E.cudaErrorStreamCaptureMerge, _E.cudaErrorStreamCaptureUnmatched,
-    _E.cudaErrorStreamCaptureUnjoined, _E.cudaErrorStreamCaptureIsolation,
-    _E.cudaErrorStreamCaptureImplicit, _E.cudaErrorStreamCaptureWrongThread,
-    _E.cudaErrorCapturedEvent,
-}
+
+
+def _codes(*names: str) -> frozenset:
+    """Error codes by name, skipping any a cuda-bindings release lacks (12.9 through 13.x)."""
+    return frozenset(getattr(_E, n) for n in names if hasattr(_E, n))
+
+
+_UNAVAILABLE = _codes(
+    "cudaErrorInsufficientDriver", "cudaErrorNoDevice", "cudaErrorSystemDriverMismatch",
+    "cudaErrorCallRequiresNewerDriver", "cudaErrorIncompatibleDriverContext",
+)
+_CAPTURE = _codes(
+    "cudaErrorStreamCaptureUnsupported", "cudaErrorStreamCaptureInvalidated",
+    "cudaErrorStreamCaptureMerge", "cudaErrorStreamCaptureUnmatched",
+    "cudaErrorStreamCaptureUnjoined", "cudaErrorStreamCaptureIsolation",
+    "cudaErrorStreamCaptureImplicit", "cudaErrorStreamCaptureWrongThread",
+    "cudaErrorCapturedEvent",
+)
 
 CAPTURE_HINT = (
     "A stream capture breaks when the captured code synchronizes with the host "
@@ -105,8 +112,7 @@ def unavailable_reason(code=None) -> str:
         return f"no NVIDIA driver found ({versions}): CUDA graphs need an NVIDIA GPU and driver"
     if code == _E.cudaErrorNoDevice:
         return f"the NVIDIA driver is installed but no CUDA device is visible ({versions})"
-    if code in (_E.cudaErrorInsufficientDriver, _E.cudaErrorCallRequiresNewerDriver,
-                _E.cudaErrorSystemDriverMismatch):
+    if code in _UNAVAILABLE:
         return f"the NVIDIA driver is too old for this call or runtime ({versions})"
     return f"CUDA is unusable ({versions})"
 
