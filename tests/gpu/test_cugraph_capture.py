@@ -136,3 +136,32 @@ def test_forbid_allocator():
                 _ = x * 2
     assert cap.graph.num_nodes == 1
     cap.graph.close(), s.close()
+
+
+def test_exec_update_in_place_and_reinstantiate_fallback():
+    s = cg.Stream()
+    x = torch.randn(1024, device="cuda")
+    out = torch.empty_like(x)
+    with torch.cuda.stream(s.torch):
+        torch.mul(x, 2, out=out)
+        with cg.capture(s, allocator="forbid") as c1:
+            torch.mul(x, 2, out=out)
+        with cg.capture(s, allocator="forbid") as c2:
+            torch.mul(x, 3, out=out)
+        with cg.capture(s, allocator="forbid") as c3:
+            torch.mul(x, 3, out=out)
+            out.add_(1)
+    ex = c1.graph.instantiate()
+    ex.launch(s)
+    s.synchronize()
+    assert torch.equal(out, x * 2)
+    assert ex.update(c2.graph) == "updated"
+    ex.launch(s)
+    s.synchronize()
+    assert torch.equal(out, x * 3)
+    assert ex.update(c3.graph) == "reinstantiated"  # another topology: cannot update in place
+    ex.launch(s)
+    s.synchronize()
+    assert torch.equal(out, x * 3 + 1)
+    for obj in (ex, c1.graph, c2.graph, c3.graph, s):
+        obj.close()

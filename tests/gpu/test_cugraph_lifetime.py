@@ -66,3 +66,23 @@ def test_objects_close_idempotently_and_refuse_use():
         obj.close()
     with pytest.raises(cg.ClosedError):
         b.view()
+
+
+def test_unclosed_handle_is_safe_at_interpreter_exit():
+    import subprocess
+    import sys
+    from pathlib import Path
+    here = Path(__file__).resolve().parent
+    code = ("import torch, cugraph_rt as cg\n"
+            "from _cugraph_steps import elementwise_step\n"
+            "x = torch.randn(256, device='cuda')\n"
+            "h = cg.GraphHandle(elementwise_step, {'x': x}, warmup=1)\n"
+            "for _ in range(3): y = h(x=x)\n"
+            "print('ran', h.phase, flush=True)\n")
+    import os
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here.parent.parent), str(here)]))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ran replay" in proc.stdout
+    assert "Error" not in proc.stderr, proc.stderr[-3000:]
