@@ -25,7 +25,7 @@ _IGNORED_HF_FIELDS = frozenset({
     "full_attention_interval", "decoder_sparse_step", "mlp_only_layers", "norm_topk_prob",
     "layer_norm_epsilon", "add_cross_attention", "cross_attention_hidden_size",
     "tf_legacy_loss", "use_bfloat16", "torchscript", "max_window_layers", "use_sliding_window",
-    "sliding_window", "quantization_config", "attn_output_gate", "head_dim_original",
+    "sliding_window", "quantization_config", "head_dim_original",
 })
 # Fields of a multimodal top-level config besides `text_config`.
 _IGNORED_TOP_LEVEL_FIELDS = frozenset({
@@ -195,6 +195,8 @@ class ModelConfig:
             raise ValueError(f"hidden_act={d['hidden_act']!r} is not supported (only 'silu')")
         if get("attention_bias", False):
             raise ValueError("attention_bias=True is not supported")
+        if not get("attn_output_gate", True):
+            raise ValueError("attn_output_gate=False is not supported (Qwen3.5 attention has the output gate)")
 
         rope = get("rope_parameters", None) or get("rope_scaling", None) or {}
         used.update({"rope_theta", "partial_rotary_factor"})

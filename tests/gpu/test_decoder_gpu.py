@@ -16,8 +16,8 @@ pytestmark = pytest.mark.gpu
 PROMPT = [5, 17, 200, 42, 7, 99, 3, 250, 11]
 # bf16: our kernels and transformers' eager torch differ only in accumulation order inside a
 # rounding step (and the GDN prefill: transformers' chunked form vs our recurrent steps), so
-# logits agree to a few bf16 ulps of their magnitude.
-BF16_LOGIT_TOL = 0.05   # max |diff| relative to max |logit| of the step
+# logits agree to a few bf16 ulps of their magnitude (H100, 2026-11-27: 0.0063 over 33 steps).
+BF16_LOGIT_TOL = 0.02   # max |diff| relative to max |logit| of the step
 
 
 def _rel(a, b):
@@ -85,6 +85,18 @@ def test_decode_step_allocates_nothing(dtype):
     torch.cuda.synchronize()
     after = {k: torch.cuda.memory_stats()[k] for k in keys}
     assert after == before
+
+
+def test_checkpoint_streams_to_gpu_with_dtype(tmp_path):
+    from model.checkpoint import load_checkpoint
+
+    cfg = ModelConfig.preset("tiny")
+    w = random_weights(cfg, "cpu", torch.float32, seed=1)
+    hf_model(cfg, w).save_pretrained(tmp_path)
+    cfg2, w2 = load_checkpoint(tmp_path, device="cuda", dtype=torch.bfloat16)
+    assert cfg2 == cfg and w2.device.type == "cuda" and w2.dtype == torch.bfloat16
+    for (n, a), (_, b) in zip(w.tensors(), w2.tensors()):
+        assert torch.equal(a.to(torch.bfloat16), b.cpu()), n
 
 
 def test_35b_a3b_builds_on_one_gpu_and_decodes_64_steps():
