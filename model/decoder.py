@@ -57,6 +57,10 @@ class Decoder:
                 raise ValueError(f"backend='triton' needs a CUDA device (or TRITON_INTERPRET=1), "
                                  f"the weights are on {self.device}")
         self.ops = resolve_ops(backend)
+        from .ops.linear import MAX_BATCH
+
+        if backend == "triton" and max_batch > MAX_BATCH:
+            raise ValueError(f"max_batch={max_batch}: the Triton GEMV handles batches up to {MAX_BATCH}")
         self.state = DecodeState(cfg, max_batch, max_seq, self.device, self.dtype)
         self._alloc_workspaces()
 

@@ -106,6 +106,7 @@ def test_35b_a3b_builds_on_one_gpu_and_decodes_64_steps():
     if free < need:
         pytest.skip(f"needs {need / 1e9:.0f} GB free on the GPU, {free / 1e9:.0f} GB free")
     w = random_weights(cfg, "cuda", torch.bfloat16, seed=0)
+    assert w.nbytes() == cfg.total_weight_bytes(2)
     try:
         dec = Decoder(cfg, w, max_batch=1, max_seq=1024, backend="triton")
         tok = torch.tensor([11], device="cuda")
@@ -115,6 +116,7 @@ def test_35b_a3b_builds_on_one_gpu_and_decodes_64_steps():
             tok = out.float().argmax(-1)
         assert int(dec.kv_error_flag.item()) == 0
         assert torch.isfinite(dec.state.recurrent).all()
+        print(f"35b-a3b: {w.nbytes() / 1e9:.1f} GB weights, peak {torch.cuda.max_memory_allocated() / 1e9:.1f} GB")
         del dec, out
     finally:
         del w
