@@ -9,8 +9,9 @@ values >= the k-th largest (ties kept), then the smallest top set whose probabil
 top_p; then one draw, by the Gumbel-max trick (argmax of x/T + Gumbel noise over the kept set,
 which samples exactly from the renormalised softmax).
 
-Kernels: (1) per row, the filter threshold by bisection over the row (only rows that filter do any
-work; slow-ish: ~70 passes over the vocabulary, see the module notes in the report), (2) Gumbel /
+Kernels: (1) per row, the filter threshold by bisection over the row, snapped to the nearest value
+(only rows that filter do any work; one program per row and ~60 passes over the vocabulary: correct
+but slow at a 248k vocabulary, a known gap), (2) Gumbel /
 greedy block maxima over (row, vocabulary block), (3) one program: per-row reduction, token out,
 counter += 1.
 """
@@ -103,7 +104,20 @@ def _count_mass(x_ptr, row_stride, row, V, t, m, inv_t, lo_cut, BLOCK: tl.conste
 
 
 @triton.jit
-def _sample_threshold_kernel(logits_ptr, params_ptr, ws_ptr, V, stride_l, BLOCK: tl.constexpr):
+def _snap_up(x_ptr, row_stride, row, V, t, inv_t, BLOCK: tl.constexpr):
+    """The smallest value of the row (logits / T) that is >= t: a bisected threshold made exact."""
+    offs = tl.arange(0, BLOCK)
+    best = tl.full([BLOCK], float("inf"), tl.float32)
+    for v0 in range(0, V, BLOCK):
+        vv = v0 + offs
+        x = tl.load(x_ptr + row * row_stride + vv, mask=vv < V, other=float("-inf")).to(tl.float32) * inv_t
+        best = tl.minimum(best, tl.where(x >= t, x, float("inf")))
+    return tl.min(best, axis=0)
+
+
+@triton.jit
+def _sample_threshold_kernel(logits_ptr, params_ptr, ws_ptr, V, stride_l, BLOCK: tl.constexpr,
+                             BISECT_STEPS: tl.constexpr):
     row = tl.program_id(0)
     temp = tl.load(params_ptr + row * 3)
     top_k = tl.load(params_ptr + row * 3 + 1)
@@ -126,25 +140,25 @@ def _sample_threshold_kernel(logits_ptr, params_ptr, ws_ptr, V, stride_l, BLOCK:
             # largest t with count(x >= t) >= k  (= the k-th largest value)
             lo = lo0
             hi = m
-            for _ in range(0, 40):
+            for _ in range(0, BISECT_STEPS):
                 mid = lo + (hi - lo) * 0.5
                 c, _s = _count_mass(logits_ptr, stride_l, row, V, mid, m, inv_t, lo0, BLOCK)
                 ok = c >= top_k
                 lo = tl.where(ok, mid, lo)
                 hi = tl.where(ok, hi, mid)
-            tk = lo
+            tk = _snap_up(logits_ptr, stride_l, row, V, lo, inv_t, BLOCK)
         tp = tk
         if top_p < 1.0:
             _c, z = _count_mass(logits_ptr, stride_l, row, V, tk, m, inv_t, tk, BLOCK)
             lo = tk
             hi = m
-            for _ in range(0, 40):
+            for _ in range(0, BISECT_STEPS):
                 mid = lo + (hi - lo) * 0.5
                 _c2, s = _count_mass(logits_ptr, stride_l, row, V, mid, m, inv_t, tk, BLOCK)
                 ok = s >= top_p * z
                 lo = tl.where(ok, mid, lo)
                 hi = tl.where(ok, hi, mid)
-            tp = lo
+            tp = _snap_up(logits_ptr, stride_l, row, V, lo, inv_t, BLOCK)
         thresh = tp
     tl.store(ws_ptr + row, thresh)
 
@@ -201,7 +215,9 @@ def sample_triton(logits, params, rng_state, out_tokens, workspace) -> None:
     if workspace.dtype != torch.float32 or workspace.numel() < need:
         raise ValueError(f"workspace must be float32 with >= {need} elements (sample_workspace_numel), "
                          f"got {workspace.dtype} {workspace.numel()}")
-    _sample_threshold_kernel[(b,)](logits, params, workspace, v, logits.stride(0), BLOCK=4096, num_warps=16)
+    tb = min(4096, next_pow2(v))
+    _sample_threshold_kernel[(b,)](logits, params, workspace, v, logits.stride(0), BLOCK=tb, BISECT_STEPS=26,
+                                   num_warps=16 if tb >= 4096 else 4)
     _sample_block_kernel[(b, nblk)](logits, params, rng_state, workspace, b, v, nblk, logits.stride(0),
                                     MIX=_MIX, BLOCK=SAMPLE_BLOCK_V, num_warps=4)
     _sample_reduce_kernel[(1,)](workspace, rng_state, out_tokens, b, nblk, BLOCK_N=next_pow2(nblk), num_warps=4)
