@@ -62,8 +62,9 @@ def main(argv=None) -> int:
     print(f"graph tokens == eager tokens: {same}")
     print(f"eager decode {eager.decode_tok_s:8.1f} tok/s\ngraph decode {graph.decode_tok_s:8.1f} tok/s "
           f"({graph.decode_tok_s / eager.decode_tok_s:.1f}x)")
-    kinds = collections.Counter(str(getattr(n, "type", None) or n["type"]) for n in nodes)
-    print(f"captured step: {len(nodes)} nodes {dict(kinds)}; stats {stats}")
+    kinds = collections.Counter(n.type for n in nodes)
+    print(f"captured step: {len(nodes)} nodes {dict(kinds)}; capture {stats.capture_s * 1e3:.1f} ms, "
+          f"instantiate {stats.instantiate_s * 1e3:.1f} ms, {stats.replays} replays")
     print("more: python tools/capture_trace.py --out out/trace ; python tools/bench_decode.py")
     return 0 if same else 1
 

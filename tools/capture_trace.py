@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import shutil
 import statistics
@@ -37,9 +38,8 @@ def parse_args(argv=None):
 
 
 def node_records(graph) -> tuple[list[dict], dict]:
-    nodes = [n if isinstance(n, dict) else n._asdict() if hasattr(n, "_asdict") else vars(n)
-             for n in graph.nodes()]
-    counts = collections.Counter(n.get("name") or n.get("kernel") or n["type"] for n in nodes)
+    nodes = [dataclasses.asdict(n) for n in graph.nodes()]
+    counts = collections.Counter(n["name"] or n["type"] for n in nodes)
     return nodes, dict(counts.most_common())
 
 
@@ -95,14 +95,14 @@ def main(argv=None) -> int:
     while handle.phase != "replay":              # warmup runs, then the capture
         gen.step(tokens, positions)
     handle.stream.synchronize()
-    stats = dict(handle.stats if isinstance(handle.stats, dict) else vars(handle.stats))
+    stats = handle.stats.as_dict()
     graph = handle.graph
     graph.to_dot(args.out / "graph.dot")
     if shutil.which("dot"):
         subprocess.run(["dot", "-Tsvg", str(args.out / "graph.dot"), "-o", str(args.out / "graph.svg")],
                        check=False, timeout=300)
     nodes, counts = node_records(graph)
-    kernels = [n for n in nodes if "kernel" in str(n["type"]).lower()]
+    kernels = [n for n in nodes if n["type"] == "Kernel"]
     (args.out / "nodes.json").write_text(json.dumps({"nodes": nodes, "counts": counts}, indent=1, default=str))
 
     dev_tokens = tokens.cuda()
