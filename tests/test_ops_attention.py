@@ -86,7 +86,7 @@ def test_decode_attention(device, dtype, b, nh, nkv, d, r, cap):
 
 
 def test_workspace_sizes():
-    assert attention.attention_split_len(40) == 32
+    assert attention.attention_num_splits(40) == 3
     assert attention.attention_workspace_numel(2, 16, 256, 4096) == 2 * 16 * 128 * 258
     with pytest.raises(ValueError, match="attention_workspace_numel"):
         attention.decode_attention_triton(torch.zeros(1, 2, 8), torch.zeros(1, 1, 64, 8), torch.zeros(1, 1, 64, 8),

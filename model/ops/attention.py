@@ -162,15 +162,16 @@ def qk_norm_rope_store_triton(qkv, q_norm_w, k_norm_w, positions, inv_freq, k_ca
 
 
 # ----------------------------------------------------------------------------- Triton: split-K attention
-def attention_split_len(max_seq: int) -> int:
-    """Tokens per split of the flash-decoding pass for a cache of capacity max_seq (fixed per cache)."""
-    return max(32, next_pow2(triton.cdiv(max_seq, 256)))
+def attention_num_splits(max_seq: int) -> int:
+    """Programs per (row, kv head) of the flash-decoding pass (fixed per cache capacity). Each call
+    splits the row's actual context evenly over them (on the device, from positions), in multiples
+    of 16 tokens, so short and long contexts both spread over the GPU."""
+    return max(1, min(128, triton.cdiv(max_seq, 16)))
 
 
 def attention_workspace_numel(batch: int, num_heads: int, head_dim: int, max_seq: int) -> int:
     """fp32 elements decode_attention's workspace needs: per (row, head, split) D partial sums + max + sum."""
-    nsplit = triton.cdiv(max_seq, attention_split_len(max_seq))
-    return batch * num_heads * nsplit * (head_dim + 2)
+    return batch * num_heads * attention_num_splits(max_seq) * (head_dim + 2)
 
 
 def attention_workspace(batch, num_heads, head_dim, max_seq, device) -> torch.Tensor:
@@ -180,7 +181,7 @@ def attention_workspace(batch, num_heads, head_dim, max_seq, device) -> torch.Te
 
 
 @triton.jit
-def _attn_split_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, ws_ptr, NH, NKV, G, D, CAP, NSPLIT, SPLIT, scale,
+def _attn_split_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, ws_ptr, NH, NKV, G, D, CAP, NSPLIT, scale,
                        stride_cb, stride_ch, stride_cs,
                        BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        DOT_FP32: tl.constexpr):
@@ -190,9 +191,10 @@ def _attn_split_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, ws_ptr, NH, NKV, G, D, CA
     kvh = pid % NKV
     pos = tl.load(pos_ptr + row)
     ctx = tl.maximum(tl.minimum(pos + 1, CAP), 1).to(tl.int32)
-    start = sp * SPLIT
+    split = ((ctx + NSPLIT - 1) // NSPLIT + 15) // 16 * 16
+    start = sp * split
     if start < ctx:
-        end = tl.minimum(start + SPLIT, ctx)
+        end = tl.minimum(start + split, ctx)
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, BLOCK_D)
         offs_n = tl.arange(0, BLOCK_N)
@@ -237,14 +239,15 @@ def _attn_split_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, ws_ptr, NH, NKV, G, D, CA
 
 
 @triton.jit
-def _attn_reduce_kernel(ws_ptr, pos_ptr, qkv_ptr, out_ptr, NH, D, CAP, NSPLIT, SPLIT, stride_qkv, stride_out,
+def _attn_reduce_kernel(ws_ptr, pos_ptr, qkv_ptr, out_ptr, NH, D, CAP, NSPLIT, stride_qkv, stride_out,
                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     row = pid // NH
     head = pid % NH
     pos = tl.load(pos_ptr + row)
     ctx = tl.maximum(tl.minimum(pos + 1, CAP), 1).to(tl.int32)
-    nact = (ctx + SPLIT - 1) // SPLIT
+    split = ((ctx + NSPLIT - 1) // NSPLIT + 15) // 16 * 16
+    nact = (ctx + split - 1) // split
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     md = offs_d < D
@@ -278,20 +281,19 @@ def decode_attention_triton(q, k_cache, v_cache, positions, qkv, scale, out, wor
     if nh % nkv:
         raise ValueError(f"query heads ({nh}) must be a multiple of kv heads ({nkv})")
     cap = k_cache.shape[2]
-    split = attention_split_len(cap)
-    nsplit = triton.cdiv(cap, split)
+    nsplit = attention_num_splits(cap)
     need = b * nh * nsplit * (d + 2)
     if workspace.dtype != torch.float32 or workspace.numel() < need:
         raise ValueError(f"workspace must be float32 with >= {need} elements "
                          f"(attention_workspace_numel), got {workspace.dtype} {workspace.numel()}")
     g = nh // nkv
     block_d = next_pow2(d)
-    block_n = 32 if block_d <= 128 else 16
-    block_n = min(block_n, split)
+    block_n = 32 if block_d <= 256 else 16
+    warps = 8 if block_d >= 256 else 4
     _attn_split_kernel[(b * nkv, nsplit)](q, k_cache, v_cache, positions, workspace, nh, nkv, g, d, cap, nsplit,
-                                          split, float(scale), k_cache.stride(0), k_cache.stride(1),
+                                          float(scale), k_cache.stride(0), k_cache.stride(1),
                                           k_cache.stride(2), BLOCK_G=max(16, next_pow2(g)), BLOCK_N=block_n,
                                           BLOCK_D=block_d, DOT_FP32=_INTERPRET or q.dtype == torch.float32,
-                                          num_warps=4)
-    _attn_reduce_kernel[(b * nh,)](workspace, positions, qkv, out, nh, d, cap, nsplit, split, qkv.stride(0),
+                                          num_warps=warps)
+    _attn_reduce_kernel[(b * nh,)](workspace, positions, qkv, out, nh, d, cap, nsplit, qkv.stride(0),
                                    out.stride(0), BLOCK_S=next_pow2(nsplit), BLOCK_D=block_d, num_warps=4)

@@ -58,6 +58,34 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, B, N, K, stride_xb, stride_wn, stride_ob
     tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _gemv_dot_kernel(x_ptr, w_ptr, out_ptr, B, N, K, stride_xb, stride_wn, stride_ob,
+                     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     DOT_FP32: tl.constexpr):
+    """B >= 2: the weight tile [BLOCK_N, BLOCK_K] times x^T [BLOCK_K, BLOCK_B] on the tensor cores
+    (batch padded to 16), so the weight stream stays wide whatever the batch."""
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = tl.arange(0, BLOCK_B)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask_b = offs_b < B
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    x_cols = x_ptr + offs_b[None, :] * stride_xb
+    acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        mk = kk < K
+        w = tl.load(w_rows + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
+        xt = tl.load(x_cols + kk[:, None], mask=mk[:, None] & mask_b[None, :], other=0.0)
+        if DOT_FP32:
+            acc += tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(w, xt.to(w.dtype))
+    out_ptrs = out_ptr + offs_b[None, :] * stride_ob + offs_n[:, None]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_b[None, :])
+
+
 def gemv_config(b: int, n: int, k: int, elem_size: int) -> tuple[int, int, int, int]:
     """(BLOCK_B, BLOCK_N, BLOCK_K, num_warps) for a [b, k] x [n, k]^T GEMV; fixed per shape."""
     block_b = next_pow2(b)
@@ -73,6 +101,15 @@ def gemv_triton(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
     b, n, k = _check(x, w, out)
     if b > MAX_BATCH:
         raise ValueError(f"gemv handles batches up to {MAX_BATCH}, got B={b}")
+    if b >= 2 and w.dtype in (torch.bfloat16, torch.float16) and x.dtype == w.dtype:
+        block_n = 64
+        while block_n > 16 and triton.cdiv(n, block_n) < _TARGET_PROGRAMS // 2:
+            block_n //= 2
+        block_k = min(256, max(16, next_pow2(k)))
+        _gemv_dot_kernel[(triton.cdiv(n, block_n),)](x, w, out, b, n, k, x.stride(0), w.stride(0), out.stride(0),
+                                                    BLOCK_B=max(16, next_pow2(b)), BLOCK_N=block_n, BLOCK_K=block_k,
+                                                    DOT_FP32=INTERPRET, num_warps=4, num_stages=4)
+        return
     block_b, block_n, block_k, warps = gemv_config(b, n, k, w.element_size())
     grid = (triton.cdiv(n, block_n),)
     _gemv_kernel[grid](x, w, out, b, n, k, x.stride(0), w.stride(0), out.stride(0),

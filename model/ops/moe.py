@@ -229,7 +229,7 @@ def moe_experts_triton(x, gate_up_proj, down_proj, ids, weights, shared_gate_up,
     block_ho = max(1, min(16, 4096 // block_i2))
     while block_ho > 2 and b * triton.cdiv(h, block_ho) < FILL_PROGRAMS:
         block_ho //= 2
-    sgl = shared_gate_logit.reshape(b, -1) if shared_gate_logit.dim() == 1 else shared_gate_logit
+    sgl = shared_gate_logit  # [B] or [B, 1], any row stride: one element per row
     _moe_down_kernel[(b, triton.cdiv(h, block_ho))](act_ws, down_proj, ids, weights, shared_gate_up, shared_down,
                                                     sgl, out, h, i, i_s, k, shared_gate_up.stride(0),
                                                     sgl.stride(0), out.stride(0), BLOCK_HO=block_ho,
