@@ -59,8 +59,10 @@ def test_sampled_distribution(device, top_k, top_p):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_filter_threshold_keeps_exactly_the_reference_set(device, dtype):
     """The per-row threshold the kernel computes keeps exactly transformers' top-k/top-p set."""
-    v = 700
-    cases = [(0.7, 0, 0.9), (1.3, 10, 1.0), (1.0, 50, 0.5), (0.5, 0, 0.3), (1.0, 1, 1.0), (2.0, 0, 0.999)]
+    v = 5000
+    # fast candidate path (0 < top_k <= 64) and the full-row bisection path (top_k 0 or > 64)
+    cases = [(0.7, 0, 0.9), (1.3, 10, 1.0), (1.0, 50, 0.5), (0.5, 0, 0.3), (1.0, 1, 1.0), (2.0, 0, 0.999),
+             (0.9, 20, 0.95), (1.0, 64, 0.8), (1.0, 100, 0.9), (1.0, 65, 1.0)]
     b = len(cases)
     g = torch.Generator().manual_seed(5)
     logits = (torch.randn(b, v, generator=g) * 2).to(dtype).to(device)
@@ -70,8 +72,10 @@ def test_filter_threshold_keeps_exactly_the_reference_set(device, dtype):
     sampling.sample_triton(logits, params, sampling.make_rng_state(0, device), out, ws)
     for r, (t, k, p) in enumerate(cases):
         keep_ref = torch.isfinite(sampling.filtered_logprobs_reference(logits[r].cpu(), t, k, p))
-        keep = (logits[r].float().cpu() / t) >= ws[r].cpu()
-        x = logits[r].float().cpu() / t
+        # the kernels scale by the fp32 reciprocal of T: compare in that space
+        inv_t = torch.tensor(1.0) / torch.tensor(t, dtype=torch.float32)
+        keep = (logits[r].float().cpu() * inv_t) >= ws[r].cpu()
+        x = logits[r].float().cpu() * inv_t
         # ties at the boundary: transformers' sort keeps an arbitrary subset of equal values, we keep all
         extra = keep & ~keep_ref
         assert not (keep_ref & ~keep).any(), r

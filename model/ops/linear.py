@@ -1,9 +1,11 @@
 """GEMV for the projections and the lm_head: out[B, N] = x[B, K] @ w[N, K]^T.
 
-Decode is bandwidth-bound: the Triton kernel streams each weight row exactly once for the whole
-batch (B <= 16 rows of x ride along in registers), with wide contiguous loads along K, fp32
-accumulation and one rounding to the output dtype. Launch configuration is a pure function of the
-shape (no autotuning), so it is safe inside a CUDA-graph capture.
+Decode is bandwidth-bound: the Triton kernels stream each weight row exactly once for the whole
+batch, with wide contiguous loads along K, fp32 accumulation and one rounding to the output dtype.
+B = 1 (and fp32 weights): CUDA-core FMAs into a [BLOCK_N, BLOCK_K] accumulator reduced once at the
+end. B >= 2 with bf16/fp16 weights: the weight tile times x^T on the tensor cores (batch padded to
+16), which keeps the weight stream at full width whatever the batch. Launch configuration is a pure
+function of the shape (no autotuning), so it is safe inside a CUDA-graph capture.
 """
 from __future__ import annotations
 

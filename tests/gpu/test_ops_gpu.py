@@ -174,7 +174,7 @@ def test_sampling_at_vocab_size():
     for r in range(b):
         t, k, p = params[r].tolist()
         keep_ref = torch.isfinite(sampling.filtered_logprobs_reference(logits[r], t, int(k), p))
-        x = logits[r].float() / t
+        x = logits[r].float() * (torch.tensor(1.0) / torch.tensor(t, dtype=torch.float32)).to(DEV)
         keep = x >= ws[r]
         assert not (keep_ref & ~keep).any()
         assert (x[keep & ~keep_ref] == x[keep_ref].min()).all()
