@@ -10,7 +10,7 @@ from cuda.bindings import runtime as _rt
 
 __all__ = [
     "CugraphRtError", "CudaError", "CudaUnavailableError", "CaptureError", "ClosedError",
-    "check", "call", "driver_call",
+    "InputError", "InputTypeError", "check", "call", "driver_call",
 ]
 
 
@@ -40,6 +40,15 @@ class CaptureError(CudaError):
 
 class ClosedError(CugraphRtError):
     """An object was used after ``close()``."""
+
+
+class InputError(CugraphRtError, ValueError):
+    """A call's inputs do not match what the handle was built for (shape, device, layout).
+    Also a ValueError; raised before anything is copied, so the rejected call changes nothing."""
+
+
+class InputTypeError(InputError, TypeError):
+    """A call's inputs have the wrong names, types or dtypes (also a TypeError)."""
 
 
 _E = _rt.cudaError_t

@@ -5,6 +5,8 @@ WARMUP  the first ``warmup`` calls run the step eagerly on the handle's stream, 
 CAPTURE the next call captures the step (every bucket, largest first, one shared pool),
         instantiates with AutoFreeOnLaunch, uploads, and launches it once;
 REPLAY  later calls copy inputs into the static buffers (cudaMemcpyAsync) and launch the graph.
+EAGER   with ``capture=False`` every call copies its inputs into the static buffers and runs the
+        step eagerly on the handle's stream: never captured (debugging, or a step that cannot be).
 Outputs stay on the device (the same static tensors every replay) unless host copies are asked
 for. A rejected call changes nothing. close(): sync -> exec -> graph -> pool -> buffers -> stream.
 """
@@ -38,13 +40,15 @@ class GraphHandle:
     def __init__(self, fn, inputs: dict, *, warmup: int = 2, stream=None,
                  allocator: str = "pool", buckets=None, bucket_dim: int = 0,
                  upload: bool = True, host_outputs: bool = False,
-                 capture_mode: str = "thread_local", slice_outputs: bool = True):
+                 capture_mode: str = "thread_local", slice_outputs: bool = True,
+                 capture: bool = True):
         if not callable(fn):
             raise TypeError(f"fn must be callable; got {type(fn).__name__}")
         if not isinstance(inputs, dict) or not all(isinstance(k, str) for k in inputs):
             raise TypeError("inputs must be a dict of name -> tensor or spec")
-        if int(warmup) < 0:
-            raise ValueError(f"warmup must be >= 0; got {warmup}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be an int >= 0 (capture=False never captures); "
+                             f"got {warmup!r}")
         check_capture_args(capture_mode, allocator)
         self._specs = {name: as_spec(name, v) for name, v in inputs.items()}
         self._buckets = normalize_buckets(buckets)
@@ -55,6 +59,7 @@ class GraphHandle:
                     raise ValueError(f"bucket_dim {bucket_dim} is out of range for input "
                                      f"{name!r} of shape {spec.shape}")
         self.fn, self.warmup = fn, int(warmup)
+        self.capture_enabled = bool(capture)
         self.allocator, self.capture_mode = allocator, capture_mode
         self.upload, self.host_outputs, self.slice_outputs = upload, host_outputs, slice_outputs
         require_cuda()
@@ -101,6 +106,10 @@ class GraphHandle:
 
     @property
     def phase(self) -> str:
+        """"warmup", "capture" (the next call captures), "replay", or "eager" (capture=False:
+        every call runs the step eagerly on the static buffers)."""
+        if not self.capture_enabled:
+            return "eager"
         if self._captured:
             return "replay"
         return "warmup" if self._calls < self.warmup else "capture"
@@ -218,6 +227,8 @@ class GraphHandle:
                 check((err,), "cudaGraphLaunch")
             self.stats.replays += 1
             return res.outputs[bucket]
+        if not self.capture_enabled:
+            return self._run_eager(bucket, warmup=False)
         if self._calls < self.warmup:
             return self._run_eager(bucket)
         self._capture_all()
@@ -225,10 +236,14 @@ class GraphHandle:
         self.refresh_stats()
         return res.outputs[bucket]
 
-    def _run_eager(self, bucket):
+    def _run_eager(self, bucket, warmup: bool = True):
         t0 = time.perf_counter()
         with self._res.ti.stream_context(self._res.stream):
             out = self.fn(**self.static_inputs(bucket))
+        if not warmup:
+            self.stats.eager_calls += 1
+            self._last_bucket = bucket
+            return out
         self._warm[bucket] += 1
         self.stats.warmups += 1
         self.stats.warmup_s += time.perf_counter() - t0
@@ -299,7 +314,8 @@ class GraphHandle:
         self._check_open()
         if outputs is None:
             if self._last_bucket not in self._res.outputs:
-                raise RuntimeError("no captured outputs yet: pass the outputs to copy")
+                raise RuntimeError(f"no captured outputs yet (phase {self.phase!r}): pass the "
+                                   "outputs to copy, e.g. h.outputs_to_host(h(**inputs))")
             outputs = self._res.outputs[self._last_bucket]
         return self._host(outputs)
 

@@ -11,7 +11,25 @@ from ._lifetime import Owned
 from .device import require_cuda
 from .errors import call
 
-__all__ = ["DeviceBuffer", "HostBuffer", "copy_async", "memset_async"]
+__all__ = ["DeviceBuffer", "HostBuffer", "copy_async", "memset_async", "live_allocations"]
+
+import threading
+
+_live_lock = threading.Lock()
+_live = {"device_buffers": 0, "device_bytes": 0, "host_buffers": 0, "host_bytes": 0}
+
+
+def _count(kind: str, nbytes: int, sign: int) -> None:
+    with _live_lock:
+        _live[f"{kind}_buffers"] += sign
+        _live[f"{kind}_bytes"] += sign * nbytes
+
+
+def live_allocations() -> dict:
+    """Buffers this library has allocated and not yet released (DeviceBuffer: device_*,
+    HostBuffer, pinned: host_*), counts and bytes: a leak check needing no driver query."""
+    with _live_lock:
+        return dict(_live)
 
 _DEFAULT = _rt.cudaMemcpyKind.cudaMemcpyDefault
 
@@ -72,15 +90,18 @@ def _view_shape(nbytes: int, dtype, shape) -> tuple[tuple[int, ...], int]:
     return shape, itemsize
 
 
-def _free(ptr: int) -> None:
+def _free(ptr: int, nbytes: int) -> None:
+    _count("device", nbytes, -1)
     _rt.cudaFree(ptr)
 
 
-def _free_async(ptr: int, stream: int) -> None:
+def _free_async(ptr: int, stream: int, nbytes: int) -> None:
+    _count("device", nbytes, -1)
     _rt.cudaFreeAsync(ptr, stream)
 
 
-def _free_host(ptr: int) -> None:
+def _free_host(ptr: int, nbytes: int) -> None:
+    _count("host", nbytes, -1)
     _rt.cudaFreeHost(ptr)
 
 
@@ -99,13 +120,15 @@ class DeviceBuffer(Owned):
             if pool is not None:
                 raise ValueError("a pool allocation is stream-ordered: pass stream= too")
             self.ptr = int(call(_rt.cudaMalloc, n))
-            self._own(_free, self.ptr)
+            _count("device", n, 1)
+            self._own(_free, self.ptr, n)
         else:
             if pool is not None:
                 self.ptr = int(call(_rt.cudaMallocFromPoolAsync, n, int(pool), int(stream)))
             else:
                 self.ptr = int(call(_rt.cudaMallocAsync, n, int(stream)))
-            self._own(_free_async, self.ptr, int(stream))
+            _count("device", n, 1)
+            self._own(_free_async, self.ptr, int(stream), n)
 
     def __repr__(self) -> str:
         return f"<DeviceBuffer {self.nbytes} B at 0x{self.ptr:x}{' closed' if self.closed else ''}>"
@@ -147,9 +170,10 @@ class HostBuffer(Owned):
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
         require_cuda()
         self.nbytes = int(nbytes)
-        self.ptr = int(call(_rt.cudaHostAlloc, max(self.nbytes, 1),
-                            int(_rt.cudaHostAllocPortable)))
-        self._own(_free_host, self.ptr)
+        n = max(self.nbytes, 1)
+        self.ptr = int(call(_rt.cudaHostAlloc, n, int(_rt.cudaHostAllocPortable)))
+        _count("host", n, 1)
+        self._own(_free_host, self.ptr, n)
 
     def __repr__(self) -> str:
         return f"<HostBuffer {self.nbytes} B at 0x{self.ptr:x}{' closed' if self.closed else ''}>"

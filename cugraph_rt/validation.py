@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import InputError, InputTypeError
+
 __all__ = ["InputSpec", "as_spec", "validate_call"]
 
 
@@ -52,46 +54,46 @@ def _describe_device(dev) -> str:
 def validate_call(specs: dict[str, InputSpec], given: dict, *, device_index: int,
                   buckets: tuple[int, ...] | None = None, bucket_dim: int = 0) -> int | None:
     """Check a call's inputs against the specs; return the size along ``bucket_dim`` (None
-    without buckets). Raises TypeError (names, types, dtypes) or ValueError (shape, device,
-    contiguity) naming what was expected and what was given."""
+    without buckets). Raises InputTypeError (names, types, dtypes; a TypeError) or InputError
+    (shape, device, contiguity; a ValueError) naming what was expected and what was given."""
     if given.keys() != specs.keys():
         missing = sorted(specs.keys() - given.keys())
         extra = sorted(given.keys() - specs.keys())
-        raise TypeError(f"inputs do not match: missing {missing}, unexpected {extra}; "
+        raise InputTypeError(f"inputs do not match: missing {missing}, unexpected {extra}; "
                         f"expected exactly {sorted(specs)}")
     size = None
     for name, spec in specs.items():
         t = given[name]
         if not (hasattr(t, "shape") and hasattr(t, "dtype") and hasattr(t, "device")):
-            raise TypeError(f"input {name!r}: expected a tensor; got {type(t).__name__}")
+            raise InputTypeError(f"input {name!r}: expected a tensor; got {type(t).__name__}")
         if t.dtype != spec.dtype:
-            raise TypeError(f"input {name!r}: expected dtype {spec.dtype}; given {t.dtype}")
+            raise InputTypeError(f"input {name!r}: expected dtype {spec.dtype}; given {t.dtype}")
         dev = t.device
         dtype_ok = dev.type == "cpu" or (dev.type == "cuda" and
                                          (dev.index is None or dev.index == device_index))
         if not dtype_ok:
-            raise ValueError(f"input {name!r}: expected a tensor on cpu or cuda:{device_index}; "
+            raise InputError(f"input {name!r}: expected a tensor on cpu or cuda:{device_index}; "
                              f"given one on {_describe_device(dev)}")
         shape = tuple(t.shape)
         if buckets is None:
             if shape != spec.shape:
-                raise ValueError(f"input {name!r}: expected shape {spec.shape}; given {shape}")
+                raise InputError(f"input {name!r}: expected shape {spec.shape}; given {shape}")
         else:
             d = bucket_dim
             if len(shape) != len(spec.shape) or shape[:d] + shape[d + 1:] != \
                     spec.shape[:d] + spec.shape[d + 1:]:
                 want = list(spec.shape)
                 want[d] = "n"
-                raise ValueError(f"input {name!r}: expected shape ({', '.join(map(str, want))}) "
+                raise InputError(f"input {name!r}: expected shape ({', '.join(map(str, want))}) "
                                  f"with n <= {buckets[-1]} padded to a bucket in {list(buckets)}"
                                  f" (or eager above); given {shape}")
             if size is None:
                 size = shape[d]
             elif shape[d] != size:
-                raise ValueError(f"input {name!r}: size {shape[d]} along bucket dim {d} differs "
+                raise InputError(f"input {name!r}: size {shape[d]} along bucket dim {d} differs "
                                  f"from the other inputs' {size}")
         if not t.is_contiguous():
             stride = tuple(t.stride()) if hasattr(t, "stride") else "?"
-            raise ValueError(f"input {name!r}: expected a contiguous tensor; given strides "
+            raise InputError(f"input {name!r}: expected a contiguous tensor; given strides "
                              f"{stride} for shape {shape} (call .contiguous())")
     return size
