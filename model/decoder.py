@@ -62,6 +62,9 @@ class Decoder:
         if backend == "triton" and max_batch > MAX_BATCH:
             raise ValueError(f"max_batch={max_batch}: the Triton GEMV handles batches up to {MAX_BATCH}")
         self.state = DecodeState(cfg, max_batch, max_seq, self.device, self.dtype)
+        # host-side bookkeeping per row: the position its next step must have (None: unknown, the
+        # last step's positions stayed on the device)
+        self.next_positions: list[int | None] = [0] * max_batch
         self._alloc_workspaces()
 
     # ---- buffers --------------------------------------------------------------------------------
@@ -100,10 +103,13 @@ class Decoder:
     # ---- public API -----------------------------------------------------------------------------
     def reset(self, row: int | None = None) -> None:
         """Forget the sequence in `row` (all rows when None: also clears kv_error_flag): zero its KV
-        cache and GDN states."""
+        cache and GDN states; its next step must be at position 0."""
         self.state.reset(row)
         if row is None:
             self.kv_error_flag.zero_()
+            self.next_positions = [0] * self.max_batch
+        else:
+            self.next_positions[row] = 0
 
     def check_kv_error(self) -> None:
         """Raise ValueError if a step since the last full reset had a position outside the cache
@@ -112,27 +118,79 @@ class Decoder:
             raise ValueError(f"a decode step had a position outside the cache capacity max_seq={self.max_seq}; "
                              f"its K/V were not stored (kv_error_flag is set; reset() clears it)")
 
-    def check_positions(self, positions) -> None:
-        """Raise ValueError when a (host) position is outside the cache: 0 <= p < max_seq."""
-        if isinstance(positions, torch.Tensor):
-            positions = positions.reshape(-1).tolist()
-        elif isinstance(positions, int):
-            positions = [positions]
-        for row, p in enumerate(positions):
-            if not 0 <= int(p) < self.max_seq:
-                raise ValueError(f"position {int(p)} (row {row}) is outside the cache capacity: "
+    @staticmethod
+    def _host_list(values) -> list[int]:
+        if isinstance(values, torch.Tensor):
+            return values.reshape(-1).tolist()
+        if isinstance(values, int):
+            return [values]
+        return [int(v) for v in values]
+
+    def check_positions(self, positions, first_row: int = 0) -> None:
+        """Raise ValueError (naming the row and the values) unless the host `positions` of rows
+        first_row, first_row+1, ... are a valid next step: inside the cache (0 <= p < max_seq) and,
+        for each row whose history is known, exactly one past its previous step (0 after a reset;
+        a repeated, skipped or earlier position would corrupt the recurrent state or the cache).
+        Host-side bookkeeping only: nothing is read from the device."""
+        positions = self._host_list(positions)
+        if first_row + len(positions) > self.max_batch:
+            raise ValueError(f"{len(positions)} positions from row {first_row}: the decoder holds rows "
+                             f"0..{self.max_batch - 1} (max_batch={self.max_batch})")
+        for i, p in enumerate(positions):
+            if not 0 <= p < self.max_seq:
+                raise ValueError(f"position {p} (row {first_row + i}) is outside the cache capacity: "
                                  f"max_seq={self.max_seq} holds positions 0..{self.max_seq - 1}")
+        for i, p in enumerate(positions):
+            row = first_row + i
+            want = self.next_positions[row]
+            if want is not None and p != want:
+                held = "nothing (reset)" if want == 0 else f"positions 0..{want - 1}"
+                raise ValueError(f"row {row}: position {p} given, but the row holds {held}: its next step "
+                                 f"must be at position {want} (positions advance by one per step; "
+                                 f"reset({row}) starts the row over)")
+
+    def check_tokens(self, tokens) -> None:
+        """Raise ValueError naming the row and id when a host token id is outside the vocabulary."""
+        V = self.cfg.vocab_size
+        for row, t in enumerate(self._host_list(tokens)):
+            if not 0 <= t < V:
+                raise ValueError(f"token id {t} (row {row}) is outside the vocabulary [0, {V})")
+
+    def advance_positions(self, positions, rows: int = 0, first_row: int = 0) -> None:
+        """Record a step that ran: with host `positions`, each row's next position is p + 1; with
+        None (the positions lived on the device and were not read), rows first_row..first_row+rows-1
+        become unknown (only the cache bounds are checked for them until their next reset)."""
+        if positions is None:
+            for r in range(first_row, first_row + rows):
+                self.next_positions[r] = None
+            return
+        for i, p in enumerate(self._host_list(positions)):
+            self.next_positions[first_row + i] = p + 1
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One token per row for rows 0..b-1 (tokens, positions: int64 [b] on the device); returns
-        the [b, V] view of the static logits buffer. The reference backend checks positions on
-        the host (raises ValueError past max_seq); the Triton path never synchronises: check
-        positions with `check_positions` before the step."""
+        """One token per row for rows 0..b-1 (tokens, positions: int64 [b] on the decoder's
+        device); returns the [b, V] view of the static logits buffer.
+
+        Where the decoder lives on the CPU the values are host values and are checked for free:
+        token ids inside the vocabulary, positions inside the cache and one past each row's
+        previous step (`check_positions`), else ValueError and nothing runs. On a GPU the values
+        are not read (that would synchronise): check host copies with `check_tokens` /
+        `check_positions` first (Generator.step does); the kernels never write outside the cache
+        (they set kv_error_flag instead, see `check_kv_error`)."""
         b = self._check_inputs(tokens, positions)
-        if self.backend == "reference":
-            bad = (positions < 0) | (positions >= self.max_seq)
-            if bool(bad.any()):
-                self.check_positions(positions.cpu())
+        host = None
+        if positions.device.type == "cpu":
+            self.check_tokens(tokens)
+            host = positions.tolist()
+            self.check_positions(host)
+        out = self._forward(tokens, positions, 0, b)
+        self.advance_positions(host, b)
+        return out
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The raw step a CUDA graph captures: like decode_step, but no value checks and no
+        position bookkeeping (the caller owns both, as Generator does)."""
+        b = self._check_inputs(tokens, positions)
         return self._forward(tokens, positions, 0, b)
 
     def prefill(self, prompts) -> torch.Tensor:
@@ -167,6 +225,7 @@ class Decoder:
                 toks = torch.tensor([prompts[r][t] for r in range(r0, r1)], dtype=torch.int64).to(self.device)
                 pos = torch.full((r1 - r0,), t, dtype=torch.int64).to(self.device)
                 self._forward(toks, pos, r0, r1)
+                self.advance_positions([t] * (r1 - r0), first_row=r0)
         return self.logits[:n]
 
     # ---- the step -------------------------------------------------------------------------------

@@ -83,17 +83,39 @@ class Generator:
 
     # The one step both paths run: decode, then sample into the static next-token buffer.
     def _step(self, tokens, positions):
-        logits = self.decoder.decode_step(tokens, positions)
+        logits = self.decoder.forward(tokens, positions)
         self._sampler(logits, self._next_tokens)
         return self._next_tokens
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One decode step on host or device int64 tensors [B]; returns the sampled tokens [B] on
-        the device (a static buffer, overwritten by the next step)."""
+        the device (a static buffer, overwritten by the next step).
+
+        Host (CPU) tokens and positions are checked before anything runs, without touching the
+        device: token ids inside the vocabulary, positions inside the cache and one past each
+        row's previous step (ValueError naming the row and values; the generator stays usable).
+        Device tensors are not read (that would synchronise): the sampled tokens fed back are in
+        the vocabulary by construction, and device positions make the decoder forget the rows'
+        history (until their reset) while the kernels still never write outside the cache."""
+        dec = self.decoder
+        for name, t in (("tokens", tokens), ("positions", positions)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (self.batch,):
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must be a tensor of shape ({self.batch},) (the generator's batch); "
+                                 f"got {got}")
+        host_pos = None
+        if isinstance(tokens, torch.Tensor) and tokens.device.type == "cpu":
+            dec.check_tokens(tokens)
+        if isinstance(positions, torch.Tensor) and positions.device.type == "cpu":
+            host_pos = positions.tolist()
+            dec.check_positions(host_pos)
         if self._handle is not None:
-            return self._handle(tokens=tokens, positions=positions)
-        device = self.decoder.device
-        return self._step(tokens.to(device), positions.to(device))
+            out = self._handle(tokens=tokens, positions=positions)
+        else:
+            device = dec.device
+            out = self._step(tokens.to(device), positions.to(device))
+        dec.advance_positions(host_pos, self.batch)
+        return out
 
     def _on_step_stream(self):
         """Host reads of step outputs must be ordered after the step on the stream that ran it."""
@@ -131,7 +153,6 @@ class Generator:
         position = 0
         while True:
             positions = torch.full((self.batch,), position, dtype=torch.int64)
-            self.decoder.check_positions(positions)
             next_dev = self.step(tokens_in, positions)
             with self._on_step_stream():
                 host_next.copy_(next_dev, non_blocking=True)

@@ -82,7 +82,7 @@ def test_reset_row_restarts_that_sequence_only(tiny, hf_runs):
 def test_position_beyond_capacity_is_an_error(tiny):
     cfg, w = tiny
     dec = Decoder(cfg, w, max_batch=2, max_seq=8, backend="reference")
-    dec.check_positions(torch.tensor([0, 7]))
+    dec.check_positions(torch.tensor([0, 0]))      # fresh rows: the next step is at position 0
     with pytest.raises(ValueError, match=r"position 8 \(row 1\).*max_seq=8"):
         dec.check_positions(torch.tensor([3, 8]))
     with pytest.raises(ValueError, match=r"position -1 \(row 0\)"):

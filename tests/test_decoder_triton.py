@@ -38,7 +38,8 @@ def test_triton_path_flags_position_past_capacity(device):
     w = random_weights(cfg, device, torch.float32, seed=4)
     tri = Decoder(cfg, w, max_batch=1, max_seq=4, backend="triton")
     before = tri.state.kv.clone()
-    out = tri.decode_step(torch.tensor([3], device=device), torch.tensor([4], device=device))
+    # forward(): the raw (graph) step, without decode_step's host-side checks (which refuse this)
+    out = tri.forward(torch.tensor([3], device=device), torch.tensor([4], device=device))
     assert torch.equal(before, tri.state.kv)      # nothing written outside (or inside) the cache
     assert torch.isfinite(out).all()
     with pytest.raises(ValueError, match="outside the cache capacity max_seq=4"):
