@@ -43,12 +43,15 @@ def _dtype_name(dt) -> str:
 
 def _files(ckpt_dir: str) -> dict:
     """tensor name -> file, from the index when there is one, else from every *.safetensors header."""
-    from safetensors import safe_open
-
     index = os.path.join(ckpt_dir, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError(f"weight_map is a {type(weight_map).__name__}")
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e})") from e
         out = {}
         for name, fname in weight_map.items():
             path = os.path.join(ckpt_dir, fname)
@@ -62,12 +65,25 @@ def _files(ckpt_dir: str) -> dict:
     out = {}
     for fname in files:
         path = os.path.join(ckpt_dir, fname)
-        with safe_open(path, framework="pt") as f:
+        with _open(path) as f:
             for name in f.keys():
                 if name in out:
                     raise CheckpointError(f"tensor {name} is in both {out[name]} and {path}")
                 out[name] = path
     return out
+
+
+def _open(path: str):
+    """safe_open, with an unreadable file (truncated, corrupt, not safetensors) as a
+    CheckpointError naming it."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
+        size = os.path.getsize(path) if os.path.exists(path) else None
+        raise CheckpointError(f"cannot read {path} ({size} bytes) as safetensors: {e} (truncated or "
+                              f"corrupt download?)") from e
 
 
 def _text_name(name: str, tied: bool):
@@ -157,24 +173,25 @@ def _plan(cfg: ModelConfig, names: dict, tied: bool, get_meta) -> _Plan:
 
 
 @torch.no_grad()
-def load_checkpoint(ckpt_dir, device="cuda", dtype=None, *, verbose: bool = True):
+def load_checkpoint(ckpt_dir, device="cuda", dtype=None, *, verbose: bool = True,
+                    strict_config: bool = True):
     """(cfg, weights) from a local Hugging Face safetensors checkpoint directory.
 
     dtype=None keeps the checkpoint's dtype (the embedding's) and requires every tensor to have
-    it; a dtype converts every tensor on the way to the device."""
-    from safetensors import safe_open
-
+    it; a dtype converts every tensor on the way to the device. An unknown config field is a
+    ConfigError unless strict_config=False. A file that is not valid safetensors (truncated,
+    corrupt) is a CheckpointError naming it."""
     ckpt_dir = os.fspath(ckpt_dir)
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist")
-    cfg = ModelConfig.from_hf(ckpt_dir)
+    cfg = ModelConfig.from_hf(ckpt_dir, strict=strict_config)
     names = _files(ckpt_dir)
 
     handles = {}
 
     def handle(path):
         if path not in handles:
-            handles[path] = safe_open(path, framework="pt", device="cpu")
+            handles[path] = _open(path)
         return handles[path]
 
     def get_meta(name, path):

@@ -12,7 +12,8 @@ LINEAR = "linear_attention"
 FULL = "full_attention"
 
 # HF config fields that do not affect the text decoder's decode math (training knobs, multimodal
-# or bookkeeping fields). Everything else that we do not read raises a warning naming it.
+# or bookkeeping fields). Everything else that we do not read is an error naming it (strict=False:
+# a warning), since a field we do not know may change the math.
 _IGNORED_HF_FIELDS = frozenset({
     "model_type", "architectures", "transformers_version", "torch_dtype", "dtype",
     "initializer_range", "use_cache", "attention_dropout", "output_router_logits",
@@ -32,6 +33,11 @@ _IGNORED_TOP_LEVEL_FIELDS = frozenset({
     "vision_config", "image_token_id", "video_token_id", "vision_start_token_id",
     "vision_end_token_id", "vision_token_id", "audio_config",
 })
+
+
+class ConfigError(ValueError):
+    """A Hugging Face config this decoder cannot honour: an unknown field (named), a missing or
+    unsupported one."""
 
 
 @dataclass(frozen=True)
@@ -148,10 +154,11 @@ class ModelConfig:
 
     # ---- Hugging Face ---------------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, source) -> "ModelConfig":
+    def from_hf(cls, source, *, strict: bool = True) -> "ModelConfig":
         """From a config.json path, a checkpoint directory holding one, a dict, or a transformers
-        config object. A multimodal config's `text_config` is used when present. Fields that do
-        not affect the decoder are ignored; other unknown fields give a warning naming them."""
+        config object. A multimodal config's `text_config` is used when present. Fields known not
+        to affect the decoder are ignored; any other unknown field raises ConfigError naming it
+        (strict=False: a warning instead)."""
         if isinstance(source, (str, os.PathLike)):
             path = os.fspath(source)
             if os.path.isdir(path):
@@ -172,10 +179,10 @@ class ModelConfig:
             for k in ("tie_word_embeddings",):  # top-level value wins where the text config lacks it
                 if k not in d and k in top:
                     d[k] = top[k]
-        return cls._from_text_dict(d)
+        return cls._from_text_dict(d, strict)
 
     @classmethod
-    def _from_text_dict(cls, d: dict) -> "ModelConfig":
+    def _from_text_dict(cls, d: dict, strict: bool = True) -> "ModelConfig":
         d = dict(d)
         used = set()
 
@@ -247,7 +254,12 @@ class ModelConfig:
         unknown = sorted(k for k in d if k not in used and k not in _IGNORED_HF_FIELDS
                          and k not in _IGNORED_TOP_LEVEL_FIELDS)
         if unknown:
-            warnings.warn(f"config fields not used by the decoder (ignored): {', '.join(unknown)}", stacklevel=3)
+            shown = ", ".join(f"{k}={d[k]!r}"[:80] for k in unknown)
+            if strict:
+                raise ConfigError(f"unknown config field(s) {shown}: not read by this decoder and not known "
+                                  f"to be irrelevant to its math; remove them, or pass strict=False "
+                                  f"(load_checkpoint: strict_config=False) to ignore them with a warning")
+            warnings.warn(f"config fields not used by the decoder (ignored): {shown}", stacklevel=3)
         return cfg
 
     def to_hf_dict(self) -> dict:

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 
-from model.config import FULL, LINEAR, ModelConfig
+from model.config import FULL, LINEAR, ConfigError, ModelConfig
 
 
 def test_presets_have_every_feature_and_real_shapes():
@@ -68,8 +68,10 @@ def test_hf_defaults_layer_types_and_rope_fields():
 
 def test_hf_unknown_and_unsupported_fields():
     d = ModelConfig.preset("tiny").to_hf_dict()
-    with pytest.warns(UserWarning, match="some_new_knob"):
+    with pytest.raises(ConfigError, match="some_new_knob=3"):
         ModelConfig.from_hf({**d, "some_new_knob": 3})
+    with pytest.warns(UserWarning, match="some_new_knob"):
+        ModelConfig.from_hf({**d, "some_new_knob": 3}, strict=False)
     with pytest.raises(ValueError, match="rope_type='yarn'"):
         ModelConfig.from_hf({**d, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}})
     with pytest.raises(ValueError, match="hidden_act='gelu'"):
