@@ -241,7 +241,10 @@ def _attn_split_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, ws_ptr, NH, NKV, G, D, CA
 @triton.jit
 def _attn_reduce_kernel(ws_ptr, pos_ptr, qkv_ptr, out_ptr, NH, D, CAP, NSPLIT, stride_qkv, stride_out,
                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program per (row, head, D block): combine every split's partial (one tile load), / sum,
+    x sigmoid(gate)."""
     pid = tl.program_id(0)
+    db = tl.program_id(1)
     row = pid // NH
     head = pid % NH
     pos = tl.load(pos_ptr + row)
@@ -249,20 +252,18 @@ def _attn_reduce_kernel(ws_ptr, pos_ptr, qkv_ptr, out_ptr, NH, D, CAP, NSPLIT, s
     split = ((ctx + NSPLIT - 1) // NSPLIT + 15) // 16 * 16
     nact = (ctx + split - 1) // split
     offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
     md = offs_d < D
     base = (row * NH + head).to(tl.int64) * NSPLIT * (D + 2)
     ms = offs_s < nact
     m = tl.load(ws_ptr + base + offs_s * (D + 2) + D, mask=ms, other=float("-inf"))
     l = tl.load(ws_ptr + base + offs_s * (D + 2) + D + 1, mask=ms, other=0.0)
     m_max = tl.max(m, axis=0)
-    scale_s = tl.where(ms, tl.exp(m - m_max), 0.0)
-    l_tot = tl.sum(l * scale_s, axis=0)
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for s in range(0, nact):
-        ms_s = tl.load(ws_ptr + base + s * (D + 2) + D)
-        o_s = tl.load(ws_ptr + base + s * (D + 2) + offs_d, mask=md, other=0.0)
-        acc += o_s * tl.exp(ms_s - m_max)
+    wgt = tl.where(ms, tl.exp(m - m_max), 0.0)
+    l_tot = tl.sum(l * wgt, axis=0)
+    o = tl.load(ws_ptr + base + offs_s[:, None] * (D + 2) + offs_d[None, :], mask=ms[:, None] & md[None, :],
+                other=0.0)
+    acc = tl.sum(o * wgt[:, None], axis=0)
     dt = out_ptr.dtype.element_ty
     o = (acc / l_tot).to(dt).to(tl.float32)
     gate = tl.load(qkv_ptr + row * stride_qkv + head * 2 * D + D + offs_d, mask=md, other=0.0).to(tl.float32)
@@ -295,5 +296,8 @@ def decode_attention_triton(q, k_cache, v_cache, positions, qkv, scale, out, wor
                                           k_cache.stride(2), BLOCK_G=max(16, next_pow2(g)), BLOCK_N=block_n,
                                           BLOCK_D=block_d, DOT_FP32=_INTERPRET or q.dtype == torch.float32,
                                           num_warps=warps)
-    _attn_reduce_kernel[(b * nh,)](workspace, positions, qkv, out, nh, d, cap, nsplit, qkv.stride(0),
-                                   out.stride(0), BLOCK_S=next_pow2(nsplit), BLOCK_D=block_d, num_warps=4)
+    block_s = next_pow2(nsplit)
+    block_dr = max(16, min(block_d, 8192 // block_s))
+    _attn_reduce_kernel[(b * nh, triton.cdiv(d, block_dr))](workspace, positions, qkv, out, nh, d, cap, nsplit,
+                                                           qkv.stride(0), out.stride(0), BLOCK_S=block_s,
+                                                           BLOCK_D=block_dr, num_warps=4)

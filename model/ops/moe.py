@@ -173,30 +173,32 @@ def _moe_down_kernel(act_ptr, dn_ptr, ids_ptr, w_ptr, sgu_ptr, sdn_ptr, sgl_ptr,
     mh = offs_h < H
     mk = offs_k < TOPK
     dt = out_ptr.dtype.element_ty
-    ids = tl.load(ids_ptr + row * TOPK + offs_k, mask=mk, other=2147483647)
+    ids = tl.load(ids_ptr + row * TOPK + offs_k, mask=mk, other=0)
     wts = tl.load(w_ptr + row * TOPK + offs_k, mask=mk, other=0.0).to(tl.float32)
+    # every chosen expert's [BLOCK_HO, I] slice of down_proj at once: k independent streams in flight
+    rows = dn_ptr + (ids.to(tl.int64)[:, None] * H + offs_h[None, :])[:, :, None] * I     # [K, HO, 1]
+    a_base = act_ptr + (row * TOPK + offs_k).to(tl.int64)[:, None] * I                      # [K, 1]
+    m3 = mk[:, None, None] & mh[None, :, None]
+    acc = tl.zeros([BLOCK_K, BLOCK_HO, BLOCK_I], tl.float32)
+    for i0 in range(0, I, BLOCK_I):
+        ii = i0 + offs_i
+        mi = ii < I
+        av = tl.load(a_base + ii[None, :], mask=mk[:, None] & mi[None, :], other=0.0).to(tl.float32)
+        wv = tl.load(rows + ii[None, None, :], mask=m3 & mi[None, None, :], other=0.0)
+        acc += wv.to(tl.float32) * av[:, None, :]
+    y = tl.sum(acc, axis=2).to(dt).to(tl.float32)                  # [K, HO], rounded per expert
+    y = (y * wts[:, None]).to(dt).to(tl.float32)
+    # add them in ascending expert id (transformers' order), rounding after each add
+    order_ids = tl.where(mk, ids, 2147483647)
     total = tl.zeros([BLOCK_HO], tl.float32)
     for _ in range(0, TOPK):
-        # next expert in ascending id order (the order transformers adds them in)
-        e32 = tl.min(ids, axis=0)
-        slot = tl.min(tl.where(ids == e32, offs_k, BLOCK_K), axis=0)
-        wj = tl.sum(tl.where(offs_k == slot, wts, 0.0), axis=0)
-        ids = tl.where(offs_k == slot, 2147483647, ids)
-        e = e32.to(tl.int64)
-        rows = dn_ptr + (e * H + offs_h)[:, None] * I
-        a_base = act_ptr + (row * TOPK + slot).to(tl.int64) * I
-        acc = tl.zeros([BLOCK_HO, BLOCK_I], tl.float32)
-        for i0 in range(0, I, BLOCK_I):
-            ii = i0 + offs_i
-            mi = ii < I
-            av = tl.load(a_base + ii, mask=mi, other=0.0).to(tl.float32)
-            wv = tl.load(rows + ii[None, :], mask=mh[:, None] & mi[None, :], other=0.0)
-            acc += wv.to(tl.float32) * av[None, :]
-        y = tl.sum(acc, axis=1).to(dt).to(tl.float32)
-        y = (y * wj).to(dt).to(tl.float32)
-        total = (total + y).to(dt).to(tl.float32)
+        e32 = tl.min(order_ids, axis=0)
+        slot = tl.min(tl.where(order_ids == e32, offs_k, BLOCK_K), axis=0)
+        order_ids = tl.where(offs_k == slot, 2147483647, order_ids)
+        yj = tl.sum(tl.where(offs_k[:, None] == slot, y, 0.0), axis=0)
+        total = (total + yj).to(dt).to(tl.float32)
     # shared expert: act formed on the fly from the precomputed gate/up rows
-    acc = tl.zeros([BLOCK_HO, BLOCK_I], tl.float32)
+    acc2 = tl.zeros([BLOCK_HO, BLOCK_I], tl.float32)
     srows = sdn_ptr + offs_h.to(tl.int64)[:, None] * IS
     for i0 in range(0, IS, BLOCK_I):
         ii = i0 + offs_i
@@ -205,8 +207,8 @@ def _moe_down_kernel(act_ptr, dn_ptr, ids_ptr, w_ptr, sgu_ptr, sdn_ptr, sgl_ptr,
         u = tl.load(sgu_ptr + row * stride_sgu + IS + ii, mask=mi, other=0.0).to(tl.float32)
         a = ((g * tl.sigmoid(g)).to(dt).to(tl.float32) * u).to(dt).to(tl.float32)
         wv = tl.load(srows + ii[None, :], mask=mh[:, None] & mi[None, :], other=0.0)
-        acc += wv.to(tl.float32) * a[None, :]
-    ys = tl.sum(acc, axis=1).to(dt).to(tl.float32)
+        acc2 += wv.to(tl.float32) * a[None, :]
+    ys = tl.sum(acc2, axis=1).to(dt).to(tl.float32)
     gl = tl.load(sgl_ptr + row * stride_sgl).to(tl.float32)
     gs = tl.sigmoid(gl).to(dt).to(tl.float32)
     ys = (gs * ys).to(dt).to(tl.float32)
@@ -219,18 +221,19 @@ def moe_experts_triton(x, gate_up_proj, down_proj, ids, weights, shared_gate_up,
                                     shared_gate_logit, act_ws, out)
     # kernel 1: (row, slot) x I-blocks, each streaming 2*BLOCK_I weight rows of length H
     block_h = min(512, next_pow2(h))
-    block_i = max(1, min(16, 4096 // block_h))
+    block_i = max(1, min(8, 4096 // block_h))
     while block_i > 2 and b * k * triton.cdiv(i, block_i) < FILL_PROGRAMS:
         block_i //= 2
     _moe_gate_up_kernel[(b * k, triton.cdiv(i, block_i))](x, gate_up_proj, ids, act_ws, h, i, k, x.stride(0),
                                                          BLOCK_I=block_i, BLOCK_H=block_h, num_warps=4)
-    # kernel 2: row x H-blocks, each streaming BLOCK_HO rows of every chosen expert's down_proj
-    block_i2 = min(512, next_pow2(max(i, i_s)))
-    block_ho = max(1, min(16, 4096 // block_i2))
-    while block_ho > 2 and b * triton.cdiv(h, block_ho) < FILL_PROGRAMS:
+    # kernel 2: row x H-blocks, each streaming BLOCK_HO rows of every chosen expert's down_proj at once
+    block_k = next_pow2(k)
+    block_i2 = min(128, next_pow2(max(i, i_s)))
+    block_ho = max(1, min(16, 8192 // (block_k * block_i2)))   # H100: 8 rows x 8 experts x 128 was best
+    while block_ho > 1 and b * triton.cdiv(h, block_ho) < FILL_PROGRAMS // 2:
         block_ho //= 2
     sgl = shared_gate_logit  # [B] or [B, 1], any row stride: one element per row
     _moe_down_kernel[(b, triton.cdiv(h, block_ho))](act_ws, down_proj, ids, weights, shared_gate_up, shared_down,
                                                     sgl, out, h, i, i_s, k, shared_gate_up.stride(0),
                                                     sgl.stride(0), out.stride(0), BLOCK_HO=block_ho,
-                                                    BLOCK_I=block_i2, BLOCK_K=next_pow2(k), num_warps=4)
+                                                    BLOCK_I=block_i2, BLOCK_K=block_k, num_warps=4)
