@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt-ids", type=_prompt_ids, help="prompt as comma-separated token ids")
     p.add_argument("--max-new-tokens", type=_positive_int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")  # < 0: SamplingParams names it
     p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (and random-weight seed)")
     p.add_argument("--batch", type=_positive_int, default=1, help="rows decoded together (same prompt)")
@@ -95,7 +95,10 @@ def main(argv=None) -> int:
     if args.checkpoint is not None:
         from model.checkpoint import load_checkpoint
 
-        cfg, weights = load_checkpoint(args.checkpoint, device=device, dtype=dtype)
+        try:
+            cfg, weights = load_checkpoint(args.checkpoint, device=device, dtype=dtype)
+        except (ValueError, OSError) as e:   # CheckpointError, ConfigError, missing files
+            parser.error(f"--checkpoint {args.checkpoint}: {e}")
     else:
         from model.weights import random_weights
 
@@ -108,9 +111,16 @@ def main(argv=None) -> int:
     bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
     if bad:
         parser.error(f"prompt token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+    need = len(prompt) + args.max_new_tokens - 1
+    if args.max_seq is not None and args.max_seq < need:
+        parser.error(f"--max-seq {args.max_seq} is too small: a {len(prompt)}-token prompt and "
+                     f"--max-new-tokens {args.max_new_tokens} need {need} cache positions")
     max_seq = args.max_seq or len(prompt) + args.max_new_tokens
-    decoder = Decoder(cfg, weights, max_batch=args.batch, max_seq=max_seq,
-                      backend="triton" if on_gpu else "reference")
+    try:
+        decoder = Decoder(cfg, weights, max_batch=args.batch, max_seq=max_seq,
+                          backend="triton" if on_gpu else "reference")
+    except ValueError as e:              # e.g. --batch above what the Triton GEMV handles
+        parser.error(str(e))
     from model.generation import Generator
 
     use_graph = on_gpu and not args.no_graph

@@ -33,11 +33,15 @@ def parse_args(argv=None):
     p.add_argument("--hf-layers", type=int, default=8, help="layers for transformers' eager decode (0 = skip)")
     p.add_argument("--out", type=Path, default=Path("out/bench"))
     args = p.parse_args(argv)
+    text = args.batches
     try:
-        args.batches = [int(b) for b in args.batches.split(",")]
-        assert all(b >= 1 for b in args.batches)
-    except (ValueError, AssertionError):
-        p.error(f"--batches wants comma-separated positive integers, got {args.batches!r}")
+        args.batches = [int(b) for b in text.split(",")]
+    except ValueError:
+        args.batches = None
+    if not args.batches or any(b < 1 for b in args.batches):
+        p.error(f"--batches wants comma-separated positive integers, got {text!r}")
+    if args.hf_layers < 0:
+        p.error(f"--hf-layers must be >= 0 (0 skips transformers), got {args.hf_layers}")
     if args.steps < 50:
         print(f"note: --steps {args.steps} < 50; medians are noisier", file=sys.stderr)
     return args

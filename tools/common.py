@@ -14,7 +14,7 @@ def add_model_args(p: argparse.ArgumentParser, default_preset: str = "tiny") -> 
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=PRESETS, default=None, help=f"random weights (default {default_preset})")
     src.add_argument("--checkpoint", type=Path, help="Hugging Face safetensors checkpoint directory")
-    p.add_argument("--layers", type=int, default=None, help="keep only the first N layers (memory)")
+    p.add_argument("--layers", type=positive_int, default=None, help="keep only the first N layers (memory)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(default_preset=default_preset)
