@@ -54,11 +54,18 @@ sampling.Sampler(vocab_size, batch, sampling (has .temperature/.top_k/.top_p/.se
                                                               owns params/rng/workspace;
                                                               sampler(logits, out_tokens), reset()
 
-Workspace sizing (same for both backends; allocate once, before capture):
+Workspace sizing (same for both backends; allocate once, before capture; the reference backend
+accepts and ignores them):
 attention_workspace_numel(B, NH, D, S) fp32 / attention_workspace(B, NH, D, S, device)
-moe_workspace_numel(B, k, I) model dtype / moe_workspace(B, k, I, dtype, device)
-sample_workspace_numel(B, V) fp32; make_params(B, temperature, top_k, top_p, device);
-make_rng_state(seed, device)
+    = B * NH * attention_num_splits(S) * (D + 2), attention_num_splits(S) = min(128, ceil(S / 16));
+    the context of each row is split evenly over those programs on the device (from positions)
+moe_workspace_numel(B, k, I) model dtype / moe_workspace(B, k, I, dtype, device) = B * k * I
+sample_workspace_numel(B, V) fp32 = B * (1 + 2 * nblk + 64 * nblk), nblk = ceil(V / 2048);
+make_params(B, temperature, top_k, top_p, device) -> params[B, 3]; make_rng_state(seed, device)
+
+Known limits: gemv B <= 16; sampling's fast filter path needs 0 < top_k <= 64 (top-p alone or a
+larger top_k falls back to a correct but slow full-row bisection, ~1 ms at 248k vocabulary); MoE
+rows that pick the same expert read its weights once per row.
 """
 from __future__ import annotations
 

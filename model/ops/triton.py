@@ -1,5 +1,5 @@
 """The Triton backend: every op of the contract (see model/ops/__init__.py) as a Triton kernel launch."""
-from .attention import (attention_workspace, attention_workspace_numel,  # noqa: F401
+from .attention import (attention_num_splits, attention_workspace, attention_workspace_numel,  # noqa: F401
                         decode_attention_triton as decode_attention,
                         qk_norm_rope_store_triton as qk_norm_rope_store)
 from .conv import conv1d_update_triton as conv1d_update  # noqa: F401
@@ -22,5 +22,5 @@ def Sampler(vocab_size, batch, sampling=None, device="cpu"):
 
 __all__ = ["gemv", "rmsnorm", "add_rmsnorm", "gated_rmsnorm", "conv1d_update", "gated_delta_step",
            "qk_norm_rope_store", "decode_attention", "router_topk", "moe_experts", "sample", "Sampler",
-           "attention_workspace", "attention_workspace_numel", "moe_workspace", "moe_workspace_numel",
+           "attention_workspace", "attention_workspace_numel", "attention_num_splits", "moe_workspace", "moe_workspace_numel",
            "sample_workspace_numel", "make_params", "make_rng_state"]
