@@ -1,0 +1,469 @@
+"""Reliability under bad input, on the CPU (docs/reliability.md lists every case).
+
+Each bad input gets a clear exception type with the offending value in its message, and the
+object stays usable: the next valid call gives the right result. GraphHandle's call path is
+exercised through its validation layer (the same functions the handle calls) on a CPU stand-in,
+including a hypothesis property test; tests/gpu/test_reliability_*.py repeat it on a real handle.
+"""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+import cugraph_rt as cg
+from cugraph_rt.buckets import normalize_buckets, pad_copy_geometry, pick_bucket
+from cugraph_rt.validation import InputSpec, as_spec, validate_call
+from model.checkpoint import CheckpointError, load_checkpoint
+from model.config import ConfigError, ModelConfig
+from model.decoder import Decoder
+from model.generation import Generator
+from model.weights import random_weights
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+# ---- GraphHandle's call path on a CPU stand-in ------------------------------------------------
+class CpuHandle:
+    """GraphHandle.__call__ without CUDA: the same validate_call, pick_bucket and
+    pad_copy_geometry; static CPU buffers stand in for the device ones, the step runs eagerly on
+    them (what a replay computes), outputs are cut back to n rows."""
+
+    def __init__(self, fn, inputs, buckets=None, bucket_dim=0):
+        self.fn = fn
+        self.specs = {k: as_spec(k, v) for k, v in inputs.items()}
+        self.buckets = normalize_buckets(buckets)
+        self.dim = bucket_dim
+        self.statics = {}
+        for b in (self.buckets or (None,)):
+            self.statics[b] = {}
+            for k, spec in self.specs.items():
+                shape = list(spec.shape)
+                if b is not None:
+                    shape[bucket_dim] = b
+                self.statics[b][k] = torch.zeros(shape, dtype=spec.dtype)
+
+    def __call__(self, **inputs):
+        n = validate_call(self.specs, inputs, device_index=0, buckets=self.buckets,
+                          bucket_dim=self.dim)
+        bucket = None if self.buckets is None else pick_bucket(self.buckets, n)
+        if self.buckets is not None and bucket is None:
+            return self.fn(**inputs)                       # eager above the largest bucket
+        for k, static in self.statics[bucket].items():
+            t = inputs[k]
+            if n is None:
+                static.copy_(t)
+                continue
+            g = pad_copy_geometry(static.shape, self.dim, n, static.element_size())
+            flat = static.view(torch.uint8).reshape(g.rows, g.dst_pitch)
+            src = t.contiguous().view(torch.uint8).reshape(g.rows, g.width)
+            flat[:, :g.width] = src
+            flat[:, g.width:] = 0
+        out = self.fn(**self.statics[bucket])
+        if n is not None and n != bucket:
+            out = out.narrow(self.dim, 0, n)
+        return out
+
+
+def rowwise(x, tok):
+    """Row-independent along dim 0, so padding rows cannot change real rows."""
+    return torch.tanh(x) * 2 + tok.to(x.dtype).unsqueeze(-1)
+
+
+SPEC = {"x": InputSpec((8, 4), torch.float32), "tok": InputSpec((8,), torch.int64)}
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.int64, torch.int32, torch.bool]
+
+
+def _tensor(shape, dtype, contiguous):
+    if len(shape) == 2 and not contiguous and shape[0] > 1 and shape[1] > 1:
+        return torch.randn(shape[1], shape[0]).to(dtype).t()
+    return (torch.randn(shape) * 3).to(dtype)
+
+
+@st.composite
+def calls(draw, bucket_sizes):
+    """Mostly-valid calls with one or two things wrong: names, dtypes, shapes, layout."""
+    n = draw(st.integers(0, 12))
+    given = {}
+    for name, spec in SPEC.items():
+        shape = list(spec.shape)
+        if bucket_sizes:
+            shape[0] = n
+        mutate = draw(st.sampled_from(["ok", "ok", "ok", "shape", "rank", "dtype", "layout"]))
+        dtype = spec.dtype
+        contiguous = True
+        if mutate == "shape":
+            i = draw(st.integers(0, len(shape) - 1))
+            shape[i] = draw(st.integers(0, 10))
+        elif mutate == "rank":
+            shape = shape + [draw(st.integers(1, 3))] if draw(st.booleans()) else shape[:-1]
+        elif mutate == "dtype":
+            dtype = draw(st.sampled_from(DTYPES))
+        elif mutate == "layout":
+            contiguous = False
+        given[name] = _tensor(tuple(shape), dtype, contiguous)
+    names = draw(st.sampled_from(["ok"] * 6 + ["drop", "extra"]))
+    if names == "drop":
+        given.pop(draw(st.sampled_from(sorted(given))))
+    elif names == "extra":
+        given["y"] = torch.zeros(1)
+    return given
+
+
+def _acceptable(given, buckets):
+    if set(given) != set(SPEC):
+        return False
+    sizes = set()
+    for name, spec in SPEC.items():
+        t = given[name]
+        if t.dtype != spec.dtype or t.dim() != len(spec.shape) or not t.is_contiguous():
+            return False
+        if buckets:
+            if tuple(t.shape[1:]) != spec.shape[1:]:
+                return False
+            sizes.add(t.shape[0])
+        elif tuple(t.shape) != spec.shape:
+            return False
+    return len(sizes) <= 1
+
+
+@pytest.mark.parametrize("buckets", [None, (2, 4, 8)])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_property_every_call_is_the_eager_result_or_our_error(buckets, data):
+    h = CpuHandle(rowwise, SPEC, buckets=buckets)
+    before = {b: {k: v.clone() for k, v in d.items()} for b, d in h.statics.items()}
+    given = data.draw(calls(buckets))
+    try:
+        out = h(**given)
+    except cg.InputError as e:
+        assert not _acceptable(given, buckets), f"valid call refused: {e}"
+        assert "input" in str(e)
+        for b, d in h.statics.items():   # a refused call changed nothing
+            assert all(torch.equal(d[k], before[b][k]) for k in d)
+    else:
+        assert _acceptable(given, buckets), f"invalid call accepted: {[(k, v.shape, v.dtype) for k, v in given.items()]}"
+        assert torch.equal(out, rowwise(**given))
+    # and the next valid call gives the right result
+    n = 8 if buckets is None else 3
+    good = {"x": torch.randn(n, 4), "tok": torch.arange(n)}
+    assert torch.equal(h(**good), rowwise(**good))
+
+
+@pytest.mark.parametrize("bad,exc,needle", [
+    ({"x": torch.zeros(8, 5), "tok": torch.zeros(8, dtype=torch.int64)}, cg.InputError,
+     "expected shape (8, 4); given (8, 5)"),
+    ({"x": torch.zeros(8, 4, dtype=torch.float64), "tok": torch.zeros(8, dtype=torch.int64)},
+     cg.InputTypeError, "expected dtype torch.float32; given torch.float64"),
+    ({"x": torch.zeros(4, 8).t(), "tok": torch.zeros(8, dtype=torch.int64)}, cg.InputError,
+     "contiguous"),
+    ({"x": torch.zeros(8, 4)}, cg.InputTypeError, "missing ['tok']"),
+    ({"x": torch.zeros(8, 4), "tok": torch.zeros(8, dtype=torch.int64), "z": torch.zeros(1)},
+     cg.InputTypeError, "unexpected ['z']"),
+    ({"x": torch.zeros(8, 4, device="meta"), "tok": torch.zeros(8, dtype=torch.int64)},
+     cg.InputError, "given one on meta"),
+    ({"x": [[0.0] * 4] * 8, "tok": torch.zeros(8, dtype=torch.int64)}, cg.InputTypeError,
+     "expected a tensor; got list"),
+])
+def test_handle_bad_inputs_name_the_value_and_change_nothing(bad, exc, needle):
+    h = CpuHandle(rowwise, SPEC)
+    with pytest.raises(exc) as info:
+        h(**bad)
+    assert needle in str(info.value)
+    assert isinstance(info.value, (TypeError if exc is cg.InputTypeError else ValueError))
+    assert all(not v.any() for v in h.statics[None].values())
+    good = {"x": torch.randn(8, 4), "tok": torch.arange(8)}
+    assert torch.equal(h(**good), rowwise(**good))
+
+
+def test_handle_construction_errors_come_before_cuda():
+    with pytest.raises(ValueError, match=r"warmup must be an int >= 0 .*capture=False.*None"):
+        cg.GraphHandle(rowwise, SPEC, warmup=None)
+    with pytest.raises(ValueError, match="capture mode"):
+        cg.GraphHandle(rowwise, SPEC, capture_mode="sometimes")
+    with pytest.raises(TypeError, match="buckets"):
+        cg.GraphHandle(rowwise, SPEC, buckets="big")
+    with pytest.raises(ValueError, match="InputSpec shape must be non-negative"):
+        InputSpec((-1, 4), torch.float32)
+
+
+@pytest.mark.skipif(cg.is_available(), reason="checks the no-driver behaviour")
+def test_handle_with_capture_disabled_needs_cuda_too():
+    with pytest.raises(cg.CudaUnavailableError, match="driver"):
+        cg.GraphHandle(rowwise, SPEC, capture=False)
+
+
+def test_error_types():
+    assert issubclass(cg.InputError, ValueError) and issubclass(cg.InputError, cg.CugraphRtError)
+    assert issubclass(cg.InputTypeError, TypeError) and issubclass(cg.InputTypeError, cg.InputError)
+
+
+# ---- decoder and generator ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = ModelConfig.preset("tiny")
+    return cfg, random_weights(cfg, "cpu", torch.float32, seed=11)
+
+
+def _dec(tiny, batch=2, max_seq=8):
+    cfg, w = tiny
+    return Decoder(cfg, w, max_batch=batch, max_seq=max_seq, backend="reference")
+
+
+def _state(dec):
+    return [t.clone() for t in (dec.state.kv, dec.state.conv, dec.state.recurrent)]
+
+
+def _same_state(dec, before):
+    return all(torch.equal(a, b) for a, b in zip(_state(dec), before))
+
+
+def _T(*v):
+    return torch.tensor(v, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("tokens,positions,needle", [
+    ((3, 256), (2, 2), "token id 256 (row 1) is outside the vocabulary [0, 256)"),
+    ((-1, 3), (2, 2), "token id -1 (row 0)"),
+    ((3, 4), (2, 8), "position 8 (row 1) is outside the cache capacity: max_seq=8"),
+    ((3, 4), (-1, 2), "position -1 (row 0)"),
+    ((3, 4), (1, 2), "row 0: position 1 given, but the row holds positions 0..1: its next step must be at position 2"),
+    ((3, 4), (2, 4), "row 1: position 4 given, but the row holds positions 0..1: its next step must be at position 2"),
+    ((3, 4), (2, 0), "row 1: position 0 given"),
+])
+def test_decoder_bad_step_values_refused_state_unchanged(tiny, tokens, positions, needle):
+    dec, ref = _dec(tiny), _dec(tiny)
+    for d in (dec, ref):
+        d.prefill([[5, 6], [7, 8]])
+    before = _state(dec)
+    with pytest.raises(ValueError) as info:
+        dec.decode_step(_T(*tokens), _T(*positions))
+    assert needle in str(info.value)
+    assert _same_state(dec, before)
+    out = dec.decode_step(_T(3, 4), _T(2, 2)).clone()       # the next valid step is right
+    assert torch.equal(out, ref.decode_step(_T(3, 4), _T(2, 2)))
+
+
+def test_decoder_batch_and_prompt_limits(tiny):
+    dec = _dec(tiny)
+    with pytest.raises(ValueError, match="batch 3 outside 1..max_batch=2"):
+        dec.decode_step(_T(1, 2, 3), _T(0, 0, 0))
+    with pytest.raises(ValueError, match="3 prompts; the decoder holds 1..2 rows"):
+        dec.prefill([[1], [2], [3]])
+    with pytest.raises(ValueError, match="prompt 1 has 9 tokens: position 8 is outside the cache capacity max_seq=8"):
+        dec.prefill([[1], [2] * 9])
+    with pytest.raises(ValueError, match="prompt 0: token id 300 outside"):
+        dec.prefill([[1, 300]])
+    ref = _dec(tiny)
+    assert torch.equal(dec.prefill([[1, 2], [3]]), ref.prefill([[1, 2], [3]]))
+
+
+def test_decoder_reset_row_starts_it_over_and_rows_are_independent(tiny):
+    dec = _dec(tiny)
+    dec.prefill([[5, 6], [7, 8]])
+    dec.reset(1)
+    assert dec.next_positions == [2, 0]
+    with pytest.raises(ValueError, match="row 1: position 2 given, but the row holds nothing"):
+        dec.check_positions([2, 2])
+    dec.check_positions([2, 0])
+    with pytest.raises(ValueError, match="3 positions from row 0"):
+        dec.check_positions([0, 0, 0])
+
+
+def test_positions_on_device_are_not_read_but_bounded(tiny):
+    """advance_positions(None): rows whose positions stayed on the device become unknown; only the
+    cache bounds are then checked for them (a GPU decode_step does this, never syncing)."""
+    dec = _dec(tiny)
+    dec.advance_positions(None, 2)
+    assert dec.next_positions == [None, None]
+    dec.check_positions([5, 7])
+    with pytest.raises(ValueError, match="position 8 \\(row 0\\)"):
+        dec.check_positions([8, 0])
+    dec.reset()
+    assert dec.next_positions == [0, 0]
+
+
+def test_generator_step_checks_host_values_and_stays_usable(tiny):
+    dec = _dec(tiny, batch=2, max_seq=16)
+    gen = Generator(dec, use_graph=False)
+    gen.step(_T(1, 2), _T(0, 0))
+    for toks, pos, exc, needle in [
+        ((1, 999), (1, 1), ValueError, "token id 999 (row 1)"),
+        ((1, 2), (1, 3), ValueError, "row 1: position 3 given"),
+        ((1, 2), (16, 1), ValueError, "position 16 (row 0) is outside the cache capacity"),
+        ((1, 2, 3), (1, 1, 1), ValueError, "shape (2,) (the generator's batch); got (3,)"),
+    ]:
+        before = _state(dec)
+        with pytest.raises(exc) as info:
+            gen.step(_T(*toks), _T(*pos))
+        assert needle in str(info.value)
+        assert _same_state(dec, before)
+    ref = Generator(_dec(tiny, batch=2, max_seq=16), use_graph=False)
+    ref.step(_T(1, 2), _T(0, 0))
+    assert torch.equal(gen.step(_T(1, 2), _T(1, 1)), ref.step(_T(1, 2), _T(1, 1)))
+    assert torch.equal(dec.logits, ref.decoder.logits)
+
+
+def test_generator_bad_requests_then_generates(tiny):
+    gen = Generator(_dec(tiny, batch=2, max_seq=8), use_graph=False)
+    with pytest.raises(ValueError, match="prompt of 6 tokens \\+ 4 new tokens needs 9 cache positions; the decoder holds 8"):
+        gen.generate([[1] * 6], 4)
+    with pytest.raises(ValueError, match="3 prompts but the decoder was built for batch 2"):
+        gen.generate([[1], [2], [3]], 2)
+    with pytest.raises(ValueError, match="prompt 0: token id -5 outside"):
+        gen.generate([[-5]], 2)
+    res = gen.generate([[1, 2]], 3)
+    again = Generator(_dec(tiny, batch=2, max_seq=8), use_graph=False).generate([[1, 2]], 3)
+    assert res.tokens == again.tokens
+
+
+def test_generator_graph_needs_cuda(tiny):
+    with pytest.raises(ValueError, match="use_graph=True needs a CUDA device, the decoder is on cpu"):
+        Generator(_dec(tiny), use_graph=True)
+
+
+# ---- loader ---------------------------------------------------------------------------------------
+def _write_ckpt(path, cfg, w, config=None, shards=1):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config if config is not None else cfg.to_hf_dict()))
+    sd = {k: v.contiguous() for k, v in w.to_hf_state_dict().items()}
+    if shards == 1:
+        save_file(sd, str(path / "model.safetensors"))
+        return [path / "model.safetensors"]
+    names = sorted(sd)
+    files, weight_map = [], {}
+    for s in range(shards):
+        fname = f"model-{s + 1}-of-{shards}.safetensors"
+        part = {n: sd[n] for n in names[s::shards]}
+        save_file(part, str(path / fname))
+        weight_map.update({n: fname for n in part})
+        files.append(path / fname)
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return files
+
+
+def _truncate(f, keep):
+    data = f.read_bytes()
+    f.write_bytes(data[:keep if keep > 0 else len(data) + keep])
+
+
+def _loads_ok(tiny, tmp_path):
+    cfg, w = tiny
+    _write_ckpt(tmp_path / "good", cfg, w)
+    cfg2, w2 = load_checkpoint(tmp_path / "good", device="cpu", verbose=False)
+    assert cfg2 == cfg and torch.equal(w2.embed, w.embed)
+
+
+@pytest.mark.parametrize("keep", [5, 40, -100])
+def test_truncated_safetensors_named(tiny, tmp_path, keep):
+    cfg, w = tiny
+    (f,) = _write_ckpt(tmp_path / "a", cfg, w)
+    _truncate(f, keep)
+    with pytest.raises(CheckpointError, match=r"cannot read .*model\.safetensors \(\d+ bytes\) as safetensors"):
+        load_checkpoint(tmp_path / "a", device="cpu")
+    _loads_ok(tiny, tmp_path)
+
+
+def test_truncated_shard_and_missing_shard_named(tiny, tmp_path):
+    cfg, w = tiny
+    files = _write_ckpt(tmp_path / "a", cfg, w, shards=3)
+    _truncate(files[1], -64)
+    with pytest.raises(CheckpointError, match="model-2-of-3.safetensors"):
+        load_checkpoint(tmp_path / "a", device="cpu")
+    files[1].unlink()
+    with pytest.raises(CheckpointError, match="to model-2-of-3.safetensors, which is not in"):
+        load_checkpoint(tmp_path / "a", device="cpu")
+    (tmp_path / "a" / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="index.json is not a valid safetensors index"):
+        load_checkpoint(tmp_path / "a", device="cpu")
+    _loads_ok(tiny, tmp_path)
+
+
+def test_missing_config_and_directory(tiny, tmp_path):
+    cfg, w = tiny
+    _write_ckpt(tmp_path / "a", cfg, w)
+    (tmp_path / "a" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no config.json at .*a/config.json"):
+        load_checkpoint(tmp_path / "a", device="cpu")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope", device="cpu")
+
+
+def test_wrong_shape_named(tiny, tmp_path):
+    cfg, w = tiny
+    big = cfg.to_hf_dict() | {"vocab_size": 300}
+    _write_ckpt(tmp_path / "a", cfg, w, config=big)
+    with pytest.raises(CheckpointError, match=r"(embed_tokens|lm_head)\.weight has shape \[256, 32\], the config expects \[300, 32\]"):
+        load_checkpoint(tmp_path / "a", device="cpu")
+
+
+def test_unknown_config_field_is_an_error_naming_it(tiny, tmp_path):
+    cfg, w = tiny
+    _write_ckpt(tmp_path / "a", cfg, w, config=cfg.to_hf_dict() | {"sliding_window_pattern": 6})
+    with pytest.raises(ConfigError, match="unknown config field\\(s\\) sliding_window_pattern=6"):
+        load_checkpoint(tmp_path / "a", device="cpu")
+    with pytest.warns(UserWarning, match="sliding_window_pattern"):
+        cfg2, _ = load_checkpoint(tmp_path / "a", device="cpu", strict_config=False, verbose=False)
+    assert cfg2 == cfg
+    # known-irrelevant fields (training knobs, bookkeeping) are fine
+    _write_ckpt(tmp_path / "b", cfg, w, config=cfg.to_hf_dict() | {"initializer_range": 0.02,
+                                                                    "router_aux_loss_coef": 0.001})
+    assert load_checkpoint(tmp_path / "b", device="cpu", verbose=False)[0] == cfg
+
+
+# ---- command lines (in process: argparse errors exit 2 with the value in the message) ----------
+def _exit2(fn, argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        fn(argv)
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--batch", "0"], "expected a positive integer, got 0"),
+    (["--max-seq", "-3"], "expected a positive integer, got -3"),
+    (["--max-seq", "4", "--prompt-ids", "1,2,3", "--max-new-tokens", "4"],
+     "--max-seq 4 is too small: a 3-token prompt and --max-new-tokens 4 need 6 cache positions"),
+    (["--dtype", "float8"], "invalid choice: 'float8'"),
+    (["--top-k", "-1"], "top_k must be >= 0 (0 disables it), got -1"),
+    (["--temperature", "nan"], "temperature must be >= 0, got nan"),
+    (["--prompt-ids", "1,999"], "prompt token id 999 is outside the vocabulary [0, 256)"),
+    (["--prompt-ids", ""], "--prompt-ids is empty"),
+    (["--preset", "tiny", "--checkpoint", "x"], "not allowed with argument"),
+    (["--max-new-tokens", "2.5"], "expected a positive integer, got '2.5'"),
+])
+def test_generate_cli_bad_flags(argv, needle, capsys):
+    from model.generate import main
+    assert needle in _exit2(main, argv, capsys)
+
+
+def test_generate_cli_bad_checkpoint(tiny, tmp_path, capsys):
+    from model.generate import main
+    cfg, w = tiny
+    _write_ckpt(tmp_path / "a", cfg, w, config=cfg.to_hf_dict() | {"mystery_knob": 1})
+    err = _exit2(main, ["--checkpoint", str(tmp_path / "a")], capsys)
+    assert "mystery_knob=1" in err
+    (f,) = _write_ckpt(tmp_path / "b", cfg, w)
+    _truncate(f, 40)
+    assert "cannot read" in _exit2(main, ["--checkpoint", str(tmp_path / "b")], capsys)
+
+
+@pytest.mark.parametrize("tool,argv,needle", [
+    ("capture_trace", ["--layers", "0"], "expected a positive integer, got 0"),
+    ("capture_trace", ["--context", "0"], "--context must be >= 1, got 0"),
+    ("capture_trace", ["--dtype", "int8"], "invalid choice"),
+    ("bench_decode", ["--batches", "1,0"], "comma-separated positive integers, got '1,0'"),
+    ("bench_decode", ["--batches", "a"], "got 'a'"),
+    ("bench_decode", ["--hf-layers", "-1"], "--hf-layers must be >= 0 (0 skips transformers), got -1"),
+    ("bench_decode", ["--check-steps", "0"], "expected a positive integer, got 0"),
+    ("bench_decode", ["--preset", "huge"], "invalid choice: 'huge'"),
+])
+def test_tools_bad_flags(tool, argv, needle, capsys):
+    import importlib
+    mod = importlib.import_module(f"tools.{tool}")
+    assert needle in _exit2(mod.parse_args, argv, capsys)
