@@ -128,6 +128,10 @@ def unavailable_reason(code=None) -> str:
 
 def _raise(code, call: str | None):
     name, text = _error_strings(code)
+    try:  # a failed call also sets the runtime's last error: read it, so no later call sees it
+        _rt.cudaGetLastError()
+    except Exception:  # noqa: BLE001
+        pass
     where = f"{call} failed" if call else "CUDA call failed"
     if code in _UNAVAILABLE:
         raise CudaUnavailableError(f"{where}: {name} ({text}); {unavailable_reason(code)}",

@@ -97,11 +97,13 @@ def copy_inputs(statics: dict, given: dict, *, n, bucket_dim: int, stream: int,
             ctypes.memmove(host.ptr, src, nbytes)
             src = host.ptr
         if n is None or n == st.shape[bucket_dim]:
-            _ok(_memcpy(st.ptr, src, st.nbytes, _KIND, stream), "cudaMemcpyAsync")
+            if st.nbytes:
+                _ok(_memcpy(st.ptr, src, st.nbytes, _KIND, stream), "cudaMemcpyAsync")
             continue
         g = pad_copy_geometry(st.shape, bucket_dim, n, st.itemsize)
         if g.rows == 1:
-            _ok(_memcpy(st.ptr, src, g.width, _KIND, stream), "cudaMemcpyAsync")
+            if g.width:  # an empty input (n == 0) has no address worth copying from
+                _ok(_memcpy(st.ptr, src, g.width, _KIND, stream), "cudaMemcpyAsync")
             _ok(_memset(st.ptr + g.width, 0, g.pad_bytes, stream), "cudaMemsetAsync")
         else:
             if g.width:
