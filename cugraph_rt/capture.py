@@ -141,7 +141,8 @@ class capture:
             _rt.cudaGetLastError()  # clear the sticky-until-read last error of the runtime
             self._release_pool()
             if exc_type is not None:
-                if isinstance(exc, CaptureError) or int(err) == 0:
+                refused = int(err) == 0 and _is_capture_refusal(exc)
+                if isinstance(exc, CaptureError) or (int(err) == 0 and not refused):
                     return False  # ours already, or the body failed on its own: re-raise it
                 name = _rt.cudaGetErrorName(err)[1]
                 name = name.decode() if isinstance(name, bytes) else str(name)
@@ -184,6 +185,15 @@ class capture:
             graph.keep(_PoolReleaser(self._torch, self._device, self.pool))
             self._began = False
         self.graph = graph
+
+
+def _is_capture_refusal(exc) -> bool:
+    """A library refusing an operation because a capture is underway (torch checks some of these
+    itself, e.g. "operation not permitted when stream is capturing", before the capture is
+    invalidated): still a capture problem, reported as CaptureError."""
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and (
+        "capturing" in text or ("capture" in text and "not permitted" in text))
 
 
 class _PoolReleaser:

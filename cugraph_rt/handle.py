@@ -181,7 +181,7 @@ class GraphHandle:
         copies = []
         for name, shape, dtype, ptr, nbytes in checks:
             t = inputs.get(name)
-            if t is None or t.dtype is not dtype or t.shape != shape or not t.is_cuda \
+            if getattr(t, "dtype", None) is not dtype or t.shape != shape or not t.is_cuda \
                     or t.get_device() != dev or not t.is_contiguous():
                 return None
             copies.append((ptr, t.data_ptr(), nbytes))
