@@ -95,9 +95,14 @@ def _free(ptr: int, nbytes: int) -> None:
     _rt.cudaFree(ptr)
 
 
-def _free_async(ptr: int, stream: int, nbytes: int) -> None:
+def _free_async(ptr: int, stream, nbytes: int) -> None:
+    """Stream-ordered free on the allocating stream; if that Stream was closed meanwhile, a plain
+    cudaFree (which also frees stream-ordered memory, after synchronising)."""
     _count("device", nbytes, -1)
-    _rt.cudaFreeAsync(ptr, stream)
+    if getattr(stream, "closed", False):
+        _rt.cudaFree(ptr)
+    else:
+        _rt.cudaFreeAsync(ptr, int(stream))
 
 
 def _free_host(ptr: int, nbytes: int) -> None:
@@ -128,7 +133,11 @@ class DeviceBuffer(Owned):
             else:
                 self.ptr = int(call(_rt.cudaMallocAsync, n, int(stream)))
             _count("device", n, 1)
-            self._own(_free_async, self.ptr, int(stream), n)
+            # a Stream object rides along with the release, so it outlives the buffer (a dropped
+            # stream and buffer may be finalized in any order)
+            from .stream import Stream
+            keep = stream if isinstance(stream, Stream) else int(stream)
+            self._own(_free_async, self.ptr, keep, n)
 
     def __repr__(self) -> str:
         return f"<DeviceBuffer {self.nbytes} B at 0x{self.ptr:x}{' closed' if self.closed else ''}>"
