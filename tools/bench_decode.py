@@ -87,6 +87,7 @@ def bench_ours(cfg, weights, batch, args, torch):
     fill_context(graph, batch, args.context, torch)
     tok = torch.ones(batch, dtype=torch.int64, device="cuda")
     pos = torch.full((batch,), args.context - 1, dtype=torch.int64, device="cuda")
+    torch.cuda.synchronize()   # made on torch's stream; the timed steps read them on ours
     row = {"batch": batch}
     row["eager_ms"] = statistics.median(common.time_cuda(lambda: eager._step(tok, pos), args.steps, stream=stream))
     row["cugraph_rt_ms"] = statistics.median(

@@ -108,6 +108,7 @@ def main(argv=None) -> int:
 
     dev_tokens = tokens.cuda()
     dev_positions = positions.cuda()
+    torch.cuda.synchronize()   # made on torch's stream; the timed steps read them on the handle's
     stream = handle.stream.torch
     eager_ms = common.time_cuda(lambda: gen._step(dev_tokens, dev_positions), reps=args.steps, stream=stream)
     replay_ms = common.time_cuda(lambda: handle(tokens=dev_tokens, positions=dev_positions),
