@@ -2,13 +2,44 @@
 close(), a context manager, or a weakref.finalize fallback that never keeps the owner alive."""
 from __future__ import annotations
 
+import contextlib
+import threading
 import weakref
 
 from .errors import ClosedError
 
+_tls = threading.local()
+
+
+@contextlib.contextmanager
+def deferring_releases():
+    """While a capture is open on this thread, releases (cudaFree, cudaStreamDestroy, ...) that
+    finalizers or close() would run here are queued instead, and run when the outermost capture
+    ends: such calls are illegal inside a capture (they would invalidate it, and fail, leaking)."""
+    _tls.depth = getattr(_tls, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _tls.depth -= 1
+        if _tls.depth == 0:
+            queued, _tls.deferred = getattr(_tls, "deferred", []), []
+            for release, args in queued:
+                _safe(release, *args)
+
+
+def releases_deferred() -> int:
+    """Releases queued on this thread until its capture ends (0 outside a capture)."""
+    return len(getattr(_tls, "deferred", []))
+
 
 def _safe(release, *args):
-    """Run a release call; never raise (finalizers run at interpreter exit too)."""
+    """Run a release call; never raise (finalizers run at interpreter exit too). Inside a capture
+    on this thread, queue it for the capture's end instead."""
+    if getattr(_tls, "depth", 0):
+        if not hasattr(_tls, "deferred"):
+            _tls.deferred = []
+        _tls.deferred.append((release, args))
+        return
     try:
         release(*args)
     except Exception:  # noqa: BLE001

@@ -17,6 +17,7 @@ import sys
 
 from cuda.bindings import runtime as _rt
 
+from ._lifetime import deferring_releases
 from .errors import CAPTURE_HINT, CaptureError, CudaError, call, check
 from .graph import Graph
 from .nodes import graph_nodes, node_records
@@ -128,12 +129,15 @@ class capture:
             self._end_routing()
             self._release_pool()
             raise
+        self._defer = deferring_releases()
+        self._defer.__enter__()
         return self
 
     def __exit__(self, exc_type, exc, tb):
         handle = int(self.stream)
         err, raw_graph = _rt.cudaStreamEndCapture(handle)
         self._end_routing()
+        self._defer.__exit__(None, None, None)   # releases queued during the capture run now
         graph_handle = int(raw_graph) if raw_graph is not None else 0
         if exc_type is not None or int(err) != 0:
             if graph_handle:

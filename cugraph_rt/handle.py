@@ -17,6 +17,7 @@ import weakref
 
 from cuda.bindings import runtime as _rt
 
+from ._lifetime import _safe
 from .buckets import capture_order, normalize_buckets, pick_bucket
 from .capture import capture, check_capture_args
 from .device import require_cuda
@@ -69,7 +70,7 @@ class GraphHandle:
                              "(PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync); torch's native "
                              "allocator cannot make graph memory nodes: use allocator='pool'")
         res = self._res = _Resources()
-        self._finalizer = weakref.finalize(self, res.release)
+        self._finalizer = weakref.finalize(self, _safe, res.release)  # deferred inside a capture
         res.ti = ti
         if stream is None:
             res.stream, res.owns_stream = Stream(), True

@@ -467,3 +467,28 @@ def test_tools_bad_flags(tool, argv, needle, capsys):
     import importlib
     mod = importlib.import_module(f"tools.{tool}")
     assert needle in _exit2(mod.parse_args, argv, capsys)
+
+
+# ---- lifetime: releases are never run inside a capture ------------------------------------------
+def test_releases_inside_a_capture_are_deferred_to_its_end():
+    import gc
+
+    from cugraph_rt._lifetime import Owned, deferring_releases, releases_deferred
+
+    log = []
+
+    class Fake(Owned):
+        def __init__(self, tag):
+            self._own(log.append, tag)
+
+    a = Fake("a")
+    with deferring_releases():          # what capture() does while the capture is open
+        b = Fake("b")
+        del b
+        a.close()
+        gc.collect()
+        assert log == [] and releases_deferred() == 2 and a.closed
+        with deferring_releases():      # nested: only the outermost end runs them
+            pass
+        assert log == []
+    assert log == ["b", "a"] and releases_deferred() == 0

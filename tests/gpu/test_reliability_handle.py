@@ -301,6 +301,39 @@ def test_autotune_inside_capture_is_capture_error_and_warmed_key_captures():
         assert h.phase == "replay"
 
 
+def test_objects_dropped_inside_a_capture_are_released_after_it():
+    """A finalizer running on the capturing thread (refcount drop or gc inside the step) must not
+    call cudaFree/cudaStreamDestroy there (that would invalidate the capture and fail, leaking):
+    its release waits for the capture's end."""
+    from cugraph_rt._lifetime import releases_deferred
+
+    _settle()
+    live0 = cg.live_allocations()
+    other = cg.GraphHandle(elementwise_step, {"x": torch.randn(64, device="cuda")}, warmup=0)
+    other.cycle = other
+    doomed = {"buf": cg.DeviceBuffer(1 << 20), "host": cg.HostBuffer(1 << 16), "handle": other}
+    del other
+    seen = {}
+
+    def step(x):
+        y = elementwise_step(x)
+        if torch.cuda.is_current_stream_capturing() and doomed:
+            doomed.clear()          # the buffers go by refcount, the handle (a cycle) by gc
+            gc.collect()
+            seen["deferred"] = releases_deferred()
+        return y
+
+    x = torch.randn(512, device="cuda")
+    with cg.GraphHandle(step, {"x": x}, warmup=1) as h:
+        h(x=x)
+        y = h(x=x)                  # the capture succeeds
+        assert h.phase == "replay" and seen["deferred"] >= 3
+        assert torch.equal(y, _eager(h, elementwise_step, x=x))
+    assert releases_deferred() == 0
+    _settle()
+    assert cg.live_allocations() == live0
+
+
 # ---- out of memory ------------------------------------------------------------------------------
 def test_out_of_memory_while_capturing_is_clean_and_leaks_nothing():
     state = {"huge": True}
