@@ -2,8 +2,9 @@
 
 Each bad input gets a clear exception type with the offending value in its message, and the
 object stays usable: the next valid call gives the right result. GraphHandle's call path is
-exercised through its validation layer (the same functions the handle calls) on a CPU stand-in,
-including a hypothesis property test; tests/gpu/test_reliability_*.py repeat it on a real handle.
+exercised through its validation layer (the same functions the handle calls) on a CPU stand-in
+(tests/reliability_cases.py; the hypothesis property test is tests/test_reliability_property.py);
+tests/gpu/test_reliability_*.py repeat it on a real handle.
 """
 import json
 import sys
@@ -11,13 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import cugraph_rt as cg
-from cugraph_rt.buckets import normalize_buckets, pad_copy_geometry, pick_bucket
-from cugraph_rt.validation import InputSpec, as_spec, validate_call
+from cugraph_rt.validation import InputSpec
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.config import ConfigError, ModelConfig
 from model.decoder import Decoder
@@ -28,131 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-# ---- GraphHandle's call path on a CPU stand-in ------------------------------------------------
-class CpuHandle:
-    """GraphHandle.__call__ without CUDA: the same validate_call, pick_bucket and
-    pad_copy_geometry; static CPU buffers stand in for the device ones, the step runs eagerly on
-    them (what a replay computes), outputs are cut back to n rows."""
-
-    def __init__(self, fn, inputs, buckets=None, bucket_dim=0):
-        self.fn = fn
-        self.specs = {k: as_spec(k, v) for k, v in inputs.items()}
-        self.buckets = normalize_buckets(buckets)
-        self.dim = bucket_dim
-        self.statics = {}
-        for b in (self.buckets or (None,)):
-            self.statics[b] = {}
-            for k, spec in self.specs.items():
-                shape = list(spec.shape)
-                if b is not None:
-                    shape[bucket_dim] = b
-                self.statics[b][k] = torch.zeros(shape, dtype=spec.dtype)
-
-    def __call__(self, **inputs):
-        n = validate_call(self.specs, inputs, device_index=0, buckets=self.buckets,
-                          bucket_dim=self.dim)
-        bucket = None if self.buckets is None else pick_bucket(self.buckets, n)
-        if self.buckets is not None and bucket is None:
-            return self.fn(**inputs)                       # eager above the largest bucket
-        for k, static in self.statics[bucket].items():
-            t = inputs[k]
-            if n is None:
-                static.copy_(t)
-                continue
-            g = pad_copy_geometry(static.shape, self.dim, n, static.element_size())
-            flat = static.view(torch.uint8).reshape(g.rows, g.dst_pitch)
-            src = t.contiguous().view(torch.uint8).reshape(g.rows, g.width)
-            flat[:, :g.width] = src
-            flat[:, g.width:] = 0
-        out = self.fn(**self.statics[bucket])
-        if n is not None and n != bucket:
-            out = out.narrow(self.dim, 0, n)
-        return out
-
-
-def rowwise(x, tok):
-    """Row-independent along dim 0, so padding rows cannot change real rows."""
-    return torch.tanh(x) * 2 + tok.to(x.dtype).unsqueeze(-1)
-
-
-SPEC = {"x": InputSpec((8, 4), torch.float32), "tok": InputSpec((8,), torch.int64)}
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.int64, torch.int32, torch.bool]
-
-
-def _tensor(shape, dtype, contiguous):
-    if len(shape) == 2 and not contiguous and shape[0] > 1 and shape[1] > 1:
-        return torch.randn(shape[1], shape[0]).to(dtype).t()
-    return (torch.randn(shape) * 3).to(dtype)
-
-
-@st.composite
-def calls(draw, bucket_sizes):
-    """Mostly-valid calls with one or two things wrong: names, dtypes, shapes, layout."""
-    n = draw(st.integers(0, 12))
-    given = {}
-    for name, spec in SPEC.items():
-        shape = list(spec.shape)
-        if bucket_sizes:
-            shape[0] = n
-        mutate = draw(st.sampled_from(["ok", "ok", "ok", "shape", "rank", "dtype", "layout"]))
-        dtype = spec.dtype
-        contiguous = True
-        if mutate == "shape":
-            i = draw(st.integers(0, len(shape) - 1))
-            shape[i] = draw(st.integers(0, 10))
-        elif mutate == "rank":
-            shape = shape + [draw(st.integers(1, 3))] if draw(st.booleans()) else shape[:-1]
-        elif mutate == "dtype":
-            dtype = draw(st.sampled_from(DTYPES))
-        elif mutate == "layout":
-            contiguous = False
-        given[name] = _tensor(tuple(shape), dtype, contiguous)
-    names = draw(st.sampled_from(["ok"] * 6 + ["drop", "extra"]))
-    if names == "drop":
-        given.pop(draw(st.sampled_from(sorted(given))))
-    elif names == "extra":
-        given["y"] = torch.zeros(1)
-    return given
-
-
-def _acceptable(given, buckets):
-    if set(given) != set(SPEC):
-        return False
-    sizes = set()
-    for name, spec in SPEC.items():
-        t = given[name]
-        if t.dtype != spec.dtype or t.dim() != len(spec.shape) or not t.is_contiguous():
-            return False
-        if buckets:
-            if tuple(t.shape[1:]) != spec.shape[1:]:
-                return False
-            sizes.add(t.shape[0])
-        elif tuple(t.shape) != spec.shape:
-            return False
-    return len(sizes) <= 1
-
-
-@pytest.mark.parametrize("buckets", [None, (2, 4, 8)])
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data())
-def test_property_every_call_is_the_eager_result_or_our_error(buckets, data):
-    h = CpuHandle(rowwise, SPEC, buckets=buckets)
-    before = {b: {k: v.clone() for k, v in d.items()} for b, d in h.statics.items()}
-    given = data.draw(calls(buckets))
-    try:
-        out = h(**given)
-    except cg.InputError as e:
-        assert not _acceptable(given, buckets), f"valid call refused: {e}"
-        assert "input" in str(e)
-        for b, d in h.statics.items():   # a refused call changed nothing
-            assert all(torch.equal(d[k], before[b][k]) for k in d)
-    else:
-        assert _acceptable(given, buckets), f"invalid call accepted: {[(k, v.shape, v.dtype) for k, v in given.items()]}"
-        assert torch.equal(out, rowwise(**given))
-    # and the next valid call gives the right result
-    n = 8 if buckets is None else 3
-    good = {"x": torch.randn(n, 4), "tok": torch.arange(n)}
-    assert torch.equal(h(**good), rowwise(**good))
+from tests.reliability_cases import SPEC, CpuHandle, rowwise  # noqa: E402
 
 
 @pytest.mark.parametrize("bad,exc,needle", [

@@ -1,5 +1,5 @@
-"""GraphHandle reliability on a GPU: bad input in every phase, capture disabled, use after close,
-a hypothesis property test on a real handle, exceptions in the step (warmup, capture, eager
+"""GraphHandle reliability on a GPU: bad input in every phase, capture disabled, use after close
+(the hypothesis property test on a real handle: test_reliability_property_gpu.py), exceptions in the step (warmup, capture, eager
 fallback), host syncs inside the capture (synchronize, a Triton autotune run), out of memory while
 capturing, and interpreter exit with live objects. docs/reliability.md lists every case.
 
@@ -19,12 +19,10 @@ import torch
 import triton
 import triton.language as tl
 from cuda.bindings import runtime as rt
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import cugraph_rt as cg
 from _cugraph_steps import elementwise_step
-from tests.test_reliability_inputs import SPEC, _acceptable, calls, rowwise
+from tests.reliability_cases import rowwise
 
 pytestmark = pytest.mark.gpu
 MiB = 1 << 20
@@ -112,49 +110,6 @@ def test_use_after_close_in_every_phase(calls_before_close):
             use()
     assert repr(h) == "<GraphHandle closed>"
     h.close()   # idempotent
-
-
-# ---- the property test on a real handle --------------------------------------------------------
-_HANDLES = {}
-
-
-def _handle(buckets):
-    if buckets not in _HANDLES:
-        _HANDLES[buckets] = cg.GraphHandle(rowwise, SPEC, warmup=1, buckets=buckets)
-    return _HANDLES[buckets]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _close_handles():
-    yield
-    for h in _HANDLES.values():
-        h.close()
-    _HANDLES.clear()
-
-
-@pytest.mark.parametrize("buckets", [None, (2, 4, 8)])
-@settings(max_examples=80, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(data=st.data())
-def test_property_real_handle_gives_eager_result_or_our_error(buckets, data):
-    h = _handle(buckets)
-    given_ = data.draw(calls(buckets))
-    on_device = data.draw(st.booleans())
-    if on_device:
-        given_ = {k: v.cuda() for k, v in given_.items()}
-    phase = h.phase
-    try:
-        out = h(**given_)
-    except cg.InputError as e:
-        assert not _acceptable(given_, buckets), f"valid call refused: {e}"
-        assert h.phase == phase
-    else:
-        assert _acceptable(given_, buckets), "invalid call accepted"
-        out = out.clone()
-        assert torch.equal(out, _eager(h, rowwise, **given_)), (phase, h.phase)
-    n = 8 if buckets is None else 3
-    good = {"x": torch.randn(n, 4, device="cuda"), "tok": torch.arange(n, device="cuda")}
-    assert torch.equal(h(**good).clone(), _eager(h, rowwise, **good))
 
 
 # ---- exceptions inside the step ---------------------------------------------------------------
