@@ -126,15 +126,15 @@ def main(argv=None) -> int:
     use_graph = on_gpu and not args.no_graph
     eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, (tuple, list)) else \
         (() if cfg.eos_token_id is None else (cfg.eos_token_id,))
+    # Tokens stream to stdout; the progress bar goes to stderr only when stdout is not the
+    # terminal (interactively the streaming text is the progress, and the two would collide).
     with Generator(decoder, sampling, use_graph=use_graph) as gen, \
             tqdm(total=args.max_new_tokens, desc="decode", unit="tok", file=sys.stderr,
-                 leave=False) as bar:
+                 disable=sys.stdout.isatty()) as bar:
         def show(step, tokens):
             t = tokens[0]
-            if t is None:
-                return
-            text = tokenizer.decode([t]) if tokenizer is not None else f"{t} "
-            tqdm.write(text, file=sys.stdout, end="")
+            if t is not None:
+                print(tokenizer.decode([t]) if tokenizer is not None else f"{t} ", end="", flush=True)
 
         print(f"prompt ({len(prompt)} tokens): {prompt if tokenizer is None else args.prompt!r}")
         result = gen.generate([prompt] * args.batch, args.max_new_tokens, eos_token_ids=eos,
