@@ -1,7 +1,7 @@
 """Generation: prefill a prompt, then decode with sampling inside a CUDA graph (cugraph_rt.GraphHandle).
 
-One step is `decode_step(tokens, positions)` followed by on-device sampling; the graph's inputs are
-the tokens and positions, its output the sampled tokens. Once every row is past its prompt, the
+One step is `decoder.forward(tokens, positions)` (the raw decode step) followed by on-device
+sampling; the graph's inputs are the tokens and positions, its output the sampled tokens. Once every row is past its prompt, the
 sampled tokens feed the next step without leaving the device (a device-to-device copy into the
 graph's static input); the host only reads them to stream text and to stop on end-of-sequence.
 """
