@@ -136,8 +136,10 @@ class capture:
     def __exit__(self, exc_type, exc, tb):
         handle = int(self.stream)
         err, raw_graph = _rt.cudaStreamEndCapture(handle)
-        self._end_routing()
-        self._defer.__exit__(None, None, None)   # releases queued during the capture run now
+        try:
+            self._end_routing()
+        finally:   # releases queued during the capture run now, whatever happens next
+            self._defer.__exit__(None, None, None)
         graph_handle = int(raw_graph) if raw_graph is not None else 0
         if exc_type is not None or int(err) != 0:
             if graph_handle:
