@@ -7,8 +7,6 @@ exercised through its validation layer (the same functions the handle calls) on 
 tests/gpu/test_reliability_*.py repeat it on a real handle.
 """
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,12 +19,7 @@ from model.config import ConfigError, ModelConfig
 from model.decoder import Decoder
 from model.generation import Generator
 from model.weights import random_weights
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-
-from tests.reliability_cases import SPEC, CpuHandle, rowwise  # noqa: E402
+from tests.reliability_cases import SPEC, CpuHandle, rowwise
 
 
 @pytest.mark.parametrize("bad,exc,needle", [
