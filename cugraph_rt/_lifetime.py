@@ -3,6 +3,7 @@ close(), a context manager, or a weakref.finalize fallback that never keeps the 
 from __future__ import annotations
 
 import contextlib
+import gc
 import threading
 import weakref
 
@@ -11,15 +12,30 @@ from .errors import ClosedError
 _tls = threading.local()
 
 
+_gc_lock = threading.Lock()
+_gc_state = {"open": 0, "was_enabled": False}
+
+
 @contextlib.contextmanager
 def deferring_releases():
     """While a capture is open on this thread, releases (cudaFree, cudaStreamDestroy, ...) that
     finalizers or close() would run here are queued instead, and run when the outermost capture
-    ends: such calls are illegal inside a capture (they would invalidate it, and fail, leaking)."""
+    ends: such calls are illegal inside a capture (they would invalidate it, and fail, leaking).
+    Python's automatic garbage collection is also paused while any capture is open (as Triton's
+    do_bench_cudagraph does): other libraries' finalizers (torch events, ...) must not run there."""
     _tls.depth = getattr(_tls, "depth", 0) + 1
+    with _gc_lock:
+        if _gc_state["open"] == 0:
+            _gc_state["was_enabled"] = gc.isenabled()
+            gc.disable()
+        _gc_state["open"] += 1
     try:
         yield
     finally:
+        with _gc_lock:
+            _gc_state["open"] -= 1
+            if _gc_state["open"] == 0 and _gc_state["was_enabled"]:
+                gc.enable()
         _tls.depth -= 1
         if _tls.depth == 0:
             queued, _tls.deferred = getattr(_tls, "deferred", []), []

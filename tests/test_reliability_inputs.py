@@ -349,7 +349,9 @@ def test_releases_inside_a_capture_are_deferred_to_its_end():
             self._own(log.append, tag)
 
     a = Fake("a")
+    assert gc.isenabled()
     with deferring_releases():          # what capture() does while the capture is open
+        assert not gc.isenabled()       # automatic collection paused during captures
         b = Fake("b")
         del b
         a.close()
@@ -359,3 +361,4 @@ def test_releases_inside_a_capture_are_deferred_to_its_end():
             pass
         assert log == []
     assert log == ["b", "a"] and releases_deferred() == 0
+    assert gc.isenabled()
