@@ -16,6 +16,8 @@ for step in $what; do
     trace)  timeout 200 $py tools/capture_trace.py --preset tiny --out "$out/work/trace-tiny" > "$out/trace-tiny.log" 2>&1; echo "trace tiny rc=$?"
             timeout 200 $py tools/capture_trace.py --preset 35b-a3b --out "$out/work/trace-35b" > "$out/trace-35b.log" 2>&1; echo "trace 35b rc=$?" ;;
     bench)  timeout 300 $py tools/bench_decode.py --preset 35b-a3b --batches 1,2,4,8 --out "$out/work/bench" > "$out/bench-decode.log" 2>&1; echo "bench decode rc=$?" ;;
+    demo)   timeout 120 $py -m model.demo > "$out/demo.log" 2>&1; echo "demo rc=$?"
+            timeout 120 $py -m model.generate --preset tiny --prompt-ids 1,2,3 --max-new-tokens 24 > "$out/generate.log" 2>&1; echo "generate rc=$?" ;;
     launch) $py tools/bench_launch.py --out "$out/work/launch" > "$out/bench-launch.log" 2>&1; echo "bench launch rc=$?" ;;
   esac
 done
