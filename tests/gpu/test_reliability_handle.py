@@ -319,7 +319,8 @@ def test_out_of_memory_while_capturing_is_clean_and_leaks_nothing():
     assert torch.equal(y, _eager_ref)
     del y
     h.close()
-    assert abs(_settle() - before) <= MiB
+    # a leak lowers free memory; more free than before (torch's cache trimmed meanwhile) is fine
+    assert before - _settle() <= MiB
     assert cg.live_allocations() == live0
 
 
@@ -332,7 +333,8 @@ def test_out_of_memory_building_a_handle_or_buffer_leaks_nothing():
     with cg.Stream() as s:
         with pytest.raises(cg.CudaError, match="cudaErrorMemoryAllocation"):
             cg.DeviceBuffer(1 << 42, stream=s)
-    assert abs(_settle() - before) <= MiB
+    # a leak lowers free memory; more free than before (torch's cache trimmed meanwhile) is fine
+    assert before - _settle() <= MiB
     assert cg.live_allocations() == live0
     x = torch.randn(64, device="cuda")     # torch and the library still work
     with cg.GraphHandle(elementwise_step, {"x": x}, warmup=1) as h:

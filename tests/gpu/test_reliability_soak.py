@@ -18,6 +18,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 MiB = 1 << 20
 
 
+GRAPH_MEM_GRANULE = 32 << 20
+
+
 def _baseline():
     """(free device bytes, graph memory used/reserved, live library buffers) after settling."""
     gc.collect()
@@ -93,7 +96,8 @@ def test_1000_cycles_device_pinned_and_graph_memory_back_to_baseline():
         _handle_cycle(x, expect)
         gm.run(check=i % 100 == 0, value=i % 251)
         during = cg.graph_memory()
-        assert during["used_current"] <= before["graph_used"] + 4 * _GraphMemCycle.NBYTES
+        # bounded, not growing: the driver reserves graph memory in 32 MiB steps (seen on an H100)
+        assert during["used_current"] <= before["graph_used"] + GRAPH_MEM_GRANULE
     after = _baseline()
     print(f"1000 cycles in {time.perf_counter() - t0:.1f} s; before {before}; after {after}")
     _assert_back(before, after, "after 1000 cycles")
