@@ -12,9 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from model.cli_args import PRESETS, positive_int
 from model.config import ModelConfig
 
-PRESETS = ("tiny", "35b-a3b", "122b-a10b")
 
 
 def _prompt_ids(text: str) -> list[int]:
@@ -27,16 +27,6 @@ def _prompt_ids(text: str) -> list[int]:
     return ids
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m model.generate", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group()
@@ -46,13 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="prompt text (needs tokenizer.json in the checkpoint)")
     prompt.add_argument("--prompt-ids", type=_prompt_ids, help="prompt as comma-separated token ids")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")  # < 0: SamplingParams names it
     p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (and random-weight seed)")
-    p.add_argument("--batch", type=_positive_int, default=1, help="rows decoded together (same prompt)")
-    p.add_argument("--max-seq", type=_positive_int, default=None, help="KV cache capacity (default: fits)")
+    p.add_argument("--batch", type=positive_int, default=1, help="rows decoded together (same prompt)")
+    p.add_argument("--max-seq", type=positive_int, default=None, help="KV cache capacity (default: fits)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--no-graph", action="store_true", help="decode eagerly instead of replaying a graph")
     return p

@@ -7,7 +7,7 @@ import statistics
 import sys
 from pathlib import Path
 
-PRESETS = ("tiny", "35b-a3b", "122b-a10b")
+from model.cli_args import PRESETS, positive_int  # noqa: F401  (the tools use both)
 
 
 def add_model_args(p: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
@@ -18,16 +18,6 @@ def add_model_args(p: argparse.ArgumentParser, default_preset: str = "tiny") -> 
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(default_preset=default_preset)
-
-
-def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
 
 
 def require_gpu(tool: str):
