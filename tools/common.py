@@ -3,6 +3,7 @@ and timing steps with CUDA events."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 from pathlib import Path
@@ -77,7 +78,7 @@ def time_cuda(fn, reps: int, warmup: int = 3, stream=None) -> list[float]:
     """Per-call device time in ms of fn() with CUDA events on the current (or given) stream."""
     import torch
 
-    ctx = torch.cuda.stream(stream) if stream is not None else _null()
+    ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
     with ctx:
         for _ in range(warmup):
             fn()
@@ -88,14 +89,6 @@ def time_cuda(fn, reps: int, warmup: int = 3, stream=None) -> list[float]:
             events[i + 1].record()
         events[-1].synchronize()
     return [events[i].elapsed_time(events[i + 1]) for i in range(reps)]
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def kv_bytes_per_token(cfg, context: int, dtype_bytes: int, batch: int = 1) -> int:
