@@ -110,7 +110,22 @@ def _free_host(ptr: int, nbytes: int) -> None:
     _rt.cudaFreeHost(ptr)
 
 
-class DeviceBuffer(Owned):
+class _Copyable(Owned):
+    """Stream-ordered copies between this buffer and any pointer (cudaMemcpyDefault: host or
+    device, the runtime tells which from the address)."""
+    ptr: int
+    nbytes: int
+
+    def copy_from(self, src, nbytes: int | None = None, *, stream) -> None:
+        self._check_open()
+        copy_async(self.ptr, src, self.nbytes if nbytes is None else nbytes, stream)
+
+    def copy_to(self, dst, nbytes: int | None = None, *, stream) -> None:
+        self._check_open()
+        copy_async(dst, self.ptr, self.nbytes if nbytes is None else nbytes, stream)
+
+
+class DeviceBuffer(_Copyable):
     """Device memory: ``cudaMalloc`` by default; ``cudaMallocAsync`` on ``stream`` (from ``pool``
     when given, a ``cudaMemPool_t`` handle), then freed stream-ordered on that stream."""
 
@@ -158,20 +173,12 @@ class DeviceBuffer(Owned):
         from .torch_interop import tensor_from_device_buffer
         return tensor_from_device_buffer(self, dtype, shape)
 
-    def copy_from(self, src, nbytes: int | None = None, *, stream) -> None:
-        self._check_open()
-        copy_async(self.ptr, src, self.nbytes if nbytes is None else nbytes, stream)
-
-    def copy_to(self, dst, nbytes: int | None = None, *, stream) -> None:
-        self._check_open()
-        copy_async(dst, self.ptr, self.nbytes if nbytes is None else nbytes, stream)
-
     def fill_zero(self, *, stream) -> None:
         self._check_open()
         memset_async(self.ptr, 0, self.nbytes, stream)
 
 
-class HostBuffer(Owned):
+class HostBuffer(_Copyable):
     """Pinned (page-locked) host memory from ``cudaHostAlloc``: async copies run at full speed."""
 
     def __init__(self, nbytes: int):
@@ -208,14 +215,6 @@ class HostBuffer(Owned):
         self._check_open()
         from .torch_interop import tensor_from_host_buffer
         return tensor_from_host_buffer(self, dtype, shape)
-
-    def copy_from(self, src, nbytes: int | None = None, *, stream) -> None:
-        self._check_open()
-        copy_async(self.ptr, src, self.nbytes if nbytes is None else nbytes, stream)
-
-    def copy_to(self, dst, nbytes: int | None = None, *, stream) -> None:
-        self._check_open()
-        copy_async(dst, self.ptr, self.nbytes if nbytes is None else nbytes, stream)
 
 
 class _KeepAlive:

@@ -7,7 +7,6 @@ graph's static input); the host only reads them to stream text and to stop on en
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -117,12 +116,6 @@ class Generator:
         dec.advance_positions(host_pos, self.batch)
         return out
 
-    def _on_step_stream(self):
-        """Host reads of step outputs must be ordered after the step on the stream that ran it."""
-        if self._handle is not None:
-            return torch.cuda.stream(self._handle.stream.torch)
-        return contextlib.nullcontext()
-
     @property
     def handle(self):
         return self._handle
@@ -154,9 +147,9 @@ class Generator:
         while True:
             positions = torch.full((self.batch,), position, dtype=torch.int64)
             next_dev = self.step(tokens_in, positions)
-            with self._on_step_stream():
-                host_next.copy_(next_dev, non_blocking=True)
-                self._synchronize()
+            # the handle has already made torch's current stream wait on the step's outputs
+            host_next.copy_(next_dev, non_blocking=True)
+            self._synchronize()
             new = host_next.tolist()
             position += 1
             now = time.perf_counter()
