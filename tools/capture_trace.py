@@ -5,7 +5,9 @@
 Builds the decoder, warms up, captures one decode step (decode + on-device sampling) through a
 cugraph_rt.GraphHandle and writes to --out: graph.dot (and graph.svg where graphviz is installed),
 nodes.json (every node; counts per kernel), trace.json (Chrome/Perfetto: the phases, then N eager
-and N replayed steps timed with CUDA events), latency.png (eager vs replay), summary.txt/json.
+and N replayed steps timed with CUDA events), latency.png (eager vs replay), summary.txt/json,
+and with --profile-steps > 0 the per-kernel GPU time of replays from torch.profiler (CUPTI):
+kernels.txt/json (time per kernel, idle time between kernels) and kernels-trace.json (Perfetto).
 """
 from __future__ import annotations
 
@@ -31,9 +33,13 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=common.positive_int, default=50, help="eager and replayed steps timed")
     p.add_argument("--batch", type=common.positive_int, default=1)
     p.add_argument("--context", type=int, default=1024, help="KV positions the timed steps attend over")
+    p.add_argument("--profile-steps", type=int, default=10,
+                   help="replays profiled per kernel with torch.profiler (0 = skip)")
     args = p.parse_args(argv)
     if args.context < 1:
         p.error(f"--context must be >= 1, got {args.context}")
+    if args.profile_steps < 0:
+        p.error(f"--profile-steps must be >= 0 (0 skips the profile), got {args.profile_steps}")
     return args
 
 
@@ -79,6 +85,26 @@ def plot_latency(path: Path, eager_ms, replay_ms, title: str) -> None:
     plt.close(fig)
 
 
+def profile_kernels(args, launch, stream, kernels_per_step: int, torch) -> str:
+    """Per-kernel GPU time of replays (kernels.txt/json, kernels-trace.json); '' when skipped or
+    when the profiler has no kernel records here (the rest of the trace does not depend on it)."""
+    from tools import kernel_profile
+
+    if args.profile_steps == 0:
+        return ""
+    try:
+        with torch.cuda.stream(stream):
+            prof = kernel_profile.profile_replays(launch, args.profile_steps, args.out / "kernels-trace.json",
+                                                  kernels_per_step)
+    except (RuntimeError, ValueError) as e:
+        print(f"kernel profile skipped: {e}", file=sys.stderr)
+        return ""
+    text = kernel_profile.format_profile(prof, top=25)
+    (args.out / "kernels.txt").write_text(text + "\n")
+    (args.out / "kernels.json").write_text(json.dumps(dataclasses.asdict(prof), indent=1))
+    return text
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch = common.require_gpu("capture_trace")
@@ -114,6 +140,8 @@ def main(argv=None) -> int:
     replay_ms = common.time_cuda(lambda: handle(tokens=dev_tokens, positions=dev_positions),
                                  reps=args.steps, stream=stream)
     eager, replay = statistics.median(eager_ms), statistics.median(replay_ms)
+    kernel_text = profile_kernels(args, lambda: handle(tokens=dev_tokens, positions=dev_positions),
+                                  stream, len(kernels), torch)
 
     dtype_bytes = torch.finfo(getattr(torch, args.dtype)).bits // 8
     step_bytes = cfg.bytes_per_token(dtype_bytes) + common.kv_bytes_per_token(cfg, args.context, dtype_bytes,
@@ -140,6 +168,8 @@ def main(argv=None) -> int:
                       for k, v in summary.items())
     top = "\n".join(f"  {c:5d}  {name}" for name, c in list(counts.items())[:20])
     text = f"{table}\n\nnodes per kernel (top 20):\n{top}\n"
+    if kernel_text:
+        text += f"\nGPU time per kernel in a replayed step (torch.profiler, {args.profile_steps} replays):\n{kernel_text}\n"
     (args.out / "summary.txt").write_text(text)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(text)

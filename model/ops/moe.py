@@ -11,6 +11,8 @@ Rows that pick the same expert read its weights once each (fine for the small de
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -215,25 +217,61 @@ def _moe_down_kernel(act_ptr, dn_ptr, ids_ptr, w_ptr, sgu_ptr, sdn_ptr, sgl_ptr,
     tl.store(out_ptr + row * stride_out + offs_h, (total + ys).to(dt), mask=mh)
 
 
-def moe_experts_triton(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_down,
-                       shared_gate_logit, act_ws, out) -> None:
-    b, h, e, i, k, i_s = _check_moe(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_down,
-                                    shared_gate_logit, act_ws, out)
+@dataclass(frozen=True)
+class MoeLaunch:
+    """Launch configuration of the two expert kernels; a pure function of the shapes
+    (moe_launch_config), never autotuned, so it is safe inside a CUDA-graph capture."""
+    gate_up_block_i: int      # weight rows of gate (and as many of up) per program
+    gate_up_block_h: int      # hidden columns per loop iteration
+    gate_up_warps: int
+    gate_up_stages: int
+    down_block_ho: int        # output rows per program (of every chosen expert at once)
+    down_block_i: int         # intermediate columns per loop iteration
+    down_warps: int
+    down_stages: int
+
+
+def moe_launch_config(b: int, h: int, i: int, k: int, i_s: int) -> MoeLaunch:
     # kernel 1: (row, slot) x I-blocks, each streaming 2*BLOCK_I weight rows of length H
     block_h = min(512, next_pow2(h))
     block_i = max(1, min(8, 4096 // block_h))
     while block_i > 2 and b * k * triton.cdiv(i, block_i) < FILL_PROGRAMS:
         block_i //= 2
-    _moe_gate_up_kernel[(b * k, triton.cdiv(i, block_i))](x, gate_up_proj, ids, act_ws, h, i, k, x.stride(0),
-                                                         BLOCK_I=block_i, BLOCK_H=block_h, num_warps=4)
     # kernel 2: row x H-blocks, each streaming BLOCK_HO rows of every chosen expert's down_proj at once
     block_k = next_pow2(k)
     block_i2 = min(128, next_pow2(max(i, i_s)))
     block_ho = max(1, min(16, 8192 // (block_k * block_i2)))   # H100: 8 rows x 8 experts x 128 was best
     while block_ho > 1 and b * triton.cdiv(h, block_ho) < FILL_PROGRAMS // 2:
         block_ho //= 2
+    return MoeLaunch(block_i, block_h, 4, 3, block_ho, block_i2, 4, 3)   # 3 stages: Triton's default
+
+
+def launch_moe_gate_up(x, gate_up_proj, ids, act_ws, cfg: MoeLaunch) -> None:
+    b, h = x.shape
+    k = ids.shape[1]
+    i = gate_up_proj.shape[1] // 2
+    _moe_gate_up_kernel[(b * k, triton.cdiv(i, cfg.gate_up_block_i))](
+        x, gate_up_proj, ids, act_ws, h, i, k, x.stride(0), BLOCK_I=cfg.gate_up_block_i,
+        BLOCK_H=cfg.gate_up_block_h, num_warps=cfg.gate_up_warps, num_stages=cfg.gate_up_stages)
+
+
+def launch_moe_down(act_ws, down_proj, ids, weights, shared_gate_up, shared_down, shared_gate_logit, out,
+                    cfg: MoeLaunch) -> None:
+    b, h = out.shape
+    k = ids.shape[1]
+    i, i_s = down_proj.shape[2], shared_down.shape[1]
     sgl = shared_gate_logit  # [B] or [B, 1], any row stride: one element per row
-    _moe_down_kernel[(b, triton.cdiv(h, block_ho))](act_ws, down_proj, ids, weights, shared_gate_up, shared_down,
-                                                    sgl, out, h, i, i_s, k, shared_gate_up.stride(0),
-                                                    sgl.stride(0), out.stride(0), BLOCK_HO=block_ho,
-                                                    BLOCK_I=block_i2, BLOCK_K=block_k, num_warps=4)
+    _moe_down_kernel[(b, triton.cdiv(h, cfg.down_block_ho))](
+        act_ws, down_proj, ids, weights, shared_gate_up, shared_down, sgl, out, h, i, i_s, k,
+        shared_gate_up.stride(0), sgl.stride(0), out.stride(0), BLOCK_HO=cfg.down_block_ho,
+        BLOCK_I=cfg.down_block_i, BLOCK_K=next_pow2(k), num_warps=cfg.down_warps, num_stages=cfg.down_stages)
+
+
+def moe_experts_triton(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_down,
+                       shared_gate_logit, act_ws, out, *, launch: MoeLaunch | None = None) -> None:
+    """Same contract as moe_experts_reference; `launch` overrides the configuration (benchmarks)."""
+    b, h, e, i, k, i_s = _check_moe(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_down,
+                                    shared_gate_logit, act_ws, out)
+    cfg = launch or moe_launch_config(b, h, i, k, i_s)
+    launch_moe_gate_up(x, gate_up_proj, ids, act_ws, cfg)
+    launch_moe_down(act_ws, down_proj, ids, weights, shared_gate_up, shared_down, shared_gate_logit, out, cfg)
