@@ -8,7 +8,8 @@ from tools import kernel_profile as kp
 
 
 def _trace(events):
-    recs = [{"ph": "X", "cat": "kernel", "name": n, "ts": ts, "dur": d} for n, ts, d in events]
+    recs = [{"ph": "X", "cat": "kernel", "name": n, "ts": ts, "dur": d, "args": {"grid": [g, 1, 1]}}
+            for n, ts, d, g in events]
     # records that are not kernels must be ignored
     recs += [{"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 0.0, "dur": 50.0},
              {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoD", "ts": 1.0, "dur": 2.0}]
@@ -20,7 +21,7 @@ def _two_steps():
     out = []
     for s in range(2):
         t = 100.0 * s
-        out += [("_rmsnorm_kernel", t, 2.0), ("_gemv_kernel", t + 3, 10.0), ("_rmsnorm_kernel", t + 14, 2.0)]
+        out += [("_rmsnorm_kernel", t, 2.0, 1), ("_gemv_kernel", t + 3, 10.0, 64), ("_rmsnorm_kernel", t + 14, 2.0, 1)]
     return out
 
 
@@ -51,7 +52,7 @@ def test_aggregate_without_a_step_cut_uses_the_whole_window():
 
 def test_bad_input_named():
     with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
-        kp.aggregate([("k", 0.0, 1.0)], steps=0)
+        kp.aggregate([("k", 0.0, 1.0, ())], steps=0)
     with pytest.raises(ValueError, match="no kernel records"):
         kp.aggregate([], steps=1)
 
@@ -70,3 +71,12 @@ def test_format_names_the_idle_share():
     p = kp.aggregate(kp.kernel_events(_trace(_two_steps())), steps=2, kernels_per_step=3)
     text = kp.format_profile(p)
     assert "idle between kernels 2.0 us (12%)" in text and "_gemv_kernel" in text
+
+
+def test_one_kernel_with_several_grids_gets_a_row_per_grid():
+    events = [("_gemv_kernel", 0.0, 10.0, 64), ("_gemv_kernel", 11.0, 3.0, 8), ("_gemv_kernel", 15.0, 3.0, 8),
+              ("_rmsnorm_kernel", 19.0, 2.0, 1)]
+    p = kp.aggregate(kp.kernel_events(_trace(events)), steps=1, kernels_per_step=4)
+    got = {r.name: (r.calls_per_step, r.us_per_step) for r in p.rows}
+    assert got == {"_gemv_kernel grid=64x1x1": (1, 10.0), "_gemv_kernel grid=8x1x1": (2, 6.0),
+                   "_rmsnorm_kernel": (1, 2.0)}

@@ -104,7 +104,7 @@ class Bench:
 
     def time_us(self, part: str, launch, reps: int) -> float:
         """Median device time per layer of a graph holding one `part` call per copy."""
-        torch, moe = self.torch, self.moe
+        moe = self.moe
 
         def step():
             for L in self.layers:
@@ -114,17 +114,7 @@ class Bench:
                     moe.launch_moe_down(L["act_ws"], L["down_proj"], L["ids"], L["weights"], L["shared_gate_up"],
                                         L["shared_down"], L["shared_gate_logit"], L["out"], launch)
 
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            step()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        ms = common.time_cuda(graph.replay, reps=reps)
-        del graph
-        return statistics.median(ms) * 1e3 / len(self.layers)
+        return common.time_graph_us(step, reps, len(self.layers))
 
 
 def sweep(bench, base, reps, deadline, log) -> tuple:

@@ -91,6 +91,24 @@ def time_cuda(fn, reps: int, warmup: int = 3, stream=None) -> list[float]:
     return [events[i].elapsed_time(events[i + 1]) for i in range(reps)]
 
 
+def time_graph_us(step, reps: int, calls: int) -> float:
+    """Median device time per call, in µs, of a torch CUDA graph holding `calls` calls made by
+    step() (warmed up eagerly on a side stream first, so compilation stays out of the capture)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    ms = time_cuda(graph.replay, reps=reps)
+    del graph
+    return statistics.median(ms) * 1e3 / calls
+
+
 def kv_bytes_per_token(cfg, context: int, dtype_bytes: int, batch: int = 1) -> int:
     """KV-cache bytes one decode step reads at this context (attention layers only)."""
     attn_layers = sum(1 for t in cfg.layer_types if t == "full_attention")

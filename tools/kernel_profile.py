@@ -43,17 +43,33 @@ def short_name(name: str, width: int = 60) -> str:
     return base if len(base) <= width else base[: width - 3] + "..."
 
 
-def kernel_events(trace: dict) -> list[tuple[str, float, float]]:
-    """(name, start µs, duration µs) of every kernel record in a profiler Chrome trace."""
+def kernel_events(trace: dict) -> list[tuple[str, float, float, tuple]]:
+    """(name, start µs, duration µs, grid) of every kernel record in a profiler Chrome trace."""
     out = []
     for ev in trace.get("traceEvents", []):
         if ev.get("cat") == "kernel" and ev.get("ph") == "X":
-            out.append((str(ev["name"]), float(ev["ts"]), float(ev.get("dur", 0.0))))
+            grid = tuple(ev.get("args", {}).get("grid", ()))
+            out.append((str(ev["name"]), float(ev["ts"]), float(ev.get("dur", 0.0)), grid))
     out.sort(key=lambda e: e[1])
     return out
 
 
-def aggregate(events: list[tuple[str, float, float]], steps: int, kernels_per_step: int | None = None
+def _keys(events) -> list[str]:
+    """Short kernel names; a kernel launched with several grids (one GEMV kernel, many shapes)
+    gets one key per grid."""
+    grids = collections.defaultdict(set)
+    for name, _, _, grid in events:
+        grids[short_name(name)].add(grid)
+    keys = []
+    for name, _, _, grid in events:
+        key = short_name(name)
+        if len(grids[key]) > 1:
+            key += " grid=" + "x".join(str(g) for g in grid)
+        keys.append(key)
+    return keys
+
+
+def aggregate(events: list[tuple[str, float, float, tuple]], steps: int, kernels_per_step: int | None = None
               ) -> StepProfile:
     """Fold kernel records of `steps` identical steps into per-step figures. With kernels_per_step
     (the graph's kernel-node count) the records are cut into steps to measure each step's span."""
@@ -63,8 +79,7 @@ def aggregate(events: list[tuple[str, float, float]], steps: int, kernels_per_st
         raise ValueError("no kernel records: the profiler saw no kernels (CUPTI unavailable?)")
     busy = collections.Counter()
     calls = collections.Counter()
-    for name, _, dur in events:
-        key = short_name(name)
+    for key, (_, _, dur, _) in zip(_keys(events), events):
         busy[key] += dur
         calls[key] += 1
     total = sum(busy.values())
@@ -74,10 +89,10 @@ def aggregate(events: list[tuple[str, float, float]], steps: int, kernels_per_st
         spans = []
         for s in range(steps):
             chunk = events[s * kernels_per_step:(s + 1) * kernels_per_step]
-            spans.append(max(ts + d for _, ts, d in chunk) - chunk[0][1])
+            spans.append(max(e[1] + e[2] for e in chunk) - chunk[0][1])
         span = sum(spans) / steps
     else:   # not cut into steps: the whole window, which includes the gaps between launches
-        span = (max(ts + d for _, ts, d in events) - events[0][1]) / steps
+        span = (max(e[1] + e[2] for e in events) - events[0][1]) / steps
     return StepProfile(steps, len(events) / steps, total / steps, span, rows)
 
 
@@ -101,7 +116,7 @@ def format_profile(p: StepProfile, top: int = 20) -> str:
     head = (f"kernel time per step {p.busy_us:.1f} us over {p.kernels_per_step:.0f} kernels; span "
             f"{p.span_us:.1f} us, of which idle between kernels {p.idle_us:.1f} us "
             f"({p.idle_us / p.span_us:.0%})" if p.span_us else "")
-    lines = [head, f"  {'us/step':>9} {'share':>6} {'calls':>6} {'us/call':>8}  kernel"]
+    lines = [head, f"  {'us/step':>9} {'share':>6} {'calls':>6} {'us/call':>8}  kernel (grid where it varies)"]
     for r in p.rows[:top]:
         lines.append(f"  {r.us_per_step:9.1f} {r.share:6.1%} {r.calls_per_step:6.1f} {r.us_per_call:8.2f}  {r.name}")
     return "\n".join(lines)

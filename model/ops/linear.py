@@ -9,6 +9,8 @@ function of the shape (no autotuning), so it is safe inside a CUDA-graph capture
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -88,22 +90,33 @@ def _gemv_dot_kernel(x_ptr, w_ptr, out_ptr, B, N, K, stride_xb, stride_wn, strid
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_b[None, :])
 
 
-def gemv_config(b: int, n: int, k: int, elem_size: int) -> tuple[int, int, int, int]:
-    """(BLOCK_B, BLOCK_N, BLOCK_K, num_warps) for a [b, k] x [n, k]^T GEMV; fixed per shape."""
+@dataclass(frozen=True)
+class GemvLaunch:
+    """Launch configuration of _gemv_kernel (the CUDA-core path); a pure function of the shape."""
+    block_b: int
+    block_n: int      # weight rows per program
+    block_k: int      # columns per loop iteration
+    warps: int
+    stages: int
+
+
+def gemv_config(b: int, n: int, k: int, elem_size: int) -> GemvLaunch:
+    """The _gemv_kernel configuration for a [b, k] x [n, k]^T GEMV; fixed per shape."""
     block_b = next_pow2(b)
     block_k = min(next_pow2(k), 512 if elem_size <= 2 else 256)
     budget = 8192 if block_b == 1 else 4096  # fp32 accumulator elements per program (4 warps)
     block_n = max(1, min(16, budget // (block_b * block_k)))
     while block_n > 1 and triton.cdiv(n, block_n) < _TARGET_PROGRAMS:
         block_n //= 2
-    return block_b, block_n, block_k, 4
+    return GemvLaunch(block_b, block_n, block_k, 4, 3)   # 3 stages: Triton's default
 
 
-def gemv_triton(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+def gemv_triton(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, launch: GemvLaunch | None = None) -> None:
+    """out = x @ w.T; `launch` overrides the CUDA-core kernel's configuration (benchmarks)."""
     b, n, k = _check(x, w, out)
     if b > MAX_BATCH:
         raise ValueError(f"gemv handles batches up to {MAX_BATCH}, got B={b}")
-    if b >= 2 and w.dtype in (torch.bfloat16, torch.float16) and x.dtype == w.dtype:
+    if launch is None and b >= 2 and w.dtype in (torch.bfloat16, torch.float16) and x.dtype == w.dtype:
         block_n = 64
         while block_n > 16 and triton.cdiv(n, block_n) < _TARGET_PROGRAMS // 2:
             block_n //= 2
@@ -112,7 +125,9 @@ def gemv_triton(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
                                                     BLOCK_B=max(16, next_pow2(b)), BLOCK_N=block_n, BLOCK_K=block_k,
                                                     DOT_FP32=INTERPRET, num_warps=4, num_stages=4)
         return
-    block_b, block_n, block_k, warps = gemv_config(b, n, k, w.element_size())
-    grid = (triton.cdiv(n, block_n),)
-    _gemv_kernel[grid](x, w, out, b, n, k, x.stride(0), w.stride(0), out.stride(0),
-                       BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    cfg = launch or gemv_config(b, n, k, w.element_size())
+    if cfg.block_b < b:
+        raise ValueError(f"launch.block_b={cfg.block_b} is smaller than the batch {b}")
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](x, w, out, b, n, k, x.stride(0), w.stride(0), out.stride(0),
+                                                 BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                                                 num_warps=cfg.warps, num_stages=cfg.stages)

@@ -71,7 +71,8 @@ def _router_topk_kernel(logits_ptr, w_ptr, ids_ptr, E, TOPK, stride_l,
 def router_topk_triton(logits, top_k, weights_out, ids_out) -> None:
     b, e = _check_router(logits, top_k, weights_out, ids_out)
     _router_topk_kernel[(b,)](logits, weights_out, ids_out, e, top_k, logits.stride(0),
-                              BLOCK_E=next_pow2(e), BLOCK_K=next_pow2(top_k), num_warps=4)
+                              BLOCK_E=next_pow2(e), BLOCK_K=next_pow2(top_k),
+                              num_warps=1 if e <= 1024 else 4)   # one warp: the top-k reductions stay in shuffles
 
 
 # ----------------------------------------------------------------------------- experts
@@ -177,17 +178,27 @@ def _moe_down_kernel(act_ptr, dn_ptr, ids_ptr, w_ptr, sgu_ptr, sdn_ptr, sgl_ptr,
     dt = out_ptr.dtype.element_ty
     ids = tl.load(ids_ptr + row * TOPK + offs_k, mask=mk, other=0)
     wts = tl.load(w_ptr + row * TOPK + offs_k, mask=mk, other=0.0).to(tl.float32)
-    # every chosen expert's [BLOCK_HO, I] slice of down_proj at once: k independent streams in flight
+    # every chosen expert's [BLOCK_HO, I] slice of down_proj at once: k independent streams in flight,
+    # and the shared expert's [BLOCK_HO, IS] slice in the same loop (its act formed on the fly from
+    # the precomputed gate/up rows), so its loads overlap the routed ones instead of trailing them
     rows = dn_ptr + (ids.to(tl.int64)[:, None] * H + offs_h[None, :])[:, :, None] * I     # [K, HO, 1]
     a_base = act_ptr + (row * TOPK + offs_k).to(tl.int64)[:, None] * I                      # [K, 1]
+    srows = sdn_ptr + offs_h.to(tl.int64)[:, None] * IS                                    # [HO, 1]
     m3 = mk[:, None, None] & mh[None, :, None]
     acc = tl.zeros([BLOCK_K, BLOCK_HO, BLOCK_I], tl.float32)
-    for i0 in range(0, I, BLOCK_I):
+    acc2 = tl.zeros([BLOCK_HO, BLOCK_I], tl.float32)
+    for i0 in range(0, tl.maximum(I, IS), BLOCK_I):
         ii = i0 + offs_i
         mi = ii < I
         av = tl.load(a_base + ii[None, :], mask=mk[:, None] & mi[None, :], other=0.0).to(tl.float32)
         wv = tl.load(rows + ii[None, None, :], mask=m3 & mi[None, None, :], other=0.0)
+        ms = ii < IS
+        g = tl.load(sgu_ptr + row * stride_sgu + ii, mask=ms, other=0.0).to(tl.float32)
+        u = tl.load(sgu_ptr + row * stride_sgu + IS + ii, mask=ms, other=0.0).to(tl.float32)
+        ws = tl.load(srows + ii[None, :], mask=mh[:, None] & ms[None, :], other=0.0)
         acc += wv.to(tl.float32) * av[:, None, :]
+        a = ((g * tl.sigmoid(g)).to(dt).to(tl.float32) * u).to(dt).to(tl.float32)
+        acc2 += ws.to(tl.float32) * a[None, :]
     y = tl.sum(acc, axis=2).to(dt).to(tl.float32)                  # [K, HO], rounded per expert
     y = (y * wts[:, None]).to(dt).to(tl.float32)
     # add them in ascending expert id (transformers' order), rounding after each add
@@ -199,17 +210,6 @@ def _moe_down_kernel(act_ptr, dn_ptr, ids_ptr, w_ptr, sgu_ptr, sdn_ptr, sgl_ptr,
         order_ids = tl.where(offs_k == slot, 2147483647, order_ids)
         yj = tl.sum(tl.where(offs_k[:, None] == slot, y, 0.0), axis=0)
         total = (total + yj).to(dt).to(tl.float32)
-    # shared expert: act formed on the fly from the precomputed gate/up rows
-    acc2 = tl.zeros([BLOCK_HO, BLOCK_I], tl.float32)
-    srows = sdn_ptr + offs_h.to(tl.int64)[:, None] * IS
-    for i0 in range(0, IS, BLOCK_I):
-        ii = i0 + offs_i
-        mi = ii < IS
-        g = tl.load(sgu_ptr + row * stride_sgu + ii, mask=mi, other=0.0).to(tl.float32)
-        u = tl.load(sgu_ptr + row * stride_sgu + IS + ii, mask=mi, other=0.0).to(tl.float32)
-        a = ((g * tl.sigmoid(g)).to(dt).to(tl.float32) * u).to(dt).to(tl.float32)
-        wv = tl.load(srows + ii[None, :], mask=mh[:, None] & mi[None, :], other=0.0)
-        acc2 += wv.to(tl.float32) * a[None, :]
     ys = tl.sum(acc2, axis=1).to(dt).to(tl.float32)
     gl = tl.load(sgl_ptr + row * stride_sgl).to(tl.float32)
     gs = tl.sigmoid(gl).to(dt).to(tl.float32)

@@ -1,0 +1,40 @@
+"""tools/bench_gemv.py: the decode step's GEMV shapes, its sweep grid and the check every
+configuration passes before it is timed (CPU, Triton's interpreter; timing needs a GPU)."""
+import pytest
+import torch
+
+from model.config import ModelConfig
+from model.ops import linear
+from tools import bench_gemv
+
+
+def test_decode_shapes_cover_every_gemv_of_the_step():
+    cfg = ModelConfig.preset("35b-a3b")
+    shapes = bench_gemv.decode_shapes(cfg)
+    # the captured 35b-a3b step holds 121 _gemv_kernel nodes (docs/benchmarks.md)
+    assert sum(calls for *_, calls in shapes) == 121
+    assert ("lm_head", cfg.vocab_size, cfg.hidden_size, 1) in shapes
+
+
+def test_grid_bounds():
+    grid = list(bench_gemv.config_grid(2048))
+    assert grid and all(bk <= 2048 and 1024 <= bn * bk <= 4096 * w for bn, bk, w, _ in grid)
+
+
+@pytest.mark.parametrize("launch", [linear.GemvLaunch(1, 1, 64, 4, 1), linear.GemvLaunch(1, 8, 32, 8, 3)])
+def test_configurations_match_torch(launch):
+    shape = bench_gemv.Shape(48, 96, torch, device="cpu")
+    assert shape.check(launch) <= 0.01
+
+
+def test_a_wrong_result_is_refused():
+    shape = bench_gemv.Shape(48, 96, torch, device="cpu")
+    shape.reference = shape.reference + 1.0
+    with pytest.raises(AssertionError, match="relative error"):
+        shape.check(linear.gemv_config(1, 48, 96, 2))
+
+
+def test_block_b_below_the_batch_is_named():
+    x, w, out = torch.ones(2, 8), torch.ones(4, 8), torch.empty(2, 4)
+    with pytest.raises(ValueError, match="launch.block_b=1 is smaller than the batch 2"):
+        linear.gemv_triton(x, w, out, launch=linear.GemvLaunch(1, 4, 8, 4, 1))

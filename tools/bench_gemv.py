@@ -1,0 +1,154 @@
+"""The decode step's GEMV shapes against the memory-bandwidth floor, and a sweep of their configs.
+
+    python tools/bench_gemv.py --preset 35b-a3b --sweep --out out/gemv
+
+One entry per projection the decoder runs at batch 1 (GDN in/out, attention qkv/o, the fused
+router + shared-expert rows, lm_head). Each is checked against torch's linear first, then timed in
+a CUDA graph of one call per weight copy (enough distinct copies that L2 cannot hold them, as in
+the real step) with CUDA events. Floor = the weight bytes over the measured device copy bandwidth.
+With --sweep the CUDA-core kernel's (block_n, block_k, warps, stages) are swept per shape (all
+but lm_head, which runs once per step and already streams at the copy bandwidth).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tools import common  # noqa: E402
+
+L2_BYTES = 50 << 20   # H100's L2; copies are added until they hold 4x this
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="tools/bench_gemv.py", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=common.PRESETS, default="35b-a3b")
+    p.add_argument("--reps", type=common.positive_int, default=50)
+    p.add_argument("--sweep", action="store_true", help="sweep the launch configuration per shape")
+    p.add_argument("--max-seconds", type=float, default=300.0, help="stop the sweep after this long")
+    p.add_argument("--out", type=Path, default=Path("out/gemv"))
+    args = p.parse_args(argv)
+    if args.max_seconds <= 0:
+        p.error(f"--max-seconds must be > 0, got {args.max_seconds}")
+    return args
+
+
+def decode_shapes(cfg) -> list[tuple[str, int, int, int]]:
+    """(name, N, K, calls per step) of every GEMV in one decode step."""
+    gdn = sum(1 for t in cfg.layer_types if t != "full_attention")
+    attn = cfg.num_layers - gdn
+    shapes = [("gdn in_proj", cfg.gdn_in_proj_rows, cfg.hidden_size, gdn),
+              ("gdn out_proj", cfg.hidden_size, cfg.linear_value_dim, gdn),
+              ("attn qkv", cfg.attn_qkv_rows, cfg.hidden_size, attn),
+              ("attn o_proj", cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, attn),
+              ("router+shared", cfg.router_shared_rows, cfg.hidden_size, cfg.num_layers),
+              ("lm_head", cfg.vocab_size, cfg.hidden_size, 1)]
+    return [s for s in shapes if s[3] > 0]
+
+
+def config_grid(k: int):
+    """Candidate (block_n, block_k, warps, stages) of the CUDA-core GEMV at batch 1."""
+    from model.ops._util import next_pow2
+
+    for bn, bk, w, s in itertools.product((1, 2, 4, 8, 16, 32), (256, 512, 1024, 2048, 4096), (4, 8), (1, 3)):
+        if bk <= next_pow2(k) and 1024 <= bn * bk <= 4096 * w:
+            yield bn, bk, w, s
+
+
+class Shape:
+    """Weight copies of one GEMV shape, its input and outputs."""
+
+    def __init__(self, n: int, k: int, torch, device="cuda", seed=0):
+        from model.ops import linear
+
+        self.torch, self.linear, self.n, self.k = torch, linear, n, k
+        self.nbytes = n * k * 2
+        copies = max(1, min(16, -(-4 * L2_BYTES // self.nbytes)))
+        g = torch.Generator(device=device).manual_seed(seed)
+        self.weights = [(torch.randn(n, k, generator=g, device=device) * 0.02).to(torch.bfloat16)
+                        for _ in range(copies)]
+        self.x = torch.randn(1, k, generator=g, device=device).to(torch.bfloat16)
+        self.outs = [torch.empty(1, n, dtype=torch.bfloat16, device=device) for _ in range(copies)]
+        self.reference = torch.nn.functional.linear(self.x, self.weights[0]).float()
+
+    def check(self, launch) -> float:
+        """Max error of copy 0 relative to torch's largest magnitude; AssertionError past 1%."""
+        self.linear.gemv_triton(self.x, self.weights[0], self.outs[0], launch=launch)
+        err = ((self.outs[0].float() - self.reference).abs().max() / self.reference.abs().max()).item()
+        assert err <= 0.01, f"{launch}: relative error {err:.3g} against torch"
+        return err
+
+    def time_us(self, launch, reps: int) -> float:
+        def step():
+            for w, o in zip(self.weights, self.outs):
+                self.linear.gemv_triton(self.x, w, o, launch=launch)
+
+        return common.time_graph_us(step, reps, len(self.weights))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch = common.require_gpu("bench_gemv")
+    from model.config import ModelConfig
+    from model.ops import linear
+
+    deadline = time.monotonic() + args.max_seconds
+    args.out.mkdir(parents=True, exist_ok=True)
+    cfg = ModelConfig.preset(args.preset)
+    bw = common.copy_bandwidth_gbs()
+    lines, rows = [], []
+
+    def log(text):
+        print(text, flush=True)
+        lines.append(text)
+
+    log(f"{common.gpu_name()}: {args.preset} GEMVs at batch 1, bf16; copy bandwidth {bw:.0f} GB/s")
+    log(f"{'shape':14s} {'N':>7s} {'K':>5s} {'calls':>5s} {'MB':>7s} {'floor us':>8s} {'default us':>10s} "
+        f"{'best us':>8s} {'best GB/s':>9s}  best configuration")
+    for name, n, k, calls in decode_shapes(cfg):
+        shape = Shape(n, k, torch)
+        base = linear.gemv_config(1, n, k, 2)
+        shape.check(base)
+        default_us = shape.time_us(base, args.reps)
+        tried = [{**dataclasses.asdict(base), "us": default_us}]
+        for bn, bk, w, s in (config_grid(k) if args.sweep and calls > 1 else ()):   # lm_head: 1 call
+            if time.monotonic() > deadline:
+                log("sweep stopped at --max-seconds")
+                break
+            launch = linear.GemvLaunch(1, bn, bk, w, s)
+            if launch == base:
+                continue
+            try:
+                shape.check(launch)
+            except Exception as e:   # a configuration the compiler refuses (e.g. out of resources)
+                log(f"{name} {launch}: skipped ({type(e).__name__}: {str(e)[:100]})")
+                continue
+            tried.append({**dataclasses.asdict(launch), "us": shape.time_us(launch, args.reps)})
+        tried.sort(key=lambda r: r["us"])
+        best = tried[0]
+        floor_us = shape.nbytes / (bw * 1e3)
+        rows.append({"shape": name, "N": n, "K": k, "calls": calls, "bytes": shape.nbytes, "floor_us": floor_us,
+                     "default_us": default_us, "default": dataclasses.asdict(base), "tried": tried})
+        conf = " ".join(f"{key}={best[key]}" for key in ("block_n", "block_k", "warps", "stages"))
+        log(f"{name:14s} {n:7d} {k:5d} {calls:5d} {shape.nbytes / 1e6:7.1f} {floor_us:8.2f} {default_us:10.2f} "
+            f"{best['us']:8.2f} {shape.nbytes / (best['us'] * 1e3):9.0f}  {conf}")
+        del shape
+        torch.cuda.empty_cache()
+    step_default = sum(r["default_us"] * r["calls"] for r in rows)
+    step_best = sum(r["tried"][0]["us"] * r["calls"] for r in rows)
+    step_floor = sum(r["floor_us"] * r["calls"] for r in rows)
+    log(f"per decode step: default {step_default:.0f} us, best {step_best:.0f} us, floor {step_floor:.0f} us")
+    (args.out / "bench_gemv.json").write_text(json.dumps(
+        {"gpu": common.gpu_name(), "preset": args.preset, "copy_bandwidth_GBs": bw, "shapes": rows}, indent=1))
+    (args.out / "bench_gemv.txt").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
