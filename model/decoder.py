@@ -84,6 +84,7 @@ class Decoder:
         self.gdn_proj = buf(B, cfg.gdn_in_proj_rows)
         self.conv_out = buf(B, cfg.conv_dim)
         self.gdn_out = buf(B, cfg.linear_value_dim)
+        self.gdn_counters = self.ops.gated_delta_workspace(B, cfg.linear_num_value_heads, dev)
         # attention
         NH, D = cfg.num_attention_heads, cfg.head_dim
         self.attn_proj = buf(B, cfg.attn_qkv_rows)
@@ -107,6 +108,7 @@ class Decoder:
         self.state.reset(row)
         if row is None:
             self.kv_error_flag.zero_()
+            self.gdn_counters.zero_()   # zero after every step already; a reset makes sure
             self.next_positions = [0] * self.max_batch
         else:
             self.next_positions[row] = 0
@@ -277,7 +279,7 @@ class Decoder:
         gdn_out = self.gdn_out[:n]
         ops.gated_delta_step(conv_out, a, b, m.A_log, m.dt_bias, self.state.recurrent_state(i)[r0:r1], gdn_out,
                              cfg.linear_num_key_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim,
-                             z=z, norm_weight=m.norm, eps=cfg.rms_norm_eps)
+                             z=z, norm_weight=m.norm, eps=cfg.rms_norm_eps, workspace=self.gdn_counters)
         ops.gemv(gdn_out, m.out_proj, out)
 
     def _attention(self, i, m, x, out, positions, r0, r1):

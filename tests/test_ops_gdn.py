@@ -98,3 +98,35 @@ def test_gated_delta_reference_matches_transformers():
         gated_delta.gated_delta_step_reference(qkv, a, bb, A_log, dt_bias, st, out, nk, k, v)
         torch.testing.assert_close(st, s_hf, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(out, o_hf[:, 0], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("block_v", [8, 16])
+def test_gated_delta_split_fused_norm_matches_the_unsplit_kernel(device, block_v):
+    """The fused norm with the value columns split over programs (the head's last program
+    normalises the whole head): same output and state as one program per head, counters back at
+    zero after every step, and a missing or wrong workspace is refused up front."""
+    b, nk, nv, k, v = 2, 2, 4, 16, 32
+    dtype = torch.float32
+    g = torch.Generator().manual_seed(7)
+    qkv, a, bb, A_log, dt_bias, state = _gdn_inputs(g, b, nk, nv, k, v, dtype, device)
+    extra = dict(z=torch.randn(b, nv * v, generator=g).to(device),
+                 norm_weight=torch.randn(v, generator=g).to(device), eps=1e-6)
+    ws = gated_delta.gated_delta_workspace(b, nv, device)
+    st_s, st_u = state.clone(), state.clone()
+    out_s = torch.full((b, nv * v), float("nan"), device=device)
+    out_u = torch.empty_like(out_s)
+    for _ in range(3):
+        gated_delta.gated_delta_step_triton(qkv, a, bb, A_log, dt_bias, st_s, out_s, nk, k, v, **extra,
+                                            workspace=ws, block_v=block_v)
+        gated_delta.gated_delta_step_triton(qkv, a, bb, A_log, dt_bias, st_u, out_u, nk, k, v, **extra)
+        assert int(ws.abs().sum()) == 0, "a head's counter was not reset"
+    torch.testing.assert_close(st_s, st_u, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out_s, out_u, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="needs the counter workspace"):
+        gated_delta.gated_delta_step_triton(qkv, a, bb, A_log, dt_bias, st_s, out_s, nk, k, v, **extra, block_v=8)
+    with pytest.raises(ValueError, match=r"workspace must be int32 with >= 8 elements"):
+        gated_delta.gated_delta_step_triton(qkv, a, bb, A_log, dt_bias, st_s, out_s, nk, k, v, **extra,
+                                            workspace=ws[:3], block_v=8)
+    with pytest.raises(ValueError, match="block_v must be a power of two, got 12"):
+        gated_delta.gated_delta_step_triton(qkv, a, bb, A_log, dt_bias, st_s, out_s, nk, k, v, **extra,
+                                            workspace=ws, block_v=12)

@@ -23,7 +23,7 @@ conv.conv1d_update(x[B,C], conv_state[B,C,W], weight[C,W], out[B,C])
                                                               out = silu(sum_j w[:,j] * state[:,:,j])
 gated_delta.gated_delta_step(qkv[B,2*NK*K+NV*V], a[B,NV], b[B,NV], A_log[NV], dt_bias[NV],
                              state[B,NV,K,V] fp32 (in place), out[B,NV*V] or [B,NV,V], NK, K, V,
-                             z=None, norm_weight=None, eps=1e-6)
+                             z=None, norm_weight=None, eps=1e-6, workspace=None)
                                                               qkv is the conv output; out = o, or
                                                               with z/norm_weight the fused
                                                               gated_rmsnorm(o, z, norm_weight, eps)
@@ -60,6 +60,8 @@ attention_workspace_numel(B, NH, D, S) fp32 / attention_workspace(B, NH, D, S, d
     = B * NH * attention_num_splits(S) * (D + 2), attention_num_splits(S) = min(128, ceil(S / 16));
     the context of each row is split evenly over those programs on the device (from positions)
 moe_workspace_numel(B, k, I) model dtype / moe_workspace(B, k, I, dtype, device) = B * k * I
+gated_delta_workspace(B, NV, device) -> int32 zeros [B * NV]: per-head arrival counters that let the
+    fused-norm step split a head's value columns over programs (left at zero after every step)
 sample_workspace_numel(B, V) fp32 = B * (1 + 2 * nblk + 64 * nblk), nblk = ceil(V / 2048);
 make_params(B, temperature, top_k, top_p, device) -> params[B, 3]; make_rng_state(seed, device)
 

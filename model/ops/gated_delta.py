@@ -4,6 +4,13 @@ g = -exp(A_log) * softplus(a + dt_bias), the decay and delta-rule update of the 
 place, and the output o = S^T q — optionally followed by the gated RMSNorm of the output
 (norm(o) * w * silu(z)), which saves a kernel per layer.
 
+At batch 1 one program per value head leaves most SMs idle (32 heads, 132 SMs), and the state
+(64 KB per head) is the step's whole traffic. So the value columns, which the delta rule updates
+independently, are split across programs; with the fused norm, which needs a head's whole output,
+each program stores its rounded slice and bumps a per-head counter, and the head's last program
+(the one that sees count = slices - 1) normalises the whole head and resets the counter. The
+counters live in a zeroed int32 workspace (gated_delta_workspace); without one, no split.
+
 Math and rounding points as transformers' torch_recurrent_gated_delta_rule (use_qk_l2norm_in_kernel
 =True): beta is rounded to the model dtype (b.sigmoid() on model-dtype b), g is fp32, the output is
 rounded to the model dtype.
@@ -38,8 +45,14 @@ def _check(qkv, a, b, A_log, dt_bias, state, out, NK, K, V, z, norm_weight):
     return bsz, nv, out2
 
 
+def gated_delta_workspace(batch: int, num_value_heads: int, device) -> torch.Tensor:
+    """Per-(row, value head) arrival counters of the split fused-norm path; zero between steps."""
+    return torch.zeros(batch * num_value_heads, dtype=torch.int32, device=device)
+
+
 def gated_delta_step_reference(qkv, a, b, A_log, dt_bias, state, out, NK, K, V,
-                               z=None, norm_weight=None, eps=1e-6) -> None:
+                               z=None, norm_weight=None, eps=1e-6, workspace=None) -> None:
+    """`workspace` is accepted for the Triton path's signature and unused."""
     bsz, nv, out2 = _check(qkv, a, b, A_log, dt_bias, state, out, NK, K, V, z, norm_weight)
     dtype = qkv.dtype
     q = qkv[:, : NK * K].reshape(bsz, NK, K).float()
@@ -67,9 +80,10 @@ def gated_delta_step_reference(qkv, a, b, A_log, dt_bias, state, out, NK, K, V,
 
 
 @triton.jit
-def _gated_delta_kernel(qkv_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, state_ptr, out_ptr, z_ptr, nw_ptr,
+def _gated_delta_kernel(qkv_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, state_ptr, out_ptr, z_ptr, nw_ptr, cnt_ptr,
                         NK, NV, K, V, q_div, eps, stride_qkv, stride_a, stride_b, stride_out, stride_z,
-                        FUSE_NORM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+                        FUSE_NORM: tl.constexpr, SPLIT: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_V: tl.constexpr, BLOCK_VH: tl.constexpr):
     pid = tl.program_id(0)
     vb = tl.program_id(1)
     row = pid // NV
@@ -107,31 +121,64 @@ def _gated_delta_kernel(qkv_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, state_ptr, out
     tl.store(s_ptrs, s, mask=m2)
     o = tl.sum(s * q[:, None], axis=0)
     o = o.to(dt).to(tl.float32)
-    out_ptrs = out_ptr + row * stride_out + vh * V + offs_v
+    head_out = out_ptr + row * stride_out + vh * V
     if FUSE_NORM:
-        var = tl.sum(tl.where(mv, o * o, 0.0), axis=0) / V
-        hn = (o * tl.math.rsqrt(var + eps)).to(dt).to(tl.float32)
-        w = tl.load(nw_ptr + offs_v, mask=mv, other=0.0).to(tl.float32)
-        hw = (w * hn).to(dt).to(tl.float32)
-        zz = tl.load(z_ptr + row * stride_z + vh * V + offs_v, mask=mv, other=0.0).to(tl.float32)
-        o = hw * (zz * tl.sigmoid(zz))
-    tl.store(out_ptrs, o.to(dt), mask=mv)
+        if SPLIT:
+            # publish the rounded slice; the head's last program normalises the whole head
+            tl.store(head_out + offs_v, o.to(dt), mask=mv)
+            tl.debug_barrier()   # every thread's store before the (one-thread) release below
+            arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+            if arrived == tl.num_programs(1) - 1:
+                tl.debug_barrier()
+                offs_h = tl.arange(0, BLOCK_VH)
+                mh = offs_h < V
+                oh = tl.load(head_out + offs_h, mask=mh, other=0.0, cache_modifier=".cg").to(tl.float32)
+                _gated_norm_store(oh, offs_h, mh, head_out, z_ptr + row * stride_z + vh * V, nw_ptr, V, eps)
+                tl.atomic_xchg(cnt_ptr + pid, 0)
+        else:
+            _gated_norm_store(o, offs_v, mv, head_out, z_ptr + row * stride_z + vh * V, nw_ptr, V, eps)
+    else:
+        tl.store(head_out + offs_v, o.to(dt), mask=mv)
+
+
+@triton.jit
+def _gated_norm_store(o, offs, mask, out_ptrs, z_ptrs, nw_ptr, V, eps):
+    """out = (norm(o) * w) * silu(z) over one head's V outputs, with the reference's roundings."""
+    dt = out_ptrs.dtype.element_ty
+    var = tl.sum(tl.where(mask, o * o, 0.0), axis=0) / V
+    hn = (o * tl.math.rsqrt(var + eps)).to(dt).to(tl.float32)
+    w = tl.load(nw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    hw = (w * hn).to(dt).to(tl.float32)
+    zz = tl.load(z_ptrs + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs + offs, (hw * (zz * tl.sigmoid(zz))).to(dt), mask=mask)
 
 
 def gated_delta_step_triton(qkv, a, b, A_log, dt_bias, state, out, NK, K, V,
-                            z=None, norm_weight=None, eps=1e-6) -> None:
+                            z=None, norm_weight=None, eps=1e-6, workspace=None, block_v=None) -> None:
+    """`workspace` (gated_delta_workspace) lets the fused-norm path split value columns too;
+    `block_v` overrides the split (tests)."""
     bsz, nv, out2 = _check(qkv, a, b, A_log, dt_bias, state, out, NK, K, V, z, norm_weight)
     fuse = z is not None
+    if workspace is not None and (workspace.dtype != torch.int32 or workspace.numel() < bsz * nv):
+        raise ValueError(f"workspace must be int32 with >= {bsz * nv} elements (gated_delta_workspace), "
+                         f"got {workspace.dtype} {workspace.numel()}")
     block_k = next_pow2(K)
-    block_v = next_pow2(V)
-    if not fuse and bsz * nv < FILL_PROGRAMS:
+    block_v = next_pow2(V) if block_v is None else block_v
+    if block_v != next_pow2(block_v) or block_v < 1:
+        raise ValueError(f"block_v must be a power of two, got {block_v}")
+    if (not fuse or workspace is not None) and bsz * nv < FILL_PROGRAMS:
         # split the value columns across programs (they are independent) to fill the GPU
         while block_v > 32 and bsz * nv * triton.cdiv(V, block_v) < FILL_PROGRAMS:
             block_v //= 2
+    split = fuse and triton.cdiv(V, block_v) > 1
+    if split and workspace is None:
+        raise ValueError(f"block_v={block_v} < V={V} with the fused norm needs the counter workspace")
     warps = 8 if block_k * block_v >= 8192 else 4
     grid = (bsz * nv, triton.cdiv(V, block_v))
     zt = z if fuse else out2
-    _gated_delta_kernel[grid](qkv, a, b, A_log, dt_bias, state, out2, zt, norm_weight if fuse else A_log,
+    cnt = workspace if split else state
+    _gated_delta_kernel[grid](qkv, a, b, A_log, dt_bias, state, out2, zt, norm_weight if fuse else A_log, cnt,
                               NK, nv, K, V, float(K ** 0.5), float(eps), qkv.stride(0), a.stride(0),
                               b.stride(0), out2.stride(0), zt.stride(0),
-                              FUSE_NORM=fuse, BLOCK_K=block_k, BLOCK_V=block_v, num_warps=warps)
+                              FUSE_NORM=fuse, SPLIT=split, BLOCK_K=block_k, BLOCK_V=block_v,
+                              BLOCK_VH=next_pow2(V), num_warps=warps)

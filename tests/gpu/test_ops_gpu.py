@@ -77,8 +77,9 @@ def test_norms(dtype, b):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("b", [1, 4])
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused", ["split", True, False])
 def test_conv_and_gated_delta(dtype, b, fused):
+    """fused="split": the fused norm with the value columns split over programs (counter workspace)."""
     C = 2 * NK * KD + NV * VD
     proj = _randn(b, C + NV * VD + 2 * NV, dtype=dtype, seed=11)
     x = proj[:, :C]
@@ -97,12 +98,15 @@ def test_conv_and_gated_delta(dtype, b, fused):
     dt_bias = _randn(NV, dtype=dtype, seed=14)
     state = _randn(b, NV, KD, VD, dtype=torch.float32, scale=0.05, seed=15)
     extra = dict(z=z, norm_weight=_randn(VD, dtype=dtype, seed=16), eps=1e-6) if fused else {}
+    ws = gated_delta.gated_delta_workspace(b, NV, DEV)
     g1, g2 = state.clone(), state.clone()
     o1 = torch.full((b, NV * VD), float("nan"), dtype=dtype, device=DEV)
     o2 = torch.empty_like(o1)
     for _ in range(3):
-        gated_delta.gated_delta_step_triton(c2, a, bb, A_log, dt_bias, g1, o1, NK, KD, VD, **extra)
+        gated_delta.gated_delta_step_triton(c2, a, bb, A_log, dt_bias, g1, o1, NK, KD, VD, **extra,
+                                            workspace=ws if fused == "split" else None)
         gated_delta.gated_delta_step_reference(c2, a, bb, A_log, dt_bias, g2, o2, NK, KD, VD, **extra)
+    assert int(ws.abs().sum()) == 0
     torch.testing.assert_close(g1, g2, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(o1, o2, **_tol(dtype))
 
@@ -220,6 +224,7 @@ def test_all_ops_capture_in_one_graph_without_allocation():
                 tw=torch.empty(b, TOPK, dtype=dtype, device=DEV),
                 ti=torch.empty(b, TOPK, dtype=torch.int32, device=DEV),
                 moe_ws=moe.moe_workspace(b, TOPK, I, dtype, DEV),
+                gdn_ws=gated_delta.gated_delta_workspace(b, NV, DEV),
                 moe_out=torch.empty(b, H, dtype=dtype, device=DEV),
                 logits=torch.empty(b, V_SIZE, dtype=dtype, device=DEV),
                 tokens=torch.empty(b, dtype=torch.int64, device=DEV))
@@ -236,7 +241,8 @@ def test_all_ops_capture_in_one_graph_without_allocation():
         conv.conv1d_update_triton(p[:, :C], t["conv_state"], t["cw"], bb["conv_out"])
         gated_delta.gated_delta_step_triton(bb["conv_out"], p[:, C + NV * VD + NV:], p[:, C + NV * VD:C + NV * VD + NV],
                                             t["A_log"], t["dt_bias"], t["state"], bb["gdn_out"], NK, KD, VD,
-                                            z=p[:, C:C + NV * VD], norm_weight=t["gn"], eps=1e-6)
+                                            z=p[:, C:C + NV * VD], norm_weight=t["gn"], eps=1e-6,
+                                            workspace=bb["gdn_ws"])
         linear.gemv_triton(bb["normed"], t["w_attn"], bb["aproj"])
         attention.qk_norm_rope_store_triton(bb["aproj"], t["qw"], t["kw"], t["pos"], t["inv_freq"], t["kc"], t["vc"],
                                             bb["q"], bb["err"], 1e-6, NH, NKV, D)
