@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -51,3 +53,42 @@ def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # "enough programs to fill 132 SMs" shrinking (results are identical, tests much faster).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FILL_PROGRAMS = 1 if INTERPRET else 2 * 132
+
+
+# ---- programmatic dependent launch (PDL, sm_90+) ---------------------------------------------
+# Every decode kernel is launched with the PDL attribute and starts with pdl_wait(USE_GDC): the
+# next kernel's programs are scheduled while this one drains and block in griddepcontrol.wait until
+# it has completed and its writes are visible, so the launch latency between the ~400 dependent
+# kernels of a step overlaps the previous kernel's tail (stream capture keeps these as programmatic
+# graph edges). A kernel reads or writes nothing produced by earlier kernels before its wait; since
+# each kernel completes only after its own wait returned, the ordering is transitive. Off under the
+# interpreter, before sm_90, where Triton lacks the instructions, or with MODEL_PDL=0.
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch, gdc_wait as _gdc_wait
+    HAVE_GDC = True
+except ImportError:   # an older Triton
+    HAVE_GDC = False
+_PDL_OFF = {"USE_GDC": False}
+_PDL_ON = {"USE_GDC": True, "launch_pdl": True}
+_pdl_by_device: dict[int, dict] = {}
+
+
+def pdl(t: torch.Tensor) -> dict:
+    """Launch keywords for a kernel taking USE_GDC, for the device of tensor `t`."""
+    if t.device.type != "cuda":
+        return _PDL_OFF
+    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    opts = _pdl_by_device.get(idx)
+    if opts is None:
+        on = (HAVE_GDC and not INTERPRET and os.environ.get("MODEL_PDL", "1") != "0"
+              and torch.cuda.get_device_capability(idx)[0] >= 9)
+        opts = _pdl_by_device[idx] = _PDL_ON if on else _PDL_OFF
+    return opts
+
+
+@triton.jit
+def pdl_wait(USE_GDC: tl.constexpr):
+    """Wait for the previous kernel (its writes visible), then let the next one be scheduled."""
+    if USE_GDC:
+        _gdc_wait()
+        _gdc_launch()

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import INTERPRET as _INTERPRET, check_rows, next_pow2
+from ._util import INTERPRET as _INTERPRET, check_rows, next_pow2, pdl, pdl_wait
 
 
 
@@ -101,7 +101,8 @@ def decode_attention_reference(q, k_cache, v_cache, positions, qkv, scale, out, 
 @triton.jit
 def _qk_norm_rope_store_kernel(qkv_ptr, qw_ptr, kw_ptr, pos_ptr, invf_ptr, kc_ptr, vc_ptr, qo_ptr, err_ptr,
                                NH, NKV, D, HALF, CAP, eps, stride_qkv, stride_cb, stride_ch, stride_cs,
-                               BLOCK_D: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                               BLOCK_D: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_GDC: tl.constexpr):
+    pdl_wait(USE_GDC)
     row = tl.program_id(0)
     head = tl.program_id(1)          # 0..NH-1: query heads; NH..NH+NKV-1: key/value heads
     is_q = head < NH
@@ -158,7 +159,7 @@ def qk_norm_rope_store_triton(qkv, q_norm_w, k_norm_w, positions, inv_freq, k_ca
     _qk_norm_rope_store_kernel[grid](qkv, q_norm_w, k_norm_w, positions, inv_freq, k_cache, v_cache, q_out, err,
                                      NH, NKV, D, half, k_cache.shape[2], float(eps), qkv.stride(0),
                                      k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                                     BLOCK_D=next_pow2(D), BLOCK_HALF=next_pow2(max(half, 1)), num_warps=2)
+                                     BLOCK_D=next_pow2(D), BLOCK_HALF=next_pow2(max(half, 1)), num_warps=2, **pdl(qkv))
 
 
 # ----------------------------------------------------------------------------- Triton: split-K attention
@@ -184,7 +185,8 @@ def attention_workspace(batch, num_heads, head_dim, max_seq, device) -> torch.Te
 def _attn_split_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, ws_ptr, NH, NKV, G, D, CAP, NSPLIT, scale,
                        stride_cb, stride_ch, stride_cs,
                        BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                       DOT_FP32: tl.constexpr):
+                       DOT_FP32: tl.constexpr, USE_GDC: tl.constexpr):
+    pdl_wait(USE_GDC)
     pid = tl.program_id(0)
     sp = tl.program_id(1)
     row = pid // NKV
@@ -240,9 +242,10 @@ def _attn_split_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, ws_ptr, NH, NKV, G, D, CA
 
 @triton.jit
 def _attn_reduce_kernel(ws_ptr, pos_ptr, qkv_ptr, out_ptr, NH, D, CAP, NSPLIT, stride_qkv, stride_out,
-                        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, USE_GDC: tl.constexpr):
     """Program per (row, head, D block): combine every split's partial (one tile load), / sum,
     x sigmoid(gate)."""
+    pdl_wait(USE_GDC)
     pid = tl.program_id(0)
     db = tl.program_id(1)
     row = pid // NH
@@ -295,9 +298,9 @@ def decode_attention_triton(q, k_cache, v_cache, positions, qkv, scale, out, wor
                                           float(scale), k_cache.stride(0), k_cache.stride(1),
                                           k_cache.stride(2), BLOCK_G=max(16, next_pow2(g)), BLOCK_N=block_n,
                                           BLOCK_D=block_d, DOT_FP32=_INTERPRET or q.dtype == torch.float32,
-                                          num_warps=warps)
+                                          num_warps=warps, **pdl(q))
     block_s = next_pow2(nsplit)
     block_dr = max(16, min(block_d, 8192 // block_s))
     _attn_reduce_kernel[(b * nh, triton.cdiv(d, block_dr))](workspace, positions, qkv, out, nh, d, cap, nsplit,
                                                            qkv.stride(0), out.stride(0), BLOCK_S=block_s,
-                                                           BLOCK_D=block_dr, num_warps=4)
+                                                           BLOCK_D=block_dr, num_warps=4, **pdl(out))

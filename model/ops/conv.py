@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import check_contiguous, check_rows, next_pow2
+from ._util import check_contiguous, check_rows, next_pow2, pdl, pdl_wait
 
 
 def _check(x, conv_state, weight, out):
@@ -33,7 +33,8 @@ def conv1d_update_reference(x, conv_state, weight, out) -> None:
 
 @triton.jit
 def _conv1d_update_kernel(x_ptr, state_ptr, w_ptr, out_ptr, C, W, stride_x, stride_o,
-                          BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr):
+                          BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, USE_GDC: tl.constexpr):
+    pdl_wait(USE_GDC)
     row = tl.program_id(0)
     cb = tl.program_id(1)
     offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -62,4 +63,4 @@ def conv1d_update_triton(x, conv_state, weight, out) -> None:
     block_c = min(512, next_pow2(c))
     grid = (b, triton.cdiv(c, block_c))
     _conv1d_update_kernel[grid](x, conv_state, weight, out, c, w, x.stride(0), out.stride(0),
-                                BLOCK_C=block_c, BLOCK_W=next_pow2(w), num_warps=4)
+                                BLOCK_C=block_c, BLOCK_W=next_pow2(w), num_warps=4, **pdl(x))

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import FILL_PROGRAMS, as_rows, check_contiguous, check_rows, next_pow2
+from ._util import FILL_PROGRAMS, as_rows, check_contiguous, check_rows, next_pow2, pdl, pdl_wait
 from .norm import gated_rmsnorm_reference
 
 
@@ -83,7 +83,8 @@ def gated_delta_step_reference(qkv, a, b, A_log, dt_bias, state, out, NK, K, V,
 def _gated_delta_kernel(qkv_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, state_ptr, out_ptr, z_ptr, nw_ptr, cnt_ptr,
                         NK, NV, K, V, q_div, eps, stride_qkv, stride_a, stride_b, stride_out, stride_z,
                         FUSE_NORM: tl.constexpr, SPLIT: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_V: tl.constexpr, BLOCK_VH: tl.constexpr):
+                        BLOCK_V: tl.constexpr, BLOCK_VH: tl.constexpr, USE_GDC: tl.constexpr):
+    pdl_wait(USE_GDC)
     pid = tl.program_id(0)
     vb = tl.program_id(1)
     row = pid // NV
@@ -181,4 +182,4 @@ def gated_delta_step_triton(qkv, a, b, A_log, dt_bias, state, out, NK, K, V,
                               NK, nv, K, V, float(K ** 0.5), float(eps), qkv.stride(0), a.stride(0),
                               b.stride(0), out2.stride(0), zt.stride(0),
                               FUSE_NORM=fuse, SPLIT=split, BLOCK_K=block_k, BLOCK_V=block_v,
-                              BLOCK_VH=next_pow2(V), num_warps=warps)
+                              BLOCK_VH=next_pow2(V), num_warps=warps, **pdl(state))

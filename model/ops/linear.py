@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import INTERPRET, check_rows, next_pow2
+from ._util import INTERPRET, check_rows, next_pow2, pdl, pdl_wait
 
 MAX_BATCH = 16
 _TARGET_PROGRAMS = 1 if INTERPRET else 4 * 132  # enough CTAs to keep every SM of an H100 streaming
@@ -41,7 +41,7 @@ def gemv_reference(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, B, N, K, stride_xb, stride_wn, stride_ob,
-                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_b = tl.arange(0, BLOCK_B)
@@ -50,8 +50,13 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, B, N, K, stride_xb, stride_wn, stride_ob
     mask_b = offs_b < B
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     x_rows = x_ptr + offs_b[:, None] * stride_xb
-    acc = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    # the first weight tile depends on no earlier kernel: its load is issued before the PDL wait
+    mk = offs_k < K
+    w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
+    pdl_wait(USE_GDC)
+    x = tl.load(x_rows + offs_k[None, :], mask=mask_b[:, None] & mk[None, :], other=0.0)
+    acc = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         kk = k0 + offs_k
         mk = kk < K
         w = tl.load(w_rows + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
@@ -65,7 +70,7 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, B, N, K, stride_xb, stride_wn, stride_ob
 @triton.jit
 def _gemv_dot_kernel(x_ptr, w_ptr, out_ptr, B, N, K, stride_xb, stride_wn, stride_ob,
                      BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     DOT_FP32: tl.constexpr):
+                     DOT_FP32: tl.constexpr, USE_GDC: tl.constexpr):
     """B >= 2: the weight tile [BLOCK_N, BLOCK_K] times x^T [BLOCK_K, BLOCK_B] on the tensor cores
     (batch padded to 16), so the weight stream stays wide whatever the batch."""
     pid = tl.program_id(0)
@@ -77,6 +82,7 @@ def _gemv_dot_kernel(x_ptr, w_ptr, out_ptr, B, N, K, stride_xb, stride_wn, strid
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     x_cols = x_ptr + offs_b[None, :] * stride_xb
     acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
+    pdl_wait(USE_GDC)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         mk = kk < K
@@ -125,11 +131,11 @@ def gemv_triton(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, launch: 
         block_k = min(256, max(16, next_pow2(k)))
         _gemv_dot_kernel[(triton.cdiv(n, block_n),)](x, w, out, b, n, k, x.stride(0), w.stride(0), out.stride(0),
                                                     BLOCK_B=max(16, next_pow2(b)), BLOCK_N=block_n, BLOCK_K=block_k,
-                                                    DOT_FP32=INTERPRET, num_warps=4, num_stages=4)
+                                                    DOT_FP32=INTERPRET, num_warps=4, num_stages=4, **pdl(x))
         return
     cfg = launch or gemv_config(b, n, k, w.element_size())
     if cfg.block_b < b:
         raise ValueError(f"launch.block_b={cfg.block_b} is smaller than the batch {b}")
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](x, w, out, b, n, k, x.stride(0), w.stride(0), out.stride(0),
                                                  BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                                                 num_warps=cfg.warps, num_stages=cfg.stages)
+                                                 num_warps=cfg.warps, num_stages=cfg.stages, **pdl(x))

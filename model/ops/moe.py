@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import FILL_PROGRAMS, check_contiguous, check_rows, next_pow2
+from ._util import FILL_PROGRAMS, check_contiguous, check_rows, next_pow2, pdl, pdl_wait
 
 
 # ----------------------------------------------------------------------------- router
@@ -45,7 +45,8 @@ def router_topk_reference(logits, top_k, weights_out, ids_out) -> None:
 
 @triton.jit
 def _router_topk_kernel(logits_ptr, w_ptr, ids_ptr, E, TOPK, stride_l,
-                        BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr):
+    pdl_wait(USE_GDC)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_E)
     me = offs < E
@@ -72,7 +73,7 @@ def router_topk_triton(logits, top_k, weights_out, ids_out) -> None:
     b, e = _check_router(logits, top_k, weights_out, ids_out)
     _router_topk_kernel[(b,)](logits, weights_out, ids_out, e, top_k, logits.stride(0),
                               BLOCK_E=next_pow2(e), BLOCK_K=next_pow2(top_k),
-                              num_warps=1 if e <= 1024 else 4)   # one warp: the top-k reductions stay in shuffles
+                              num_warps=1 if e <= 1024 else 4, **pdl(logits))   # one warp: the top-k reductions stay in shuffles
 
 
 # ----------------------------------------------------------------------------- experts
@@ -136,7 +137,8 @@ def moe_experts_reference(x, gate_up_proj, down_proj, ids, weights, shared_gate_
 
 @triton.jit
 def _moe_gate_up_kernel(x_ptr, gu_ptr, ids_ptr, act_ptr, H, I, TOPK, stride_x,
-                        BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr):
+                        BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr, USE_GDC: tl.constexpr):
+    pdl_wait(USE_GDC)
     pid = tl.program_id(0)     # row * TOPK + slot
     ib = tl.program_id(1)
     row = pid // TOPK
@@ -167,7 +169,8 @@ def _moe_gate_up_kernel(x_ptr, gu_ptr, ids_ptr, act_ptr, H, I, TOPK, stride_x,
 @triton.jit
 def _moe_down_kernel(act_ptr, dn_ptr, ids_ptr, w_ptr, sgu_ptr, sdn_ptr, sgl_ptr, out_ptr,
                      H, I, IS, TOPK, stride_sgu, stride_sgl, stride_out,
-                     BLOCK_HO: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_HO: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr):
+    pdl_wait(USE_GDC)
     row = tl.program_id(0)
     hb = tl.program_id(1)
     offs_h = hb * BLOCK_HO + tl.arange(0, BLOCK_HO)
@@ -252,7 +255,7 @@ def launch_moe_gate_up(x, gate_up_proj, ids, act_ws, cfg: MoeLaunch) -> None:
     i = gate_up_proj.shape[1] // 2
     _moe_gate_up_kernel[(b * k, triton.cdiv(i, cfg.gate_up_block_i))](
         x, gate_up_proj, ids, act_ws, h, i, k, x.stride(0), BLOCK_I=cfg.gate_up_block_i,
-        BLOCK_H=cfg.gate_up_block_h, num_warps=cfg.gate_up_warps, num_stages=cfg.gate_up_stages)
+        BLOCK_H=cfg.gate_up_block_h, num_warps=cfg.gate_up_warps, num_stages=cfg.gate_up_stages, **pdl(x))
 
 
 def launch_moe_down(act_ws, down_proj, ids, weights, shared_gate_up, shared_down, shared_gate_logit, out,
@@ -264,7 +267,7 @@ def launch_moe_down(act_ws, down_proj, ids, weights, shared_gate_up, shared_down
     _moe_down_kernel[(b, triton.cdiv(h, cfg.down_block_ho))](
         act_ws, down_proj, ids, weights, shared_gate_up, shared_down, sgl, out, h, i, i_s, k,
         shared_gate_up.stride(0), sgl.stride(0), out.stride(0), BLOCK_HO=cfg.down_block_ho,
-        BLOCK_I=cfg.down_block_i, BLOCK_K=next_pow2(k), num_warps=cfg.down_warps, num_stages=cfg.down_stages)
+        BLOCK_I=cfg.down_block_i, BLOCK_K=next_pow2(k), num_warps=cfg.down_warps, num_stages=cfg.down_stages, **pdl(out))
 
 
 def moe_experts_triton(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_down,

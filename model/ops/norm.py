@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import as_rows, check_rows, next_pow2
+from ._util import as_rows, check_rows, next_pow2, pdl, pdl_wait
 
 
 # ----------------------------------------------------------------------------- references
@@ -57,7 +57,8 @@ def gated_rmsnorm_reference(o, z, weight, eps, out) -> None:
 # ----------------------------------------------------------------------------- Triton
 @triton.jit
 def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, H, eps, stride_x, stride_r, stride_o,
-                    ADD: tl.constexpr, BLOCK_H: tl.constexpr):
+                    ADD: tl.constexpr, BLOCK_H: tl.constexpr, USE_GDC: tl.constexpr):
+    pdl_wait(USE_GDC)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_H)
     mask = offs < H
@@ -83,7 +84,7 @@ def rmsnorm_triton(x, weight, eps, out) -> None:
     check_rows("out", out, b, h)
     blk = next_pow2(h)
     _rmsnorm_kernel[(b,)](x, x, weight, out, h, float(eps), x.stride(0), x.stride(0), out.stride(0),
-                          ADD=False, BLOCK_H=blk, num_warps=_norm_warps(blk))
+                          ADD=False, BLOCK_H=blk, num_warps=_norm_warps(blk), **pdl(out))
 
 
 def add_rmsnorm_triton(x, residual, weight, eps, out) -> None:
@@ -92,12 +93,13 @@ def add_rmsnorm_triton(x, residual, weight, eps, out) -> None:
         check_rows(name, t, b, h)
     blk = next_pow2(h)
     _rmsnorm_kernel[(b,)](x, residual, weight, out, h, float(eps), x.stride(0), residual.stride(0),
-                          out.stride(0), ADD=True, BLOCK_H=blk, num_warps=_norm_warps(blk))
+                          out.stride(0), ADD=True, BLOCK_H=blk, num_warps=_norm_warps(blk), **pdl(out))
 
 
 @triton.jit
 def _gated_rmsnorm_kernel(o_ptr, z_ptr, w_ptr, out_ptr, NV, V, eps, stride_o, stride_z, stride_out,
-                          BLOCK_V: tl.constexpr):
+                          BLOCK_V: tl.constexpr, USE_GDC: tl.constexpr):
+    pdl_wait(USE_GDC)
     pid = tl.program_id(0)
     row = pid // NV
     head = pid % NV
@@ -123,4 +125,4 @@ def gated_rmsnorm_triton(o, z, weight, eps, out) -> None:
     z2 = as_rows("z", z, b, nv * v)
     check_rows("out", out, b, nv * v)
     _gated_rmsnorm_kernel[(b * nv,)](o2, z2, weight, out, nv, v, float(eps), o2.stride(0), z2.stride(0),
-                                     out.stride(0), BLOCK_V=next_pow2(v), num_warps=1 if v <= 256 else 4)
+                                     out.stride(0), BLOCK_V=next_pow2(v), num_warps=1 if v <= 256 else 4, **pdl(out))

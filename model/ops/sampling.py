@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import check_contiguous, next_pow2
+from ._util import check_contiguous, next_pow2, pdl, pdl_wait
 
 SAMPLE_BLOCK_V = 2048
 TOPK_FAST_MAX = 64   # top_k up to this uses the fast candidate path; larger (or top-p alone) the slow one
@@ -122,9 +122,10 @@ def _snap_up(x_ptr, row_stride, row, V, t, inv_t, BLOCK: tl.constexpr):
 
 @triton.jit
 def _sample_cand_kernel(logits_ptr, params_ptr, ws_ptr, B, V, NBLK, stride_l,
-                        KMAX: tl.constexpr, BLOCK: tl.constexpr):
+                        KMAX: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
     """Fast path (0 < top_k <= KMAX): each vocabulary block's top_k values of logits / T, in
     descending order, into ws[cand]; the global top-k is among them."""
+    pdl_wait(USE_GDC)
     row = tl.program_id(0)
     blk = tl.program_id(1)
     temp = tl.load(params_ptr + row * 3)
@@ -175,7 +176,8 @@ def _fast_threshold(ws_ptr, B, NBLK, row, top_k, top_p, KMAX: tl.constexpr, BLOC
 
 @triton.jit
 def _sample_threshold_kernel(logits_ptr, params_ptr, ws_ptr, B, V, NBLK, stride_l, BLOCK: tl.constexpr,
-                             BISECT_STEPS: tl.constexpr, KMAX: tl.constexpr, BLOCK_C: tl.constexpr):
+                             BISECT_STEPS: tl.constexpr, KMAX: tl.constexpr, BLOCK_C: tl.constexpr, USE_GDC: tl.constexpr):
+    pdl_wait(USE_GDC)
     row = tl.program_id(0)
     temp = tl.load(params_ptr + row * 3)
     top_k = tl.load(params_ptr + row * 3 + 1)
@@ -226,7 +228,8 @@ def _sample_threshold_kernel(logits_ptr, params_ptr, ws_ptr, B, V, NBLK, stride_
 
 @triton.jit
 def _sample_block_kernel(logits_ptr, params_ptr, rng_ptr, ws_ptr, B, V, NBLK, stride_l,
-                         MIX: tl.constexpr, BLOCK: tl.constexpr):
+                         MIX: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+    pdl_wait(USE_GDC)
     row = tl.program_id(0)
     blk = tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
@@ -254,7 +257,8 @@ def _sample_block_kernel(logits_ptr, params_ptr, rng_ptr, ws_ptr, B, V, NBLK, st
 
 
 @triton.jit
-def _sample_reduce_kernel(ws_ptr, rng_ptr, out_ptr, B, NBLK, BLOCK_N: tl.constexpr):
+def _sample_reduce_kernel(ws_ptr, rng_ptr, out_ptr, B, NBLK, BLOCK_N: tl.constexpr, USE_GDC: tl.constexpr):
+    pdl_wait(USE_GDC)
     offs = tl.arange(0, BLOCK_N)
     mn = offs < NBLK
     for row in range(0, B):
@@ -278,13 +282,13 @@ def sample_triton(logits, params, rng_state, out_tokens, workspace) -> None:
                          f"got {workspace.dtype} {workspace.numel()}")
     tb = min(4096, next_pow2(v))
     _sample_cand_kernel[(b, nblk)](logits, params, workspace, b, v, nblk, logits.stride(0),
-                                   KMAX=TOPK_FAST_MAX, BLOCK=SAMPLE_BLOCK_V, num_warps=4)
+                                   KMAX=TOPK_FAST_MAX, BLOCK=SAMPLE_BLOCK_V, num_warps=4, **pdl(logits))
     _sample_threshold_kernel[(b,)](logits, params, workspace, b, v, nblk, logits.stride(0), BLOCK=tb, BISECT_STEPS=26,
                                    KMAX=TOPK_FAST_MAX, BLOCK_C=next_pow2(nblk * TOPK_FAST_MAX),
-                                   num_warps=16 if tb >= 4096 else 4)
+                                   num_warps=16 if tb >= 4096 else 4, **pdl(logits))
     _sample_block_kernel[(b, nblk)](logits, params, rng_state, workspace, b, v, nblk, logits.stride(0),
-                                    MIX=_MIX, BLOCK=SAMPLE_BLOCK_V, num_warps=4)
-    _sample_reduce_kernel[(1,)](workspace, rng_state, out_tokens, b, nblk, BLOCK_N=next_pow2(nblk), num_warps=4)
+                                    MIX=_MIX, BLOCK=SAMPLE_BLOCK_V, num_warps=4, **pdl(logits))
+    _sample_reduce_kernel[(1,)](workspace, rng_state, out_tokens, b, nblk, BLOCK_N=next_pow2(nblk), num_warps=4, **pdl(out_tokens))
 
 
 class Sampler:
