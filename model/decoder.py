@@ -7,12 +7,16 @@ recurrent states) is updated in place, so with the Triton backend a step allocat
 can be captured in a CUDA graph. The same code runs on the torch references (backend="reference").
 
 Per layer (ops in `model.ops`, fused weights in `model.weights`):
-  GDN:        gemv(in_proj) -> conv1d_update -> gated_delta_step (+ gated RMSNorm) -> gemv(out_proj)
-  attention:  gemv(qkv) -> qk_norm_rope_store -> decode_attention (x sigmoid gate) -> gemv(o_proj)
-  then        add_rmsnorm -> gemv(router + shared gate/up + shared gate) -> router_topk -> moe_experts
-              -> add_rmsnorm (next layer's input norm, or the final norm) ... -> gemv(lm_head)
+  GDN:        norm_gemv(in_proj) -> conv1d_update -> gated_delta_step (+ gated RMSNorm) -> gemv(out_proj)
+  attention:  norm_gemv(qkv) -> qk_norm_rope_store -> decode_attention (x sigmoid gate) -> gemv(o_proj)
+  then        norm_gemv(router + shared gate/up + shared gate) -> router_topk -> moe_experts
+and finally norm_gemv(lm_head). Each RMSNorm (with the residual add before it) runs in the prologue
+of the projection that consumes it (norm_gemv): the residual stream alternates between two buffers,
+since every program of that kernel reads the old residual while one of them stores the new one.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -76,6 +80,7 @@ class Decoder:
             return torch.zeros(shape, device=dev, dtype=dtype)
 
         self.residual = buf(B, H)
+        self.residual_alt = buf(B, H)    # the residual stream ping-pongs between the two
         self.normed = buf(B, H)
         self.mixer_out = buf(B, H)
         self.moe_out = buf(B, H)
@@ -247,31 +252,34 @@ class Decoder:
         return b
 
     def _forward(self, tokens, positions, r0: int, r1: int) -> torch.Tensor:
-        cfg, ops, w, st = self.cfg, self.ops, self.weights, self.state
+        ops, w = self.ops, self.weights
         n = r1 - r0
-        eps = cfg.rms_norm_eps
-        resid, normed = self.residual[:n], self.normed[:n]
+        res = (self.residual[:n], self.residual_alt[:n])
         mixer_out, moe_out = self.mixer_out[:n], self.moe_out[:n]
-        torch.index_select(w.embed, 0, tokens, out=resid)
-        ops.rmsnorm(resid, w.layers[0].input_norm, eps, normed)
+        torch.index_select(w.embed, 0, tokens, out=res[0])
+        cur, delta = 0, None      # the next norm's input: res[cur] (+ delta), written to res[1 - cur]
         for i, L in enumerate(w.layers):
+            norm_in = _NormIn(delta, res[cur], L.input_norm, res[1 - cur] if delta is not None else None)
+            cur = 1 - cur if delta is not None else cur
             if L.kind == LINEAR:
-                self._gdn(i, L.mixer, normed, mixer_out, r0, r1)
+                self._gdn(i, L.mixer, norm_in, mixer_out, r0, r1)
             else:
-                self._attention(i, L.mixer, normed, mixer_out, positions, r0, r1)
-            ops.add_rmsnorm(mixer_out, resid, L.post_norm, eps, normed)
-            self._moe(L.moe, normed, moe_out, n)
-            next_norm = w.layers[i + 1].input_norm if i + 1 < len(w.layers) else w.final_norm
-            ops.add_rmsnorm(moe_out, resid, next_norm, eps, normed)
+                self._attention(i, L.mixer, norm_in, mixer_out, positions, r0, r1)
+            self._moe(L.moe, _NormIn(mixer_out, res[cur], L.post_norm, res[1 - cur]), moe_out, n)
+            cur, delta = 1 - cur, moe_out
         logits = self.logits[r0:r1]
-        ops.gemv(normed, w.lm_head, logits)
+        ops.norm_gemv(delta, res[cur], w.final_norm, self.cfg.rms_norm_eps, w.lm_head, logits)
         return logits
 
-    def _gdn(self, i, m, x, out, r0, r1):
+    def _norm_gemv(self, norm_in: "_NormIn", w, out, normed_out=None) -> None:
+        self.ops.norm_gemv(norm_in.x, norm_in.residual, norm_in.weight, self.cfg.rms_norm_eps, w, out,
+                           residual_out=norm_in.residual_out, normed_out=normed_out)
+
+    def _gdn(self, i, m, norm_in, out, r0, r1):
         cfg, ops, n = self.cfg, self.ops, r1 - r0
         C, VD, NV = cfg.conv_dim, cfg.linear_value_dim, cfg.linear_num_value_heads
         proj = self.gdn_proj[:n]
-        ops.gemv(x, m.in_proj, proj)
+        self._norm_gemv(norm_in, m.in_proj, proj)
         qkv, z = proj[:, :C], proj[:, C:C + VD]
         b, a = proj[:, C + VD:C + VD + NV], proj[:, C + VD + NV:]
         conv_out = self.conv_out[:n]
@@ -282,11 +290,11 @@ class Decoder:
                              z=z, norm_weight=m.norm, eps=cfg.rms_norm_eps, workspace=self.gdn_counters)
         ops.gemv(gdn_out, m.out_proj, out)
 
-    def _attention(self, i, m, x, out, positions, r0, r1):
+    def _attention(self, i, m, norm_in, out, positions, r0, r1):
         cfg, ops, n = self.cfg, self.ops, r1 - r0
         NH, NKV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         proj = self.attn_proj[:n]
-        ops.gemv(x, m.qkv, proj)
+        self._norm_gemv(norm_in, m.qkv, proj)
         k_cache, v_cache = self.state.k(i)[r0:r1], self.state.v(i)[r0:r1]
         q = self.q[:n]
         ops.qk_norm_rope_store(proj, m.q_norm, m.k_norm, positions, self.inv_freq, k_cache, v_cache, q,
@@ -295,12 +303,21 @@ class Decoder:
         ops.decode_attention(q, k_cache, v_cache, positions, proj, D ** -0.5, attn_out, self.attn_ws)
         ops.gemv(attn_out, m.o_proj, out)
 
-    def _moe(self, m, x, out, n):
+    def _moe(self, m, norm_in: "_NormIn", out, n):
         cfg, ops = self.cfg, self.ops
         E, Is = cfg.num_experts, cfg.shared_expert_intermediate_size
-        rs = self.router_shared[:n]
-        ops.gemv(x, m.router_shared, rs)
+        rs, normed = self.router_shared[:n], self.normed[:n]
+        self._norm_gemv(norm_in, m.router_shared, rs, normed_out=normed)   # the experts read normed
         tw, ti = self.topk_weights[:n], self.topk_ids[:n]
         ops.router_topk(rs[:, :E], cfg.num_experts_per_tok, tw, ti)
-        ops.moe_experts(x, m.gate_up_proj, m.down_proj, ti, tw, rs[:, E:E + 2 * Is], m.shared_down,
+        ops.moe_experts(normed, m.gate_up_proj, m.down_proj, ti, tw, rs[:, E:E + 2 * Is], m.shared_down,
                         rs[:, E + 2 * Is], self.moe_ws, out)
+
+
+class _NormIn(NamedTuple):
+    """A norm fused into the next projection: rms(residual (+ x)) * (1 + weight); with x, the sum
+    is also the new residual, stored into residual_out."""
+    x: torch.Tensor | None
+    residual: torch.Tensor
+    weight: torch.Tensor
+    residual_out: torch.Tensor | None

@@ -9,6 +9,7 @@ function of the shape (no autotuning), so it is safe inside a CUDA-graph capture
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +41,53 @@ def gemv_reference(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, B, N, K, stride_xb, stride_wn, stride_ob,
-                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr):
+def _inv_rms(x_ptr, r_ptr, offs_b, offs_k, mask_b, K, eps, stride_xb, stride_rb,
+             ADD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """1 / rms of each row of residual (+ x, rounded to the residual's dtype), fp32 [BLOCK_B]."""
+    ss = tl.zeros([BLOCK_B], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        m2 = mask_b[:, None] & (kk < K)[None, :]
+        h = tl.load(r_ptr + offs_b[:, None] * stride_rb + kk[None, :], mask=m2, other=0.0)
+        if ADD:
+            xv = tl.load(x_ptr + offs_b[:, None] * stride_xb + kk[None, :], mask=m2, other=0.0)
+            h = (h.to(tl.float32) + xv.to(tl.float32)).to(h.dtype)
+        hf = h.to(tl.float32)
+        ss += tl.sum(hf * hf, axis=1)
+    return tl.math.rsqrt(ss / K + eps)
+
+
+@triton.jit
+def _x_tile(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, offs_b, kk, mask_b, mk, inv_rms, pid,
+            stride_xb, stride_rb, stride_rob, stride_nob,
+            NORM: tl.constexpr, ADD: tl.constexpr, WRITE_R: tl.constexpr, WRITE_N: tl.constexpr):
+    """The [BLOCK_B, BLOCK_K] input tile at columns kk: x itself or, with NORM, the RMSNorm (1 + w)
+    of residual (+ x), rounded as add_rmsnorm does; program 0 also stores the new residual and the
+    normed rows for later kernels (nothing in this kernel reads them)."""
+    m2 = mask_b[:, None] & mk[None, :]
+    if NORM:
+        h = tl.load(r_ptr + offs_b[:, None] * stride_rb + kk[None, :], mask=m2, other=0.0)
+        if ADD:
+            xv = tl.load(x_ptr + offs_b[:, None] * stride_xb + kk[None, :], mask=m2, other=0.0)
+            h = (h.to(tl.float32) + xv.to(tl.float32)).to(h.dtype)
+        nw = tl.load(nw_ptr + kk, mask=mk, other=0.0).to(tl.float32)
+        xt = (h.to(tl.float32) * inv_rms[:, None] * (1.0 + nw)[None, :]).to(h.dtype)
+        if pid == 0:
+            if WRITE_R:
+                tl.store(rout_ptr + offs_b[:, None] * stride_rob + kk[None, :], h, mask=m2)
+            if WRITE_N:
+                tl.store(nout_ptr + offs_b[:, None] * stride_nob + kk[None, :], xt, mask=m2)
+    else:
+        xt = tl.load(x_ptr + offs_b[:, None] * stride_xb + kk[None, :], mask=m2, other=0.0)
+    return xt
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, w_ptr, out_ptr, B, N, K, eps,
+                 stride_xb, stride_rb, stride_rob, stride_nob, stride_wn, stride_ob,
+                 NORM: tl.constexpr, ADD: tl.constexpr, WRITE_R: tl.constexpr, WRITE_N: tl.constexpr,
+                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PREFETCH: tl.constexpr, USE_GDC: tl.constexpr):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_b = tl.arange(0, BLOCK_B)
@@ -49,26 +95,37 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, B, N, K, stride_xb, stride_wn, stride_ob
     mask_n = offs_n < N
     mask_b = offs_b < B
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    x_rows = x_ptr + offs_b[:, None] * stride_xb
-    # the first weight tile depends on no earlier kernel: its load is issued before the PDL wait
-    mk = offs_k < K
-    w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
+    k_first = 0
+    acc = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if PREFETCH:   # the first weight tile depends on no earlier kernel: load it before the wait
+        mk = offs_k < K
+        w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
     pdl_wait(USE_GDC)
-    x = tl.load(x_rows + offs_k[None, :], mask=mask_b[:, None] & mk[None, :], other=0.0)
-    acc = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-    for k0 in range(BLOCK_K, K, BLOCK_K):
+    if NORM:
+        inv_rms = _inv_rms(x_ptr, r_ptr, offs_b, offs_k, mask_b, K, eps, stride_xb, stride_rb, ADD, BLOCK_B, BLOCK_K)
+    else:
+        inv_rms = tl.zeros([BLOCK_B], tl.float32)
+    if PREFETCH:
+        xt = _x_tile(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, offs_b, offs_k, mask_b, mk, inv_rms, pid,
+                     stride_xb, stride_rb, stride_rob, stride_nob, NORM, ADD, WRITE_R, WRITE_N)
+        acc += xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        k_first = BLOCK_K
+    for k0 in range(k_first, K, BLOCK_K):
         kk = k0 + offs_k
         mk = kk < K
         w = tl.load(w_rows + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
-        x = tl.load(x_rows + kk[None, :], mask=mask_b[:, None] & mk[None, :], other=0.0)
-        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        xt = _x_tile(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, offs_b, kk, mask_b, mk, inv_rms, pid,
+                     stride_xb, stride_rb, stride_rob, stride_nob, NORM, ADD, WRITE_R, WRITE_N)
+        acc += xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     res = tl.sum(acc, axis=2)
     out_ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :]
     tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_n[None, :])
 
 
 @triton.jit
-def _gemv_dot_kernel(x_ptr, w_ptr, out_ptr, B, N, K, stride_xb, stride_wn, stride_ob,
+def _gemv_dot_kernel(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, w_ptr, out_ptr, B, N, K, eps,
+                     stride_xb, stride_rb, stride_rob, stride_nob, stride_wn, stride_ob,
+                     NORM: tl.constexpr, ADD: tl.constexpr, WRITE_R: tl.constexpr, WRITE_N: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      DOT_FP32: tl.constexpr, USE_GDC: tl.constexpr):
     """B >= 2: the weight tile [BLOCK_N, BLOCK_K] times x^T [BLOCK_K, BLOCK_B] on the tensor cores
@@ -80,14 +137,18 @@ def _gemv_dot_kernel(x_ptr, w_ptr, out_ptr, B, N, K, stride_xb, stride_wn, strid
     mask_n = offs_n < N
     mask_b = offs_b < B
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    x_cols = x_ptr + offs_b[None, :] * stride_xb
     acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
     pdl_wait(USE_GDC)
+    if NORM:
+        inv_rms = _inv_rms(x_ptr, r_ptr, offs_b, offs_k, mask_b, K, eps, stride_xb, stride_rb, ADD, BLOCK_B, BLOCK_K)
+    else:
+        inv_rms = tl.zeros([BLOCK_B], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         mk = kk < K
         w = tl.load(w_rows + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
-        xt = tl.load(x_cols + kk[:, None], mask=mk[:, None] & mask_b[None, :], other=0.0)
+        xt = tl.trans(_x_tile(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, offs_b, kk, mask_b, mk, inv_rms, pid,
+                              stride_xb, stride_rb, stride_rob, stride_nob, NORM, ADD, WRITE_R, WRITE_N))
         if DOT_FP32:
             acc += tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
         else:
@@ -122,20 +183,98 @@ def gemv_config(b: int, n: int, k: int, elem_size: int) -> GemvLaunch:
 def gemv_triton(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, launch: GemvLaunch | None = None) -> None:
     """out = x @ w.T; `launch` overrides the CUDA-core kernel's configuration (benchmarks)."""
     b, n, k = _check(x, w, out)
+    _launch_gemv(x, None, None, None, None, 0.0, w, out, b, n, k, launch)
+
+
+def _launch_gemv(x, residual, norm_weight, residual_out, normed_out, eps, w, out, b, n, k, launch):
     if b > MAX_BATCH:
         raise ValueError(f"gemv handles batches up to {MAX_BATCH}, got B={b}")
-    if launch is None and b >= 2 and w.dtype in (torch.bfloat16, torch.float16) and x.dtype == w.dtype:
+    norm = residual is not None
+    rows = residual if norm else x      # the input rows' dtype and strides
+    dummy = rows
+    args = (x if x is not None else dummy, residual if norm else dummy, norm_weight if norm else dummy,
+            residual_out if residual_out is not None else dummy, normed_out if normed_out is not None else dummy,
+            w, out, b, n, k, float(eps),
+            x.stride(0) if x is not None else 0, rows.stride(0),
+            residual_out.stride(0) if residual_out is not None else 0,
+            normed_out.stride(0) if normed_out is not None else 0, w.stride(0), out.stride(0))
+    flags = dict(NORM=norm, ADD=norm and x is not None, WRITE_R=residual_out is not None,
+                 WRITE_N=normed_out is not None)
+    if launch is None and b >= 2 and w.dtype in (torch.bfloat16, torch.float16) and rows.dtype == w.dtype:
         block_n = 64
         while block_n > 16 and triton.cdiv(n, block_n) < _TARGET_PROGRAMS // 2:
             block_n //= 2
         block_k = min(256, max(16, next_pow2(k)))
-        _gemv_dot_kernel[(triton.cdiv(n, block_n),)](x, w, out, b, n, k, x.stride(0), w.stride(0), out.stride(0),
-                                                    BLOCK_B=max(16, next_pow2(b)), BLOCK_N=block_n, BLOCK_K=block_k,
-                                                    DOT_FP32=INTERPRET, num_warps=4, num_stages=4, **pdl(x))
+        _gemv_dot_kernel[(triton.cdiv(n, block_n),)](*args, **flags, BLOCK_B=max(16, next_pow2(b)), BLOCK_N=block_n,
+                                                    BLOCK_K=block_k, DOT_FP32=INTERPRET, num_warps=4, num_stages=4,
+                                                    **pdl(out))
         return
     cfg = launch or gemv_config(b, n, k, w.element_size())
     if cfg.block_b < b:
         raise ValueError(f"launch.block_b={cfg.block_b} is smaller than the batch {b}")
-    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](x, w, out, b, n, k, x.stride(0), w.stride(0), out.stride(0),
-                                                 BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                                                 num_warps=cfg.warps, num_stages=cfg.stages, **pdl(x))
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](*args, **flags, BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n,
+                                                 BLOCK_K=cfg.block_k, PREFETCH=_PREFETCH, num_warps=cfg.warps,
+                                                 num_stages=cfg.stages, **pdl(out))
+
+
+_PREFETCH = os.environ.get("MODEL_GEMV_PREFETCH", "0") == "1"   # A/B experiment switch
+
+
+# ----------------------------------------------------------------------------- RMSNorm + GEMV
+def _check_norm_gemv(x, residual, norm_weight, w, out, residual_out, normed_out):
+    if w.dim() != 2 or w.stride(1) != 1:
+        raise ValueError(f"w must be a row-major [N, K] matrix, got shape {tuple(w.shape)} strides {w.stride()}")
+    n, k = w.shape
+    if residual.dim() != 2:
+        raise ValueError(f"residual must be [B, {k}], got shape {tuple(residual.shape)}")
+    b = residual.shape[0]
+    check_rows("residual", residual, b, k)
+    check_rows("out", out, b, n)
+    if norm_weight.dim() != 1 or norm_weight.numel() != k:
+        raise ValueError(f"norm_weight must have shape ({k},), got {tuple(norm_weight.shape)}")
+    named = [("x", x), ("residual_out", residual_out), ("normed_out", normed_out)]
+    for name, t in named:
+        if t is not None:
+            check_rows(name, t, b, k)
+            if t.dtype != residual.dtype:
+                raise TypeError(f"{name} must be {residual.dtype} like residual, got {t.dtype}")
+    if residual_out is not None and x is None:
+        raise ValueError("residual_out needs x (without an add the residual is unchanged)")
+    # every program reads x and residual while program 0 writes the outputs: they must not overlap
+    for name, t in (("residual_out", residual_out), ("normed_out", normed_out)):
+        for src_name, src in (("x", x), ("residual", residual)):
+            if t is not None and src is not None and _overlap(t, src):
+                raise ValueError(f"{name} overlaps {src_name}: the fused kernel reads {src_name} in every "
+                                 f"program while it writes {name}")
+    return b, n, k
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    a1 = a0 + (a.shape[0] - 1) * a.stride(0) * a.element_size() + a.shape[1] * a.element_size()
+    b1 = b0 + (b.shape[0] - 1) * b.stride(0) * b.element_size() + b.shape[1] * b.element_size()
+    return a.device == b.device and a0 < b1 and b0 < a1
+
+
+def norm_gemv_reference(x, residual, norm_weight, eps, w, out, *, residual_out=None, normed_out=None) -> None:
+    """h = residual + x (rounded; residual alone when x is None), n = rms(h) * (1 + norm_weight),
+    out = n @ w.T; optionally residual_out = h and normed_out = n. Equal to add_rmsnorm (or rmsnorm)
+    followed by gemv."""
+    from .norm import _rms_ref
+
+    _check_norm_gemv(x, residual, norm_weight, w, out, residual_out, normed_out)
+    h = residual if x is None else residual + x
+    normed = _rms_ref(h, norm_weight, eps)
+    out.copy_(torch.nn.functional.linear(normed.to(w.dtype), w))
+    if residual_out is not None:
+        residual_out.copy_(h)
+    if normed_out is not None:
+        normed_out.copy_(normed)
+
+
+def norm_gemv_triton(x, residual, norm_weight, eps, w, out, *, residual_out=None, normed_out=None,
+                     launch: GemvLaunch | None = None) -> None:
+    """The RMSNorm computed in the GEMV's prologue by every program (a whole row is a few KB from
+    L2), which saves the separate norm kernel; program 0 stores residual_out and normed_out."""
+    b, n, k = _check_norm_gemv(x, residual, norm_weight, w, out, residual_out, normed_out)
+    _launch_gemv(x, residual, norm_weight, residual_out, normed_out, eps, w, out, b, n, k, launch)

@@ -4,7 +4,7 @@ from .attention import (attention_num_splits, attention_workspace, attention_wor
                         qk_norm_rope_store_reference as qk_norm_rope_store)
 from .conv import conv1d_update_reference as conv1d_update  # noqa: F401
 from .gated_delta import gated_delta_step_reference as gated_delta_step, gated_delta_workspace  # noqa: F401
-from .linear import gemv_reference as gemv  # noqa: F401
+from .linear import gemv_reference as gemv, norm_gemv_reference as norm_gemv  # noqa: F401
 from .moe import moe_experts_reference as moe_experts, moe_workspace, moe_workspace_numel  # noqa: F401
 from .moe import router_topk_reference as router_topk  # noqa: F401
 from .norm import add_rmsnorm_reference as add_rmsnorm, gated_rmsnorm_reference as gated_rmsnorm  # noqa: F401
@@ -20,7 +20,7 @@ def Sampler(vocab_size, batch, sampling=None, device="cpu"):
     return _Sampler(vocab_size, batch, sampling, device, backend="reference")
 
 
-__all__ = ["gemv", "rmsnorm", "add_rmsnorm", "gated_rmsnorm", "conv1d_update", "gated_delta_step",
+__all__ = ["gemv", "norm_gemv", "rmsnorm", "add_rmsnorm", "gated_rmsnorm", "conv1d_update", "gated_delta_step",
            "qk_norm_rope_store", "decode_attention", "router_topk", "moe_experts", "sample", "Sampler",
            "attention_workspace", "attention_workspace_numel", "attention_num_splits", "moe_workspace", "moe_workspace_numel",
            "sample_workspace_numel", "make_params", "make_rng_state", "gated_delta_workspace"]

@@ -41,6 +41,27 @@ def test_gemv(dtype, b, n, k):
     torch.testing.assert_close(out, ref, **_tol(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("b,n", [(1, 12352), (1, 1281), (4, 9216), (16, 2048)])
+def test_norm_gemv(dtype, b, n):
+    """add + RMSNorm fused into the GEMV prologue at the decoder's projection shapes: the new
+    residual exact, the normed rows and the output as the reference (add_rmsnorm then gemv)."""
+    x = _randn(b, H, dtype=dtype, seed=5)
+    res = _randn(b, H, dtype=dtype, scale=3.0, seed=6)
+    nw = _randn(H, dtype=dtype, scale=0.2, seed=7)
+    w = _randn(n, H, dtype=dtype, scale=H ** -0.5, seed=8)
+    got, want = [], []
+    for fn, keep in ((linear.norm_gemv_triton, got), (linear.norm_gemv_reference, want)):
+        o = torch.full((b, n), float("nan"), dtype=dtype, device=DEV)
+        r_out = torch.full((b, H), float("nan"), dtype=dtype, device=DEV)
+        n_out = torch.full((b, H), float("nan"), dtype=dtype, device=DEV)
+        fn(x, res, nw, 1e-6, w, o, residual_out=r_out, normed_out=n_out)
+        keep += [o, r_out, n_out]
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[2], want[2], **_tol(dtype))
+    torch.testing.assert_close(got[0], want[0], **_tol(dtype))
+
+
 def test_gemv_lm_head_bf16():
     x = _randn(1, H, dtype=torch.bfloat16, seed=3)
     w = _randn(V_SIZE, H, dtype=torch.bfloat16, scale=H ** -0.5, seed=4)
