@@ -10,9 +10,10 @@ Per layer (ops in `model.ops`, fused weights in `model.weights`):
   GDN:        norm_gemv(in_proj) -> conv1d_update -> gated_delta_step (+ gated RMSNorm) -> gemv(out_proj)
   attention:  norm_gemv(qkv) -> qk_norm_rope_store -> decode_attention (x sigmoid gate) -> gemv(o_proj)
   then        norm_gemv(router + shared gate/up + shared gate) -> router_topk -> moe_experts
-and finally norm_gemv(lm_head). Each RMSNorm (with the residual add before it) runs in the prologue
-of the projection that consumes it (norm_gemv): the residual stream alternates between two buffers,
-since every program of that kernel reads the old residual while one of them stores the new one.
+and finally add_rmsnorm -> gemv(lm_head). Inside the layers each RMSNorm (with the residual add
+before it) runs in the prologue of the projection that consumes it (norm_gemv): the residual
+stream alternates between two buffers, since every program of that kernel reads the old residual
+while one of them stores the new one.
 """
 from __future__ import annotations
 
@@ -267,8 +268,11 @@ class Decoder:
                 self._attention(i, L.mixer, norm_in, mixer_out, positions, r0, r1)
             self._moe(L.moe, _NormIn(mixer_out, res[cur], L.post_norm, res[1 - cur]), moe_out, n)
             cur, delta = 1 - cur, moe_out
-        logits = self.logits[r0:r1]
-        ops.norm_gemv(delta, res[cur], w.final_norm, self.cfg.rms_norm_eps, w.lm_head, logits)
+        # the final norm stays a kernel of its own: the lm_head has ~60k programs at 35b-a3b
+        # widths, and each recomputing the norm in its prologue costs more than the kernel
+        normed, logits = self.normed[:n], self.logits[r0:r1]
+        ops.add_rmsnorm(delta, res[cur], w.final_norm, self.cfg.rms_norm_eps, normed)
+        ops.gemv(normed, w.lm_head, logits)
         return logits
 
     def _norm_gemv(self, norm_in: "_NormIn", w, out, normed_out=None) -> None:

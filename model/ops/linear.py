@@ -9,7 +9,6 @@ function of the shape (no autotuning), so it is safe inside a CUDA-graph capture
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -41,44 +40,70 @@ def gemv_reference(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
 
 
 @triton.jit
+def _h_tile(x_ptr, r_ptr, offs_b, kk, m2, stride_xb, stride_rb, ADD: tl.constexpr):
+    """The [BLOCK_B, BLOCK_K] tile of residual (+ x, rounded to the residual's dtype)."""
+    h = tl.load(r_ptr + offs_b[:, None] * stride_rb + kk[None, :], mask=m2, other=0.0)
+    if ADD:
+        xv = tl.load(x_ptr + offs_b[:, None] * stride_xb + kk[None, :], mask=m2, other=0.0)
+        h = (h.to(tl.float32) + xv.to(tl.float32)).to(h.dtype)
+    return h
+
+
+@triton.jit
 def _inv_rms(x_ptr, r_ptr, offs_b, offs_k, mask_b, K, eps, stride_xb, stride_rb,
              ADD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """1 / rms of each row of residual (+ x, rounded to the residual's dtype), fp32 [BLOCK_B]."""
+    """1 / rms of each row of residual (+ x), fp32 [BLOCK_B], over K in BLOCK_K tiles."""
     ss = tl.zeros([BLOCK_B], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
-        m2 = mask_b[:, None] & (kk < K)[None, :]
-        h = tl.load(r_ptr + offs_b[:, None] * stride_rb + kk[None, :], mask=m2, other=0.0)
-        if ADD:
-            xv = tl.load(x_ptr + offs_b[:, None] * stride_xb + kk[None, :], mask=m2, other=0.0)
-            h = (h.to(tl.float32) + xv.to(tl.float32)).to(h.dtype)
-        hf = h.to(tl.float32)
+        hf = _h_tile(x_ptr, r_ptr, offs_b, kk, mask_b[:, None] & (kk < K)[None, :], stride_xb, stride_rb,
+                     ADD).to(tl.float32)
         ss += tl.sum(hf * hf, axis=1)
     return tl.math.rsqrt(ss / K + eps)
+
+
+@triton.jit
+def _normed_tile(h, inv_rms, nw_ptr, rout_ptr, nout_ptr, offs_b, kk, m2, mk, pid, stride_rob, stride_nob,
+                 WRITE_R: tl.constexpr, WRITE_N: tl.constexpr):
+    """rms-normalised h times (1 + w), rounded as the norm kernel does; program 0 also stores the
+    new residual and the normed rows for later kernels (nothing in this kernel reads them)."""
+    nw = tl.load(nw_ptr + kk, mask=mk, other=0.0).to(tl.float32)
+    xt = (h.to(tl.float32) * inv_rms[:, None] * (1.0 + nw)[None, :]).to(h.dtype)
+    if pid == 0:
+        if WRITE_R:
+            tl.store(rout_ptr + offs_b[:, None] * stride_rob + kk[None, :], h, mask=m2)
+        if WRITE_N:
+            tl.store(nout_ptr + offs_b[:, None] * stride_nob + kk[None, :], xt, mask=m2)
+    return xt
 
 
 @triton.jit
 def _x_tile(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, offs_b, kk, mask_b, mk, inv_rms, pid,
             stride_xb, stride_rb, stride_rob, stride_nob,
             NORM: tl.constexpr, ADD: tl.constexpr, WRITE_R: tl.constexpr, WRITE_N: tl.constexpr):
-    """The [BLOCK_B, BLOCK_K] input tile at columns kk: x itself or, with NORM, the RMSNorm (1 + w)
-    of residual (+ x), rounded as add_rmsnorm does; program 0 also stores the new residual and the
-    normed rows for later kernels (nothing in this kernel reads them)."""
+    """The [BLOCK_B, BLOCK_K] input tile at columns kk: x itself or, with NORM, the normed
+    residual (+ x) (inv_rms from _inv_rms)."""
     m2 = mask_b[:, None] & mk[None, :]
     if NORM:
-        h = tl.load(r_ptr + offs_b[:, None] * stride_rb + kk[None, :], mask=m2, other=0.0)
-        if ADD:
-            xv = tl.load(x_ptr + offs_b[:, None] * stride_xb + kk[None, :], mask=m2, other=0.0)
-            h = (h.to(tl.float32) + xv.to(tl.float32)).to(h.dtype)
-        nw = tl.load(nw_ptr + kk, mask=mk, other=0.0).to(tl.float32)
-        xt = (h.to(tl.float32) * inv_rms[:, None] * (1.0 + nw)[None, :]).to(h.dtype)
-        if pid == 0:
-            if WRITE_R:
-                tl.store(rout_ptr + offs_b[:, None] * stride_rob + kk[None, :], h, mask=m2)
-            if WRITE_N:
-                tl.store(nout_ptr + offs_b[:, None] * stride_nob + kk[None, :], xt, mask=m2)
+        h = _h_tile(x_ptr, r_ptr, offs_b, kk, m2, stride_xb, stride_rb, ADD)
+        xt = _normed_tile(h, inv_rms, nw_ptr, rout_ptr, nout_ptr, offs_b, kk, m2, mk, pid, stride_rob, stride_nob,
+                          WRITE_R, WRITE_N)
     else:
         xt = tl.load(x_ptr + offs_b[:, None] * stride_xb + kk[None, :], mask=m2, other=0.0)
+    return xt
+
+
+@triton.jit
+def _input_tile(h1, x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, offs_b, kk, mask_b, mk, inv_rms, pid,
+                stride_xb, stride_rb, stride_rob, stride_nob, NORM: tl.constexpr, ADD: tl.constexpr,
+                WRITE_R: tl.constexpr, WRITE_N: tl.constexpr, ONE_TILE: tl.constexpr):
+    """_x_tile, reusing the rows h1 already loaded when K fits one tile."""
+    if NORM and ONE_TILE:
+        xt = _normed_tile(h1, inv_rms, nw_ptr, rout_ptr, nout_ptr, offs_b, kk, mask_b[:, None] & mk[None, :], mk,
+                          pid, stride_rob, stride_nob, WRITE_R, WRITE_N)
+    else:
+        xt = _x_tile(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, offs_b, kk, mask_b, mk, inv_rms, pid,
+                     stride_xb, stride_rb, stride_rob, stride_nob, NORM, ADD, WRITE_R, WRITE_N)
     return xt
 
 
@@ -87,7 +112,10 @@ def _gemv_kernel(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, w_ptr, out_ptr, B, N,
                  stride_xb, stride_rb, stride_rob, stride_nob, stride_wn, stride_ob,
                  NORM: tl.constexpr, ADD: tl.constexpr, WRITE_R: tl.constexpr, WRITE_N: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PREFETCH: tl.constexpr, USE_GDC: tl.constexpr):
+                 ONE_TILE: tl.constexpr, PREFETCH: tl.constexpr, USE_GDC: tl.constexpr):
+    """B = 1 (or fp32): CUDA-core FMAs. ONE_TILE (K <= BLOCK_K): the norm's rows are loaded once.
+    PREFETCH (with PDL): the first weight tile is loaded before waiting on the previous kernel;
+    without PDL the plain loop (its software pipelining measured faster on H100)."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_b = tl.arange(0, BLOCK_B)
@@ -95,27 +123,35 @@ def _gemv_kernel(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, w_ptr, out_ptr, B, N,
     mask_n = offs_n < N
     mask_b = offs_b < B
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    k_first = 0
     acc = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    if PREFETCH:   # the first weight tile depends on no earlier kernel: load it before the wait
+    k_first = 0
+    if PREFETCH:
         mk = offs_k < K
         w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
     pdl_wait(USE_GDC)
+    h1 = tl.zeros([BLOCK_B, BLOCK_K], dtype=r_ptr.dtype.element_ty)
     if NORM:
-        inv_rms = _inv_rms(x_ptr, r_ptr, offs_b, offs_k, mask_b, K, eps, stride_xb, stride_rb, ADD, BLOCK_B, BLOCK_K)
+        if ONE_TILE:   # the rows are loaded once, for the rms and for the product
+            h1 = _h_tile(x_ptr, r_ptr, offs_b, offs_k, mask_b[:, None] & (offs_k < K)[None, :], stride_xb,
+                         stride_rb, ADD)
+            hf = h1.to(tl.float32)
+            inv_rms = tl.math.rsqrt(tl.sum(hf * hf, axis=1) / K + eps)
+        else:
+            inv_rms = _inv_rms(x_ptr, r_ptr, offs_b, offs_k, mask_b, K, eps, stride_xb, stride_rb, ADD,
+                               BLOCK_B, BLOCK_K)
     else:
         inv_rms = tl.zeros([BLOCK_B], tl.float32)
     if PREFETCH:
-        xt = _x_tile(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, offs_b, offs_k, mask_b, mk, inv_rms, pid,
-                     stride_xb, stride_rb, stride_rob, stride_nob, NORM, ADD, WRITE_R, WRITE_N)
+        xt = _input_tile(h1, x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, offs_b, offs_k, mask_b, mk, inv_rms, pid,
+                         stride_xb, stride_rb, stride_rob, stride_nob, NORM, ADD, WRITE_R, WRITE_N, ONE_TILE)
         acc += xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
         k_first = BLOCK_K
     for k0 in range(k_first, K, BLOCK_K):
         kk = k0 + offs_k
         mk = kk < K
         w = tl.load(w_rows + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
-        xt = _x_tile(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, offs_b, kk, mask_b, mk, inv_rms, pid,
-                     stride_xb, stride_rb, stride_rob, stride_nob, NORM, ADD, WRITE_R, WRITE_N)
+        xt = _input_tile(h1, x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, offs_b, kk, mask_b, mk, inv_rms, pid,
+                         stride_xb, stride_rb, stride_rob, stride_nob, NORM, ADD, WRITE_R, WRITE_N, ONE_TILE)
         acc += xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     res = tl.sum(acc, axis=2)
     out_ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :]
@@ -212,12 +248,11 @@ def _launch_gemv(x, residual, norm_weight, residual_out, normed_out, eps, w, out
     cfg = launch or gemv_config(b, n, k, w.element_size())
     if cfg.block_b < b:
         raise ValueError(f"launch.block_b={cfg.block_b} is smaller than the batch {b}")
+    opts = pdl(out)
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](*args, **flags, BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n,
-                                                 BLOCK_K=cfg.block_k, PREFETCH=_PREFETCH, num_warps=cfg.warps,
-                                                 num_stages=cfg.stages, **pdl(out))
-
-
-_PREFETCH = os.environ.get("MODEL_GEMV_PREFETCH", "0") == "1"   # A/B experiment switch
+                                                 BLOCK_K=cfg.block_k, ONE_TILE=k <= cfg.block_k,
+                                                 PREFETCH=opts["USE_GDC"], num_warps=cfg.warps,
+                                                 num_stages=cfg.stages, **opts)
 
 
 # ----------------------------------------------------------------------------- RMSNorm + GEMV
