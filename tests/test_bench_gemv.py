@@ -38,3 +38,9 @@ def test_block_b_below_the_batch_is_named():
     x, w, out = torch.ones(2, 8), torch.ones(4, 8), torch.empty(2, 4)
     with pytest.raises(ValueError, match="launch.block_b=1 is smaller than the batch 2"):
         linear.gemv_triton(x, w, out, launch=linear.GemvLaunch(1, 4, 8, 4, 1))
+
+
+def test_norm_shape_checks_against_the_norm_gemv_reference():
+    shape = bench_gemv.Shape(48, 96, torch, device="cpu", norm=True)
+    assert shape.check(linear.GemvLaunch(1, 8, 32, 4, 1)) <= 0.01
+    assert set(bench_gemv.NORM_FUSED) <= {name for name, *_ in bench_gemv.decode_shapes(ModelConfig.preset("tiny"))}

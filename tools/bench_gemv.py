@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tools import common  # noqa: E402
 
 L2_BYTES = 50 << 20   # H100's L2; copies are added until they hold 4x this
+NORM_FUSED = ("gdn in_proj", "attn qkv", "router+shared")
 
 
 def parse_args(argv=None):
@@ -31,6 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=common.PRESETS, default="35b-a3b")
     p.add_argument("--reps", type=common.positive_int, default=50)
     p.add_argument("--sweep", action="store_true", help="sweep the launch configuration per shape")
+    p.add_argument("--norm", action="store_true",
+                   help="the projections that take a fused RMSNorm prologue (norm_gemv) instead")
     p.add_argument("--max-seconds", type=float, default=300.0, help="stop the sweep after this long")
     p.add_argument("--out", type=Path, default=Path("out/gemv"))
     args = p.parse_args(argv)
@@ -62,32 +65,49 @@ def config_grid(k: int):
 
 
 class Shape:
-    """Weight copies of one GEMV shape, its input and outputs."""
+    """Weight copies of one GEMV shape, its input and outputs. With norm, the GEMV with the
+    residual add + RMSNorm in its prologue (norm_gemv, writing the new residual and normed rows)."""
 
-    def __init__(self, n: int, k: int, torch, device="cuda", seed=0):
+    def __init__(self, n: int, k: int, torch, device="cuda", seed=0, norm=False):
         from model.ops import linear
 
-        self.torch, self.linear, self.n, self.k = torch, linear, n, k
+        self.torch, self.linear, self.n, self.k, self.norm = torch, linear, n, k, norm
         self.nbytes = n * k * 2
         copies = max(1, min(16, -(-4 * L2_BYTES // self.nbytes)))
         g = torch.Generator(device=device).manual_seed(seed)
-        self.weights = [(torch.randn(n, k, generator=g, device=device) * 0.02).to(torch.bfloat16)
-                        for _ in range(copies)]
-        self.x = torch.randn(1, k, generator=g, device=device).to(torch.bfloat16)
-        self.outs = [torch.empty(1, n, dtype=torch.bfloat16, device=device) for _ in range(copies)]
-        self.reference = torch.nn.functional.linear(self.x, self.weights[0]).float()
+        bf16 = torch.bfloat16
+        self.weights = [(torch.randn(n, k, generator=g, device=device) * 0.02).to(bf16) for _ in range(copies)]
+        self.x = torch.randn(1, k, generator=g, device=device).to(bf16)
+        self.outs = [torch.empty(1, n, dtype=bf16, device=device) for _ in range(copies)]
+        if norm:
+            self.residual = (torch.randn(1, k, generator=g, device=device) * 3).to(bf16)
+            self.norm_weight = (torch.randn(k, generator=g, device=device) * 0.2).to(bf16)
+            self.residual_out = torch.empty(1, k, dtype=bf16, device=device)
+            self.normed_out = torch.empty(1, k, dtype=bf16, device=device)
+            ref = torch.empty(1, n, dtype=bf16, device=device)
+            linear.norm_gemv_reference(self.x, self.residual, self.norm_weight, 1e-6, self.weights[0], ref)
+            self.reference = ref.float()
+        else:
+            self.reference = torch.nn.functional.linear(self.x, self.weights[0]).float()
+
+    def _call(self, w, out, launch) -> None:
+        if self.norm:
+            self.linear.norm_gemv_triton(self.x, self.residual, self.norm_weight, 1e-6, w, out,
+                                         residual_out=self.residual_out, normed_out=self.normed_out, launch=launch)
+        else:
+            self.linear.gemv_triton(self.x, w, out, launch=launch)
 
     def check(self, launch) -> float:
-        """Max error of copy 0 relative to torch's largest magnitude; AssertionError past 1%."""
-        self.linear.gemv_triton(self.x, self.weights[0], self.outs[0], launch=launch)
+        """Max error of copy 0 relative to the reference's largest magnitude; AssertionError past 1%."""
+        self._call(self.weights[0], self.outs[0], launch)
         err = ((self.outs[0].float() - self.reference).abs().max() / self.reference.abs().max()).item()
-        assert err <= 0.01, f"{launch}: relative error {err:.3g} against torch"
+        assert err <= 0.01, f"{launch}: relative error {err:.3g} against the reference"
         return err
 
     def time_us(self, launch, reps: int) -> float:
         def step():
             for w, o in zip(self.weights, self.outs):
-                self.linear.gemv_triton(self.x, w, o, launch=launch)
+                self._call(w, o, launch)
 
         return common.time_graph_us(step, reps, len(self.weights))
 
@@ -108,11 +128,15 @@ def main(argv=None) -> int:
         print(text, flush=True)
         lines.append(text)
 
-    log(f"{common.gpu_name()}: {args.preset} GEMVs at batch 1, bf16; copy bandwidth {bw:.0f} GB/s")
+    log(f"{common.gpu_name()}: {args.preset} {'norm_gemv' if args.norm else 'GEMV'}s at batch 1, bf16; "
+        f"copy bandwidth {bw:.0f} GB/s")
     log(f"{'shape':14s} {'N':>7s} {'K':>5s} {'calls':>5s} {'MB':>7s} {'floor us':>8s} {'default us':>10s} "
         f"{'best us':>8s} {'best GB/s':>9s}  best configuration")
-    for name, n, k, calls in decode_shapes(cfg):
-        shape = Shape(n, k, torch)
+    shapes = decode_shapes(cfg)
+    if args.norm:   # the decoder fuses the norms into these (the lm_head keeps its own norm kernel)
+        shapes = [sh for sh in shapes if sh[0] in NORM_FUSED]
+    for name, n, k, calls in shapes:
+        shape = Shape(n, k, torch, norm=args.norm)
         base = linear.gemv_config(1, n, k, 2)
         shape.check(base)
         default_us = shape.time_us(base, args.reps)
