@@ -137,7 +137,7 @@ def main(argv=None) -> int:
         shapes = [sh for sh in shapes if sh[0] in NORM_FUSED]
     for name, n, k, calls in shapes:
         shape = Shape(n, k, torch, norm=args.norm)
-        base = linear.gemv_config(1, n, k, 2)
+        base = linear.gemv_config(1, n, k, 2, norm=args.norm)
         shape.check(base)
         default_us = shape.time_us(base, args.reps)
         tried = [{**dataclasses.asdict(base), "us": default_us}]

@@ -9,6 +9,7 @@ function of the shape (no autotuning), so it is safe inside a CUDA-graph capture
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ import triton.language as tl
 from ._util import INTERPRET, check_rows, next_pow2, pdl, pdl_wait
 
 MAX_BATCH = 16
+_PREFETCH_MAX_PROGRAMS = int(os.environ.get("MODEL_GEMV_PREFETCH_MAX_PROGRAMS", "4096"))   # A/B switch
 _TARGET_PROGRAMS = 1 if INTERPRET else 4 * 132  # enough CTAs to keep every SM of an H100 streaming
 
 
@@ -203,12 +205,13 @@ class GemvLaunch:
     stages: int
 
 
-def gemv_config(b: int, n: int, k: int, elem_size: int) -> GemvLaunch:
-    """The _gemv_kernel configuration for a [b, k] x [n, k]^T GEMV; fixed per shape."""
-    # H100, bf16, batch 1 (tools/bench_gemv.py sweep): whole 2048-column row slices per load and
-    # two programs per SM beat 512-column slices and four per SM by 4-13% at every layer shape
+def gemv_config(b: int, n: int, k: int, elem_size: int, *, norm: bool = False) -> GemvLaunch:
+    """The _gemv_kernel configuration for a [b, k] x [n, k]^T GEMV (with norm: norm_gemv's); fixed
+    per shape. H100, bf16, batch 1 (tools/bench_gemv.py sweeps): whole 2048-column row slices and
+    two programs per SM beat 512-column slices by 4-13% at every layer shape; with the norm
+    prologue, 1024-column slices beat 2048 by 2-11% (the second slice's load overlaps the norm)."""
     block_b = next_pow2(b)
-    block_k = min(next_pow2(k), 2048 if elem_size <= 2 else 256)
+    block_k = min(next_pow2(k), (1024 if norm else 2048) if elem_size <= 2 else 256)
     budget = 8192 if block_b == 1 else 4096  # fp32 accumulator elements per program (4 warps)
     block_n = max(1, min(16, budget // (block_b * block_k)))
     while block_n > 1 and triton.cdiv(n, block_n) < _TARGET_PROGRAMS // 2:
@@ -245,14 +248,17 @@ def _launch_gemv(x, residual, norm_weight, residual_out, normed_out, eps, w, out
                                                     BLOCK_K=block_k, DOT_FP32=INTERPRET, num_warps=4, num_stages=4,
                                                     **pdl(out))
         return
-    cfg = launch or gemv_config(b, n, k, w.element_size())
+    cfg = launch or gemv_config(b, n, k, w.element_size(), norm=norm)
     if cfg.block_b < b:
         raise ValueError(f"launch.block_b={cfg.block_b} is smaller than the batch {b}")
     opts = pdl(out)
-    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](*args, **flags, BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n,
-                                                 BLOCK_K=cfg.block_k, ONE_TILE=k <= cfg.block_k,
-                                                 PREFETCH=opts["USE_GDC"], num_warps=cfg.warps,
-                                                 num_stages=cfg.stages, **opts)
+    programs = triton.cdiv(n, cfg.block_n)
+    # the weight prefetch before the PDL wait helps the first wave only; GEMVs of many waves (the
+    # lm_head) keep the plain loop, whose software pipelining streams faster
+    prefetch = opts["USE_GDC"] and programs <= _PREFETCH_MAX_PROGRAMS
+    _gemv_kernel[(programs,)](*args, **flags, BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                              ONE_TILE=k <= cfg.block_k, PREFETCH=prefetch, num_warps=cfg.warps,
+                              num_stages=cfg.stages, **opts)
 
 
 # ----------------------------------------------------------------------------- RMSNorm + GEMV
