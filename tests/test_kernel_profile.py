@@ -80,3 +80,9 @@ def test_one_kernel_with_several_grids_gets_a_row_per_grid():
     got = {r.name: (r.calls_per_step, r.us_per_step) for r in p.rows}
     assert got == {"_gemv_kernel grid=64x1x1": (1, 10.0), "_gemv_kernel grid=8x1x1": (2, 6.0),
                    "_rmsnorm_kernel": (1, 2.0)}
+
+
+def test_overlapping_kernels_are_flagged():
+    events = [("a", 0.0, 10.0, 1), ("b", 2.0, 10.0, 1)]   # b scheduled early, waiting on a
+    text = kp.format_profile(kp.aggregate(kp.kernel_events(_trace(events)), steps=1, kernels_per_step=2))
+    assert "kernels overlap" in text and "MODEL_PDL=0" in text

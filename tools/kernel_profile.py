@@ -116,6 +116,10 @@ def format_profile(p: StepProfile, top: int = 20) -> str:
     head = (f"kernel time per step {p.busy_us:.1f} us over {p.kernels_per_step:.0f} kernels; span "
             f"{p.span_us:.1f} us, of which idle between kernels {p.idle_us:.1f} us "
             f"({p.idle_us / p.span_us:.0%})" if p.span_us else "")
+    if p.busy_us > p.span_us * 1.01:
+        head += ("\n  kernels overlap (programmatic dependent launch): a kernel's record starts when its "
+                 "programs are scheduled,\n  so it includes waiting for the previous kernel; MODEL_PDL=0 "
+                 "gives exclusive times")
     lines = [head, f"  {'us/step':>9} {'share':>6} {'calls':>6} {'us/call':>8}  kernel (grid where it varies)"]
     for r in p.rows[:top]:
         lines.append(f"  {r.us_per_step:9.1f} {r.share:6.1%} {r.calls_per_step:6.1f} {r.us_per_call:8.2f}  {r.name}")
