@@ -275,9 +275,11 @@ class Decoder:
         ops.gemv(normed, w.lm_head, logits)
         return logits
 
-    def _norm_gemv(self, norm_in: "_NormIn", w, out, normed_out=None) -> None:
+    def _norm_gemv(self, norm_in: "_NormIn", w, out) -> None:
+        # normed rows always go to the static buffer: the experts read them after the router
+        # projection, and the tensor-core path (batch >= 2) needs it for its norm kernel
         self.ops.norm_gemv(norm_in.x, norm_in.residual, norm_in.weight, self.cfg.rms_norm_eps, w, out,
-                           residual_out=norm_in.residual_out, normed_out=normed_out)
+                           residual_out=norm_in.residual_out, normed_out=self.normed[:out.shape[0]])
 
     def _gdn(self, i, m, norm_in, out, r0, r1):
         cfg, ops, n = self.cfg, self.ops, r1 - r0
@@ -311,7 +313,7 @@ class Decoder:
         cfg, ops = self.cfg, self.ops
         E, Is = cfg.num_experts, cfg.shared_expert_intermediate_size
         rs, normed = self.router_shared[:n], self.normed[:n]
-        self._norm_gemv(norm_in, m.router_shared, rs, normed_out=normed)   # the experts read normed
+        self._norm_gemv(norm_in, m.router_shared, rs)   # also stores normed, which the experts read
         tw, ti = self.topk_weights[:n], self.topk_ids[:n]
         ops.router_topk(rs[:, :E], cfg.num_experts_per_tok, tw, ti)
         ops.moe_experts(normed, m.gate_up_proj, m.down_proj, ti, tw, rs[:, E:E + 2 * Is], m.shared_down,

@@ -160,13 +160,12 @@ def _gemv_kernel(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, w_ptr, out_ptr, B, N,
 
 
 @triton.jit
-def _gemv_dot_kernel(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, w_ptr, out_ptr, B, N, K, eps,
-                     stride_xb, stride_rb, stride_rob, stride_nob, stride_wn, stride_ob,
-                     NORM: tl.constexpr, ADD: tl.constexpr, WRITE_R: tl.constexpr, WRITE_N: tl.constexpr,
+def _gemv_dot_kernel(x_ptr, w_ptr, out_ptr, B, N, K, stride_xb, stride_wn, stride_ob,
                      BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      DOT_FP32: tl.constexpr, USE_GDC: tl.constexpr):
     """B >= 2: the weight tile [BLOCK_N, BLOCK_K] times x^T [BLOCK_K, BLOCK_B] on the tensor cores
     (batch padded to 16), so the weight stream stays wide whatever the batch."""
+    pdl_wait(USE_GDC)
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_b = tl.arange(0, BLOCK_B)
@@ -174,18 +173,13 @@ def _gemv_dot_kernel(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, w_ptr, out_ptr, B
     mask_n = offs_n < N
     mask_b = offs_b < B
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    x_cols = x_ptr + offs_b[None, :] * stride_xb
     acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
-    pdl_wait(USE_GDC)
-    if NORM:
-        inv_rms = _inv_rms(x_ptr, r_ptr, offs_b, offs_k, mask_b, K, eps, stride_xb, stride_rb, ADD, BLOCK_B, BLOCK_K)
-    else:
-        inv_rms = tl.zeros([BLOCK_B], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         mk = kk < K
         w = tl.load(w_rows + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
-        xt = tl.trans(_x_tile(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, offs_b, kk, mask_b, mk, inv_rms, pid,
-                              stride_xb, stride_rb, stride_rob, stride_nob, NORM, ADD, WRITE_R, WRITE_N))
+        xt = tl.load(x_cols + kk[:, None], mask=mk[:, None] & mask_b[None, :], other=0.0)
         if DOT_FP32:
             acc += tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
         else:
@@ -239,13 +233,20 @@ def _launch_gemv(x, residual, norm_weight, residual_out, normed_out, eps, w, out
     flags = dict(NORM=norm, ADD=norm and x is not None, WRITE_R=residual_out is not None,
                  WRITE_N=normed_out is not None)
     if launch is None and b >= 2 and w.dtype in (torch.bfloat16, torch.float16) and rows.dtype == w.dtype:
+        if norm:   # the tensor-core path keeps the norm a kernel of its own (measured faster at B 2-4)
+            from .norm import launch_rmsnorm
+
+            if normed_out is None:
+                normed_out = torch.empty_like(residual)
+            launch_rmsnorm(x, residual, norm_weight, eps, normed_out, residual_out)
+            x = normed_out
         block_n = 64
         while block_n > 16 and triton.cdiv(n, block_n) < _TARGET_PROGRAMS // 2:
             block_n //= 2
         block_k = min(256, max(16, next_pow2(k)))
-        _gemv_dot_kernel[(triton.cdiv(n, block_n),)](*args, **flags, BLOCK_B=max(16, next_pow2(b)), BLOCK_N=block_n,
-                                                    BLOCK_K=block_k, DOT_FP32=INTERPRET, num_warps=4, num_stages=4,
-                                                    **pdl(out))
+        _gemv_dot_kernel[(triton.cdiv(n, block_n),)](x, w, out, b, n, k, x.stride(0), w.stride(0), out.stride(0),
+                                                    BLOCK_B=max(16, next_pow2(b)), BLOCK_N=block_n, BLOCK_K=block_k,
+                                                    DOT_FP32=INTERPRET, num_warps=4, num_stages=4, **pdl(out))
         return
     cfg = launch or gemv_config(b, n, k, w.element_size(), norm=norm)
     if cfg.block_b < b:
@@ -315,6 +316,8 @@ def norm_gemv_reference(x, residual, norm_weight, eps, w, out, *, residual_out=N
 def norm_gemv_triton(x, residual, norm_weight, eps, w, out, *, residual_out=None, normed_out=None,
                      launch: GemvLaunch | None = None) -> None:
     """The RMSNorm computed in the GEMV's prologue by every program (a whole row is a few KB from
-    L2), which saves the separate norm kernel; program 0 stores residual_out and normed_out."""
+    L2), which saves the separate norm kernel; program 0 stores residual_out and normed_out. On the
+    tensor-core path (B >= 2, bf16/fp16) the norm runs as its own kernel first, into normed_out
+    (a temporary when not given: pass it for a step that must not allocate)."""
     b, n, k = _check_norm_gemv(x, residual, norm_weight, w, out, residual_out, normed_out)
     _launch_gemv(x, residual, norm_weight, residual_out, normed_out, eps, w, out, b, n, k, launch)

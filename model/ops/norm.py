@@ -56,8 +56,8 @@ def gated_rmsnorm_reference(o, z, weight, eps, out) -> None:
 
 # ----------------------------------------------------------------------------- Triton
 @triton.jit
-def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, H, eps, stride_x, stride_r, stride_o,
-                    ADD: tl.constexpr, BLOCK_H: tl.constexpr, USE_GDC: tl.constexpr):
+def _rmsnorm_kernel(x_ptr, res_ptr, rout_ptr, w_ptr, out_ptr, H, eps, stride_x, stride_r, stride_ro, stride_o,
+                    ADD: tl.constexpr, WRITE_R: tl.constexpr, BLOCK_H: tl.constexpr, USE_GDC: tl.constexpr):
     pdl_wait(USE_GDC)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_H)
@@ -66,7 +66,8 @@ def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, H, eps, stride_x, stride_r, 
     if ADD:
         r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0)
         x = (r.to(tl.float32) + x.to(tl.float32)).to(res_ptr.dtype.element_ty)
-        tl.store(res_ptr + row * stride_r + offs, x, mask=mask)
+        if WRITE_R:
+            tl.store(rout_ptr + row * stride_ro + offs, x, mask=mask)
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / H
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -78,22 +79,31 @@ def _norm_warps(block: int) -> int:
     return 4 if block <= 2048 else 8
 
 
+def launch_rmsnorm(x, residual, weight, eps, out, residual_out) -> None:
+    """out = rms(residual (+ x)) * (1 + w); with x, the sum goes to residual_out when given (which
+    may be residual itself: add_rmsnorm). Arguments already checked by the caller."""
+    b, h = residual.shape
+    blk = next_pow2(h)
+    add = x is not None
+    xs = x if add else residual
+    ro = residual_out if residual_out is not None else residual
+    _rmsnorm_kernel[(b,)](xs, residual, ro, weight, out, h, float(eps), xs.stride(0), residual.stride(0),
+                          ro.stride(0), out.stride(0), ADD=add, WRITE_R=add and residual_out is not None,
+                          BLOCK_H=blk, num_warps=_norm_warps(blk), **pdl(out))
+
+
 def rmsnorm_triton(x, weight, eps, out) -> None:
     b, h = x.shape
     check_rows("x", x, b, h)
     check_rows("out", out, b, h)
-    blk = next_pow2(h)
-    _rmsnorm_kernel[(b,)](x, x, weight, out, h, float(eps), x.stride(0), x.stride(0), out.stride(0),
-                          ADD=False, BLOCK_H=blk, num_warps=_norm_warps(blk), **pdl(out))
+    launch_rmsnorm(None, x, weight, eps, out, None)
 
 
 def add_rmsnorm_triton(x, residual, weight, eps, out) -> None:
     b, h = x.shape
     for name, t in (("x", x), ("residual", residual), ("out", out)):
         check_rows(name, t, b, h)
-    blk = next_pow2(h)
-    _rmsnorm_kernel[(b,)](x, residual, weight, out, h, float(eps), x.stride(0), residual.stride(0),
-                          out.stride(0), ADD=True, BLOCK_H=blk, num_warps=_norm_warps(blk), **pdl(out))
+    launch_rmsnorm(x, residual, weight, eps, out, residual)
 
 
 @triton.jit
