@@ -6,6 +6,11 @@ B = 1 (and fp32 weights): CUDA-core FMAs into a [BLOCK_N, BLOCK_K] accumulator r
 end. B >= 2 with bf16/fp16 weights: the weight tile times x^T on the tensor cores (batch padded to
 16), which keeps the weight stream at full width whatever the batch. Launch configuration is a pure
 function of the shape (no autotuning), so it is safe inside a CUDA-graph capture.
+
+norm_gemv also applies the residual add + RMSNorm that precedes a projection: on the CUDA-core path
+every program computes it in its prologue (the rows are a few KB in L2), which saves a kernel per
+norm; with PDL (see _util.pdl) the first weight tile is loaded before waiting on the previous
+kernel, so the norm's latency overlaps the weight stream.
 """
 from __future__ import annotations
 
@@ -22,10 +27,14 @@ _PREFETCH_MAX_PROGRAMS = 4096   # H200, whole 35b step: prefetch for all 2.743 m
 _TARGET_PROGRAMS = 1 if INTERPRET else 4 * 132  # enough CTAs to keep every SM of an H100 streaming
 
 
-def _check(x, w, out):
+def _check_w(w):
     if w.dim() != 2 or w.stride(1) != 1:
         raise ValueError(f"w must be a row-major [N, K] matrix, got shape {tuple(w.shape)} strides {w.stride()}")
-    n, k = w.shape
+    return w.shape
+
+
+def _check(x, w, out):
+    n, k = _check_w(w)
     if x.dim() != 2:
         raise ValueError(f"x must be [B, {k}], got shape {tuple(x.shape)}")
     b = x.shape[0]
@@ -219,6 +228,8 @@ def gemv_triton(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, launch: 
 
 
 def _launch_gemv(x, residual, norm_weight, residual_out, normed_out, eps, w, out, b, n, k, launch):
+    """The GEMV launch for gemv (residual None) and norm_gemv, arguments already checked; absent
+    pointers get a stand-in that the kernel's flags keep it from touching."""
     if b > MAX_BATCH:
         raise ValueError(f"gemv handles batches up to {MAX_BATCH}, got B={b}")
     norm = residual is not None
@@ -263,9 +274,7 @@ def _launch_gemv(x, residual, norm_weight, residual_out, normed_out, eps, w, out
 
 # ----------------------------------------------------------------------------- RMSNorm + GEMV
 def _check_norm_gemv(x, residual, norm_weight, w, out, residual_out, normed_out):
-    if w.dim() != 2 or w.stride(1) != 1:
-        raise ValueError(f"w must be a row-major [N, K] matrix, got shape {tuple(w.shape)} strides {w.stride()}")
-    n, k = w.shape
+    n, k = _check_w(w)
     if residual.dim() != 2:
         raise ValueError(f"residual must be [B, {k}], got shape {tuple(residual.shape)}")
     b = residual.shape[0]
