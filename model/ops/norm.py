@@ -38,14 +38,20 @@ def add_rmsnorm_reference(x, residual, weight, eps, out) -> None:
     out.copy_(_rms_ref(residual, weight, eps))
 
 
-def gated_rmsnorm_reference(o, z, weight, eps, out) -> None:
-    """out = (rms(o) rounded * w) * silu(z), per head of V = weight.numel() channels (no 1+)."""
+def _check_gated(o, z, weight, out):
+    """(b, nv, v, o as [b, nv*v] rows, z as rows) for the gated norm of nv heads of v channels."""
     v = weight.numel()
     b = o.shape[0]
     o2 = as_rows("o", o, b, o[0].numel())
     nv = o2.shape[1] // v
     z2 = as_rows("z", z, b, nv * v)
     check_rows("out", out, b, nv * v)
+    return b, nv, v, o2, z2
+
+
+def gated_rmsnorm_reference(o, z, weight, eps, out) -> None:
+    """out = (rms(o) rounded * w) * silu(z), per head of V = weight.numel() channels (no 1+)."""
+    b, nv, v, o2, z2 = _check_gated(o, z, weight, out)
     dtype = o.dtype
     hf = o2.reshape(b, nv, v).float()
     hf = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
@@ -128,11 +134,6 @@ def _gated_rmsnorm_kernel(o_ptr, z_ptr, w_ptr, out_ptr, NV, V, eps, stride_o, st
 
 
 def gated_rmsnorm_triton(o, z, weight, eps, out) -> None:
-    v = weight.numel()
-    b = o.shape[0]
-    o2 = as_rows("o", o, b, o[0].numel())
-    nv = o2.shape[1] // v
-    z2 = as_rows("z", z, b, nv * v)
-    check_rows("out", out, b, nv * v)
+    b, nv, v, o2, z2 = _check_gated(o, z, weight, out)
     _gated_rmsnorm_kernel[(b * nv,)](o2, z2, weight, out, nv, v, float(eps), o2.stride(0), z2.stride(0),
                                      out.stride(0), BLOCK_V=next_pow2(v), num_warps=1 if v <= 256 else 4, **pdl(out))
