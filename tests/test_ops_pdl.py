@@ -12,7 +12,7 @@ import torch
 
 from model.ops import _util
 
-OPS = sorted((Path(__file__).resolve().parents[1] / "model" / "ops").glob("*.py"))
+OPS = sorted((Path(__file__).resolve().parents[1] / "model" / "ops").rglob("*.py"))
 
 
 def _kernels(tree):
@@ -31,7 +31,7 @@ def _launches(tree):
                 yield name, node
 
 
-@pytest.mark.parametrize("path", OPS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", OPS, ids=lambda p: p.parent.name + "/" + p.name)
 def test_every_kernel_waits_and_every_launch_passes_the_pdl_options(path):
     tree = ast.parse(path.read_text())
     for fn in _kernels(tree):

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import INTERPRET as _INTERPRET, check_rows, next_pow2, pdl, pdl_wait
+from .._util import INTERPRET as _INTERPRET, check_rows, next_pow2, pdl, pdl_wait
 
 
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import INTERPRET, check_rows, next_pow2, pdl, pdl_wait
+from .._util import INTERPRET, check_rows, next_pow2, pdl, pdl_wait
 
 MAX_BATCH = 16
 _PREFETCH_MAX_PROGRAMS = 4096   # H200, whole 35b step: prefetch for all 2.743 ms, none 2.711, up to this 2.697
@@ -245,7 +245,7 @@ def _launch_gemv(x, residual, norm_weight, residual_out, normed_out, eps, w, out
                  WRITE_N=normed_out is not None)
     if launch is None and b >= 2 and w.dtype in (torch.bfloat16, torch.float16) and rows.dtype == w.dtype:
         if norm:   # the tensor-core path keeps the norm a kernel of its own (measured faster at B 2-4)
-            from .norm import launch_rmsnorm
+            from ..norm import launch_rmsnorm
 
             if normed_out is None:
                 normed_out = torch.empty_like(residual)
@@ -310,7 +310,7 @@ def norm_gemv_reference(x, residual, norm_weight, eps, w, out, *, residual_out=N
     """h = residual + x (rounded; residual alone when x is None), n = rms(h) * (1 + norm_weight),
     out = n @ w.T; optionally residual_out = h and normed_out = n. Equal to add_rmsnorm (or rmsnorm)
     followed by gemv."""
-    from .norm import _rms_ref
+    from ..norm import _rms_ref
 
     _check_norm_gemv(x, residual, norm_weight, w, out, residual_out, normed_out)
     h = residual if x is None else residual + x

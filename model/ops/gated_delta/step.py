@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import FILL_PROGRAMS, as_rows, check_contiguous, check_rows, next_pow2, pdl, pdl_wait
-from .norm import gated_rmsnorm_reference
+from .._util import FILL_PROGRAMS, as_rows, check_contiguous, check_rows, next_pow2, pdl, pdl_wait
+from ..norm import gated_rmsnorm_reference
 
 
 def _check(qkv, a, b, A_log, dt_bias, state, out, NK, K, V, z, norm_weight):

@@ -1,0 +1,2 @@
+"""Full attention: the one-token decode kernels (`decode`) and the chunked prefill kernels (`prefill`)."""
+from .decode import *  # noqa: F401,F403
