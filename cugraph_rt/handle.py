@@ -39,7 +39,7 @@ class GraphHandle:
     """Capture ``fn(**static_inputs)`` once, replay it with new inputs. See the module doc."""
 
     def __init__(self, fn, inputs: dict, *, warmup: int = 2, stream=None,
-                 allocator: str = "pool", buckets=None, bucket_dim: int = 0,
+                 allocator: str = "pool", buckets=None, bucket_dim: int = 0, bucketed=None,
                  upload: bool = True, host_outputs: bool = False,
                  capture_mode: str = "thread_local", slice_outputs: bool = True,
                  capture: bool = True):
@@ -54,8 +54,11 @@ class GraphHandle:
         self._specs = {name: as_spec(name, v) for name, v in inputs.items()}
         self._buckets = normalize_buckets(buckets)
         self._bucket_dim = int(bucket_dim)
+        self._bucketed = self._check_bucketed(bucketed)
         if self._buckets is not None:
             for name, spec in self._specs.items():
+                if not self._is_bucketed(name):
+                    continue
                 if not 0 <= self._bucket_dim < len(spec.shape):
                     raise ValueError(f"bucket_dim {bucket_dim} is out of range for input "
                                      f"{name!r} of shape {spec.shape}")
@@ -82,7 +85,7 @@ class GraphHandle:
             res.statics[b] = {}
             for name, spec in self._specs.items():
                 shape = list(spec.shape)
-                if b is not None:
+                if b is not None and self._is_bucketed(name):
                     shape[self._bucket_dim] = b
                 res.statics[b][name] = StaticInput(tuple(shape), spec.dtype, ti)
                 res.statics[b][name].buffer.fill_zero(stream=res.stream)
@@ -95,6 +98,27 @@ class GraphHandle:
         self._last_bucket = None
         self._fast = None
         self.stats = HandleStats()
+
+    def _check_bucketed(self, bucketed):
+        """None (every input is padded along bucket_dim) or the names of the inputs that are;
+        the others (per-call scalars, say) keep their shape in every bucket."""
+        if bucketed is None:
+            return None
+        if isinstance(bucketed, str) or not hasattr(bucketed, "__iter__"):
+            raise TypeError(f"bucketed must be an iterable of input names; got {bucketed!r}")
+        names = frozenset(bucketed)
+        unknown = sorted(str(n) for n in names - self._specs.keys())
+        if unknown:
+            raise ValueError(f"bucketed names inputs {unknown} that the handle does not have; "
+                             f"inputs are {sorted(self._specs)}")
+        if not names:
+            raise ValueError("bucketed must name at least one input (pass None for all)")
+        if self._buckets is None:
+            raise ValueError("bucketed is only meaningful with buckets")
+        return names
+
+    def _is_bucketed(self, name) -> bool:
+        return self._bucketed is None or name in self._bucketed
 
     # -- properties ---------------------------------------------------------------------
     @property
@@ -149,7 +173,8 @@ class GraphHandle:
         self._check_open()
         res = self._res
         n = validate_call(self._specs, inputs, device_index=res.device,
-                          buckets=self._buckets, bucket_dim=self._bucket_dim)
+                          buckets=self._buckets, bucket_dim=self._bucket_dim,
+                          bucketed=self._bucketed)
         bucket = None if self._buckets is None else pick_bucket(self._buckets, n)
         stream = res.stream.handle
         torch_stream = res.ti.current_raw_stream(res.device)
@@ -161,7 +186,7 @@ class GraphHandle:
             out = self._eager_direct(inputs)
         else:
             copy_inputs(res.statics[bucket], inputs, n=n, bucket_dim=self._bucket_dim,
-                        stream=stream, staging=res.staging)
+                        stream=stream, staging=res.staging, bucketed=self._bucketed)
             out = self._step(bucket)
             if n is not None and self.slice_outputs and n != bucket:
                 d = self._bucket_dim

@@ -81,9 +81,10 @@ class Staging:
 
 
 def copy_inputs(statics: dict, given: dict, *, n, bucket_dim: int, stream: int,
-                staging: Staging) -> None:
+                staging: Staging, bucketed: frozenset | None = None) -> None:
     """Copy each given tensor into its static buffer on ``stream`` (padding with zeros up to the
-    bucket size along ``bucket_dim`` where n is smaller)."""
+    bucket size along ``bucket_dim`` where n is smaller; only the inputs named in ``bucketed``,
+    all when None)."""
     used_staging = False
     for name, st in statics.items():
         t = given[name]
@@ -96,7 +97,7 @@ def copy_inputs(statics: dict, given: dict, *, n, bucket_dim: int, stream: int,
             host = staging.get(name, st.nbytes)
             ctypes.memmove(host.ptr, src, nbytes)
             src = host.ptr
-        if n is None or n == st.shape[bucket_dim]:
+        if n is None or (bucketed is not None and name not in bucketed) or n == st.shape[bucket_dim]:
             if st.nbytes:
                 _ok(_memcpy(st.ptr, src, st.nbytes, _KIND, stream), "cudaMemcpyAsync")
             continue

@@ -52,9 +52,12 @@ def _describe_device(dev) -> str:
 
 
 def validate_call(specs: dict[str, InputSpec], given: dict, *, device_index: int,
-                  buckets: tuple[int, ...] | None = None, bucket_dim: int = 0) -> int | None:
+                  buckets: tuple[int, ...] | None = None, bucket_dim: int = 0,
+                  bucketed: frozenset | None = None) -> int | None:
     """Check a call's inputs against the specs; return the size along ``bucket_dim`` (None
-    without buckets). Raises InputTypeError (names, types, dtypes; a TypeError) or InputError
+    without buckets). With buckets, the inputs named in ``bucketed`` (all when None) may be any
+    size n <= the largest bucket along ``bucket_dim`` (the same n for all); the others keep their
+    exact shape. Raises InputTypeError (names, types, dtypes; a TypeError) or InputError
     (shape, device, contiguity; a ValueError) naming what was expected and what was given."""
     if given.keys() != specs.keys():
         missing = sorted(specs.keys() - given.keys())
@@ -75,7 +78,7 @@ def validate_call(specs: dict[str, InputSpec], given: dict, *, device_index: int
             raise InputError(f"input {name!r}: expected a tensor on cpu or cuda:{device_index}; "
                              f"given one on {_describe_device(dev)}")
         shape = tuple(t.shape)
-        if buckets is None:
+        if buckets is None or (bucketed is not None and name not in bucketed):
             if shape != spec.shape:
                 raise InputError(f"input {name!r}: expected shape {spec.shape}; given {shape}")
         else:
