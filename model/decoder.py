@@ -70,6 +70,7 @@ class Decoder:
         # host-side bookkeeping per row: the position its next step must have (None: unknown, the
         # last step's positions stayed on the device)
         self.next_positions: list[int | None] = [0] * max_batch
+        self._prefill = None     # the chunked prefill step, made on first use (prefill_step())
         self._alloc_workspaces()
 
     # ---- buffers --------------------------------------------------------------------------------
@@ -201,40 +202,76 @@ class Decoder:
         b = self._check_inputs(tokens, positions)
         return self._forward(tokens, positions, 0, b)
 
-    def prefill(self, prompts) -> torch.Tensor:
-        """Reset rows 0..len(prompts)-1 and feed each prompt from position 0 through decode steps
-        (rows run in lock-step while their prompts last); returns the [len(prompts), V] logits of
-        each prompt's last token (a view of `logits`)."""
+    def prefill(self, prompts, start_positions=None, *, chunk_runner=None) -> torch.Tensor:
+        """Feed prompt r into row r (r = 0..len(prompts)-1) through the chunked prefill step and
+        return the [len(prompts), V] logits of each prompt's last token (a view of `logits`).
+
+        start_positions None: every row starts over at position 0 (reset first). Otherwise
+        start_positions[r] is where prompt r continues row r: 0 starts the row over, p > 0 must
+        be the row's next position (a second chat turn appends after the first). Rows of
+        different lengths are fine. All checks run on the host before anything is written
+        (ValueError naming the row and value). Prompts longer than the step's chunk run as
+        several chunks. `chunk_runner(tokens, info)` runs one chunk (a PrefillGraphs, say);
+        by default the step runs eagerly."""
+        prompts, starts = self._check_prefill(prompts, start_positions)
+        step = self.prefill_step()
+        run = chunk_runner if chunk_runner is not None else self._eager_chunk
+        for r, (p, s) in enumerate(zip(prompts, starts)):
+            if s == 0:
+                self.reset(r)
+            for off in range(0, len(p), step.chunk):
+                piece = p[off:off + step.chunk]
+                info = torch.tensor([r, s + off, len(piece)], dtype=torch.int64)
+                logits = run(torch.tensor(piece, dtype=torch.int64), info)
+            self.logits[r:r + 1].copy_(logits)
+            self.next_positions[r] = s + len(p)
+        return self.logits[:len(prompts)]
+
+    def prefill_step(self, chunk: int | None = None):
+        """The chunked prefill step over this decoder (created on first use; `chunk` tokens per
+        step, default model.prefill.DEFAULT_CHUNK; a different chunk makes a new step)."""
+        from .prefill import DEFAULT_CHUNK, PrefillStep
+
+        want = DEFAULT_CHUNK if chunk is None else chunk
+        if self._prefill is None or (chunk is not None and self._prefill.chunk != chunk):
+            self._prefill = PrefillStep(self, want)
+        return self._prefill
+
+    def _eager_chunk(self, tokens, info):
+        return self._prefill.forward(tokens.to(self.device), info.to(self.device))
+
+    def _check_prefill(self, prompts, start_positions):
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
         n = len(prompts)
         if not 1 <= n <= self.max_batch:
             raise ValueError(f"{n} prompts; the decoder holds 1..{self.max_batch} rows")
-        prompts = [list(map(int, p)) for p in prompts]
-        for r, p in enumerate(prompts):
+        prompts = [self._host_list(p) if not isinstance(p, (list, tuple)) else [int(t) for t in p]
+                   for p in prompts]
+        if start_positions is None:
+            starts = [0] * n
+        else:
+            starts = self._host_list(start_positions)
+            if len(starts) != n:
+                raise ValueError(f"{len(starts)} start positions for {n} prompts")
+        V = self.cfg.vocab_size
+        for r, (p, s) in enumerate(zip(prompts, starts)):
             if not p:
                 raise ValueError(f"prompt {r} is empty")
-            if len(p) > self.max_seq:
-                raise ValueError(f"prompt {r} has {len(p)} tokens: position {len(p) - 1} is outside the cache "
-                                 f"capacity max_seq={self.max_seq}")
-            bad = [t for t in p if not 0 <= t < self.cfg.vocab_size]
+            bad = [t for t in p if not 0 <= t < V]
             if bad:
-                raise ValueError(f"prompt {r}: token id {bad[0]} outside the vocabulary [0, {self.cfg.vocab_size})")
-        for r in range(n):
-            self.reset(r)
-        longest = max(len(p) for p in prompts)
-        for t in range(longest):
-            active = [r for r in range(n) if t < len(prompts[r])]
-            # runs of consecutive active rows share one step
-            runs, start = [], active[0]
-            for a, b in zip(active, active[1:] + [None]):
-                if b != a + 1:
-                    runs.append((start, a + 1))
-                    start = b
-            for r0, r1 in runs:
-                toks = torch.tensor([prompts[r][t] for r in range(r0, r1)], dtype=torch.int64).to(self.device)
-                pos = torch.full((r1 - r0,), t, dtype=torch.int64).to(self.device)
-                self._forward(toks, pos, r0, r1)
-                self.advance_positions([t] * (r1 - r0), first_row=r0)
-        return self.logits[:n]
+                raise ValueError(f"prompt {r}: token id {bad[0]} outside the vocabulary [0, {V})")
+            if s < 0:
+                raise ValueError(f"start position {s} (row {r}) is negative")
+            want = self.next_positions[r]
+            if s > 0 and want is not None and s != want:
+                held = "nothing (reset)" if want == 0 else f"positions 0..{want - 1}"
+                raise ValueError(f"row {r}: start position {s} given, but the row holds {held}: a prompt "
+                                 f"continues the row at position {want} (or starts it over at 0)")
+            if s + len(p) > self.max_seq:
+                raise ValueError(f"prompt {r} has {len(p)} tokens from position {s}: position "
+                                 f"{s + len(p) - 1} is outside the cache capacity max_seq={self.max_seq}")
+        return prompts, starts
 
     # ---- the step -------------------------------------------------------------------------------
     def _check_inputs(self, tokens, positions) -> int:

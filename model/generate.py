@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq", type=positive_int, default=None, help="KV cache capacity (default: fits)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--no-graph", action="store_true", help="decode eagerly instead of replaying a graph")
+    p.add_argument("--prefill-chunk", type=positive_int, default=None,
+                   help="prompt tokens per prefill step (default 2048; longer prompts run as several chunks)")
     return p
 
 
@@ -118,7 +120,10 @@ def main(argv=None) -> int:
         (() if cfg.eos_token_id is None else (cfg.eos_token_id,))
     # Tokens stream to stdout; the progress bar goes to stderr only when stdout is not the
     # terminal (interactively the streaming text is the progress, and the two would collide).
-    with Generator(decoder, sampling, use_graph=use_graph) as gen, \
+    import time
+
+    t_start = time.perf_counter()
+    with Generator(decoder, sampling, use_graph=use_graph, prefill_chunk=args.prefill_chunk) as gen, \
             tqdm(total=args.max_new_tokens, desc="decode", unit="tok", file=sys.stderr,
                  disable=sys.stdout.isatty()) as bar:
         def show(step, tokens):
@@ -126,16 +131,20 @@ def main(argv=None) -> int:
             if t is not None:
                 print(tokenizer.decode([t]) if tokenizer is not None else f"{t} ", end="", flush=True)
 
+        startup_s = time.perf_counter() - t_start
         print(f"prompt ({len(prompt)} tokens): {prompt if tokenizer is None else args.prompt!r}")
         result = gen.generate([prompt] * args.batch, args.max_new_tokens, eos_token_ids=eos,
                               on_tokens=show, progress=bar)
     print()
     mode = "graph (cugraph_rt)" if use_graph else "eager"
     where = torch.cuda.get_device_name() if on_gpu else "CPU"
-    print(f"{mode} on {where}, batch {args.batch}: prefill {result.prefill_tokens} tok in "
-          f"{result.prefill_s * 1e3:.1f} ms ({result.prefill_tok_s:.1f} tok/s); decode "
-          f"{result.decode_tokens} tok in {result.decode_s * 1e3:.1f} ms ({result.decode_tok_s:.1f} tok/s); "
-          f"stop: {', '.join(result.stop_reasons)}")
+    def rate(x):
+        return "n/a" if x is None else f"{x:.1f} tok/s"
+
+    print(f"{mode} on {where}, batch {args.batch}: time to first token {result.ttft_s * 1e3:.1f} ms "
+          f"(prefill {result.prefill_tokens} tok, {rate(result.prefill_tok_s)}); decode "
+          f"{result.decode_tokens} tok, after the first {rate(result.decode_tok_s)}; "
+          f"stop: {', '.join(result.stop_reasons)}; start-up (JIT, capture) {startup_s:.2f} s")
     return 0
 
 

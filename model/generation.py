@@ -1,9 +1,12 @@
-"""Generation: prefill a prompt, then decode with sampling inside a CUDA graph (cugraph_rt.GraphHandle).
+"""Generation: chunked prefill of the prompts, then decode with sampling, both as CUDA graphs
+(cugraph_rt.GraphHandle).
 
-One step is `decoder.forward(tokens, positions)` (the raw decode step) followed by on-device
-sampling; the graph's inputs are the tokens and positions, its output the sampled tokens. Once every row is past its prompt, the
-sampled tokens feed the next step without leaving the device (a device-to-device copy into the
-graph's static input); the host only reads them to stream text and to stop on end-of-sequence.
+Prefill runs each row's prompt through `model.prefill` (one graph per chunk-size bucket); the
+first new token is sampled from its last-token logits. One decode step is
+`decoder.forward(tokens, positions)` (the raw decode step) followed by on-device sampling; the
+graph's inputs are the tokens and positions, its output the sampled tokens, which feed the next
+step without leaving the device (a device-to-device copy into the graph's static input); the host
+only reads them to stream text and to stop on end-of-sequence.
 """
 from __future__ import annotations
 
@@ -36,19 +39,25 @@ class SamplingParams:
 @dataclass
 class GenerationResult:
     tokens: list[list[int]]          # generated tokens per row (prompt excluded)
-    prefill_s: float
-    decode_s: float
+    prefill_s: float                 # time to first token: prefill + sampling the first tokens
+    decode_s: float                  # the later tokens
     prefill_tokens: int              # prompt tokens processed, all rows together
     decode_tokens: int               # generated tokens, all rows together
     stop_reasons: list[str] = field(default_factory=list)
 
     @property
-    def prefill_tok_s(self) -> float:
-        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else float("nan")
+    def ttft_s(self) -> float:
+        return self.prefill_s
 
     @property
-    def decode_tok_s(self) -> float:
-        return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+    def prefill_tok_s(self) -> float | None:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else None
+
+    @property
+    def decode_tok_s(self) -> float | None:
+        """Tokens after the first per second (None when no step after the first ran)."""
+        later = self.decode_tokens - len(self.tokens)
+        return later / self.decode_s if self.decode_s > 0 and later > 0 else None
 
 
 class Generator:
@@ -59,7 +68,7 @@ class Generator:
     """
 
     def __init__(self, decoder, sampling: SamplingParams = SamplingParams(), *,
-                 use_graph: bool = True, warmup: int = 2):
+                 use_graph: bool = True, warmup: int = 2, prefill_chunk: int | None = None):
         self.decoder = decoder
         self.sampling = sampling
         self.batch = decoder.max_batch
@@ -79,6 +88,15 @@ class Generator:
                 "positions": torch.zeros(self.batch, dtype=torch.int64, device=device),
             }
             self._handle = GraphHandle(self._step, example, warmup=warmup)
+        # the chunked prefill step; with graphs, captured per chunk-size bucket now (start-up)
+        self._prefill_step = decoder.prefill_step(prefill_chunk)
+        self._prefill_graphs = None
+        if self.use_graph:
+            from .prefill import PrefillGraphs
+
+            self._prefill_graphs = PrefillGraphs(self._prefill_step)
+            self._prefill_graphs.prepare(row=0)
+            decoder.reset()
 
     # The one step both paths run: decode, then sample into the static next-token buffer.
     def _step(self, tokens, positions):
@@ -122,45 +140,46 @@ class Generator:
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, eos_token_ids=(),
                  on_tokens=None, progress=None) -> GenerationResult:
-        """Run every row in lock-step from position 0: row r reads its prompt while it lasts, then
-        its own sampled tokens; it stops at an end-of-sequence token or after max_new_tokens.
+        """Prefill every row's prompt (row r from position 0), sample each row's first token from
+        its last-token logits, then decode all rows together, each at its own position; a row
+        stops at an end-of-sequence token or after max_new_tokens.
 
-        on_tokens(step, tokens_by_row) is called with the rows' new tokens (None for rows still in
-        their prompt or already stopped); progress is a tqdm-like object with update(n).
+        on_tokens(step, tokens_by_row) is called with the rows' new tokens (None for rows already
+        stopped); progress is a tqdm-like object with update(n), once per step.
         """
         prompts = self._check_prompts(prompts, max_new_tokens)
         eos = set(int(t) for t in eos_token_ids)
         rows = len(prompts)
         if rows < self.batch:   # idle rows repeat row 0; their output is ignored
             prompts = prompts + [prompts[0]] * (self.batch - rows)
-        self.decoder.reset()
+        dec = self.decoder
+        dec.reset()
         self._sampler.reset()
         lengths = [len(p) for p in prompts]
-        longest = max(lengths)
         generated: list[list[int]] = [[] for _ in range(rows)]
         stop = ["" for _ in range(rows)]
         host_next = torch.empty(self.batch, dtype=torch.int64, pin_memory=self._pinned())
-        tokens_in = torch.tensor([p[0] for p in prompts], dtype=torch.int64)
+        t0 = time.perf_counter()
+        logits = dec.prefill(prompts, chunk_runner=self._prefill_graphs)
+        self._sampler(logits, self._next_tokens)
+        next_dev = self._next_tokens
+        positions = torch.tensor(lengths, dtype=torch.int64)
         prefill_s = decode_s = 0.0
-        t_phase = time.perf_counter()
-        position = 0
+        step = 0
         while True:
-            positions = torch.full((self.batch,), position, dtype=torch.int64)
-            next_dev = self.step(tokens_in, positions)
-            # the handle has already made torch's current stream wait on the step's outputs
             host_next.copy_(next_dev, non_blocking=True)
             self._synchronize()
             new = host_next.tolist()
-            position += 1
             now = time.perf_counter()
-            if position < longest:
-                prefill_s += now - t_phase
+            if step == 0:
+                prefill_s = now - t0
             else:
                 decode_s += now - t_phase
             t_phase = now
+            step += 1
             emitted = [None] * rows
             for r in range(rows):
-                if stop[r] or position < lengths[r]:
+                if stop[r]:
                     continue
                 generated[r].append(new[r])
                 emitted[r] = new[r]
@@ -169,17 +188,13 @@ class Generator:
                 elif len(generated[r]) >= max_new_tokens:
                     stop[r] = "length"
             if on_tokens is not None and any(t is not None for t in emitted):
-                on_tokens(position, emitted)
-            if progress is not None and position >= longest:
+                on_tokens(step, emitted)
+            if progress is not None:
                 progress.update(1)
             if all(stop):
                 break
-            if position >= longest:
-                tokens_in = next_dev   # stays on the device
-            else:
-                tokens_in = torch.tensor(
-                    [prompts[r][position] if position < lengths[r] else new[r] for r in range(self.batch)],
-                    dtype=torch.int64)
+            next_dev = self.step(next_dev, positions)   # the sampled tokens stay on the device
+            positions = positions + 1
         prefill_tokens = sum(lengths[:rows])
         decode_tokens = sum(len(g) for g in generated)
         return GenerationResult(generated, prefill_s, decode_s, prefill_tokens, decode_tokens, stop)
@@ -199,7 +214,7 @@ class Generator:
             if bad:
                 raise ValueError(f"prompt {r}: token id {bad[0]} outside the vocabulary [0, {vocab})")
             out.append(p)
-        need = max(len(p) for p in out) + max_new_tokens - 1
+        need = max(len(p) for p in out) + max_new_tokens - 1   # the last token is never fed back
         if need > self.decoder.max_seq:
             raise ValueError(f"prompt of {max(len(p) for p in out)} tokens + {max_new_tokens} new tokens "
                              f"needs {need} cache positions; the decoder holds {self.decoder.max_seq}")
@@ -216,6 +231,9 @@ class Generator:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+        if self._prefill_graphs is not None:
+            self._prefill_graphs.close()
+            self._prefill_graphs = None
 
     def __enter__(self):
         return self

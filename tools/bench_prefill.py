@@ -1,0 +1,231 @@
+"""Prefill benchmark against the compute floor (a benchmark, not a test).
+
+    python -m tools.bench_prefill --preset 35b-a3b --lengths 128,1024,4096,16384 --out out/prefill
+
+First a correctness check: a --check-tokens prompt prefilled in chunks of --check-chunk tokens
+through the graphs (so several chunks and a padded bucket are exercised) against the token-by-token
+decode path (the decode graph fed one prompt token per step): last-token logits and the KV cache,
+conv and recurrent states after prefill, relative errors printed and bounded. Then, per prompt
+length at batch 1, time to first token (prefill through the graphs, the last-token logits ready on
+the device; median of --reps) and tok/s, with the compute floor beside it: 2 x active parameters x
+tokens (+ causal attention) / dense bf16 FLOP/s measured in the same run with a large matmul. Then
+rows of mixed lengths in one call, and transformers' own prefill at the same widths with
+--hf-layers layers beside ours cut to the same layers. One-time start-up (JIT, capture) is
+reported on its own. Writes bench_prefill.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from tools import common
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m tools.bench_prefill", description=__doc__.split("\n")[0])
+    common.add_model_args(p, default_preset="35b-a3b")
+    p.add_argument("--lengths", type=_int_list, default=[128, 1024, 4096, 16384], help="prompt lengths, batch 1")
+    p.add_argument("--mixed", type=_int_list, default=[100, 1000, 3000], help="row lengths of one mixed call")
+    p.add_argument("--chunk", type=common.positive_int, default=None, help="tokens per prefill step (default 2048)")
+    p.add_argument("--reps", type=common.positive_int, default=3)
+    p.add_argument("--check-tokens", type=common.positive_int, default=300)
+    p.add_argument("--check-chunk", type=common.positive_int, default=128)
+    p.add_argument("--hf-layers", type=int, default=8, help="layers for transformers' prefill (0 = skip)")
+    p.add_argument("--hf-max-len", type=common.positive_int, default=4096, help="longest prompt given to transformers")
+    p.add_argument("--out", type=Path, default=Path("out/prefill"))
+    args = p.parse_args(argv)
+    if args.hf_layers < 0:
+        p.error(f"--hf-layers must be >= 0 (0 skips transformers), got {args.hf_layers}")
+    return args
+
+
+def dense_tflops(torch, n: int = 8192, reps: int = 20) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = statistics.median(common.time_cuda(lambda: a @ b, reps=reps, warmup=3))
+    del a, b
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12
+
+
+def prefill_flops(cfg, tokens: int) -> float:
+    """2 x active parameters (lm_head once) x tokens, plus causal attention's two products."""
+    act = cfg.weight_counts(1)["active"]
+    per_token = sum(v for k, v in act.items() if k not in ("lm_head", "embedding_row"))
+    attn = len(cfg.attn_layers) * 2 * 2 * cfg.num_attention_heads * cfg.head_dim * tokens * (tokens + 1) / 2
+    return 2 * per_token * tokens + 2 * cfg.vocab_size * cfg.hidden_size + attn
+
+
+def rel(a, b) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def check(cfg, weights, args, torch) -> dict:
+    """Chunked graph prefill against the token-by-token decode graph, from the same weights."""
+    from model.decoder import Decoder
+    from model.prefill import PrefillGraphs
+
+    n = args.check_tokens
+    prompt = torch.randint(0, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(1)).tolist()
+    a = Decoder(cfg, weights, max_batch=1, max_seq=n + 8, backend="triton")
+    graphs = PrefillGraphs(a.prefill_step(args.check_chunk))
+    graphs.prepare(row=0)
+    la = a.prefill([prompt], chunk_runner=graphs)[0].clone()
+    graphs.close()
+    b = Decoder(cfg, weights, max_batch=1, max_seq=n + 8, backend="triton")
+    for pos, tok in enumerate(prompt):   # the decode step, eagerly, one prompt token at a time
+        b.decode_step(torch.tensor([tok], device="cuda"), torch.tensor([pos], device="cuda"))
+    torch.cuda.synchronize()
+    lb = b.logits[0].clone()
+    out = {"tokens": n, "chunk": args.check_chunk, "logits_rel": rel(la, lb),
+           "top1_equal": int(la.argmax()) == int(lb.argmax()),
+           "kv_rel": rel(a.state.kv, b.state.kv), "conv_rel": rel(a.state.conv, b.state.conv),
+           "recurrent_rel": rel(a.state.recurrent, b.state.recurrent)}
+    del a, b
+    gc.collect()
+    torch.cuda.empty_cache()
+    # bf16: both paths round at the same points but sum in different orders (GEMM vs GEMV,
+    # chunked vs recurrent delta rule); fp32 must agree far more tightly
+    bound = 5e-2 if args.dtype == "bfloat16" else 1e-3
+    bad = {k: v for k, v in out.items() if k.endswith("_rel") and v > bound}
+    if bad or not out["top1_equal"]:
+        raise SystemExit(f"prefill differs from the token-by-token path: {out} (bound {bound}); no speed reported")
+    out["bound"] = bound
+    return out
+
+
+def time_prefill(decoder, graphs, prompts, reps, torch) -> float:
+    """Median wall ms of Decoder.prefill through the graphs, logits ready on the device."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        decoder.prefill(prompts, chunk_runner=graphs)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bench_ours(cfg, weights, lengths, mixed, args, torch) -> dict:
+    from model.decoder import Decoder
+    from model.prefill import PrefillGraphs
+
+    longest = max(max(lengths), max(mixed))
+    dec = Decoder(cfg, weights, max_batch=max(1, len(mixed)), max_seq=longest + 8, backend="triton")
+    t0 = time.perf_counter()
+    graphs = PrefillGraphs(dec.prefill_step(args.chunk))
+    graphs.prepare(row=0)
+    torch.cuda.synchronize()
+    startup_s = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(2)
+    rows = []
+    for n in lengths:
+        p = torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist()
+        ms = time_prefill(dec, graphs, [p], args.reps, torch)
+        rows.append({"tokens": n, "ttft_ms": ms, "tok_s": n / ms * 1e3})
+    ps = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in mixed]
+    mixed_ms = time_prefill(dec, graphs, ps, args.reps, torch)
+    out = {"startup_s": startup_s, "chunk": graphs.step.chunk, "buckets": list(graphs.buckets),
+           "workspace_MB": graphs.step.nbytes() / 1e6, "graph_mem_MB": graphs.handle.refresh_stats().graph_mem_bytes / 1e6,
+           "rows": rows, "mixed": {"lengths": mixed, "ms": mixed_ms, "tok_s": sum(mixed) / mixed_ms * 1e3}}
+    graphs.close()
+    del dec, graphs
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def bench_transformers(cfg, layers, lengths, reps, torch) -> list:
+    """transformers' own prefill (forward over the prompt with a cache), batch 1, `layers` layers."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    small = dataclasses.replace(cfg, num_layers=layers)
+    hf_cfg = small.to_hf()
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16)
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for n in lengths:
+            ids = torch.randint(0, cfg.vocab_size, (1, n), device="cuda")
+            times = []
+            for _ in range(reps + 1):
+                cache = DynamicCache(config=hf_cfg)
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                torch.cuda.synchronize()
+                times.append((time.perf_counter() - t) * 1e3)
+            out.append({"tokens": n, "ms": statistics.median(times[1:])})
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch = common.require_gpu("bench_prefill")
+    args.out.mkdir(parents=True, exist_ok=True)
+    gpu = common.gpu_name()
+    tflops = dense_tflops(torch)
+    cfg, weights = common.build_model(args)
+    checked = check(cfg, weights, args, torch)
+    print(f"check: {checked}", file=sys.stderr)
+    ours = bench_ours(cfg, weights, args.lengths, args.mixed, args, torch)
+    for r in ours["rows"]:
+        r["floor_ms"] = prefill_flops(cfg, r["tokens"]) / (tflops * 1e12) * 1e3
+    hf = None
+    if args.hf_layers:
+        layers = min(args.hf_layers, cfg.num_layers)
+        hf_lengths = [n for n in args.lengths if n <= args.hf_max_len]
+        cut = dataclasses.replace(cfg, num_layers=layers)
+        ours_cut = bench_ours(cut, weights.first_layers(layers), hf_lengths, [hf_lengths[0]], args, torch)
+        del weights
+        gc.collect()
+        torch.cuda.empty_cache()
+        theirs = bench_transformers(cfg, layers, hf_lengths, args.reps, torch)
+        hf = {"layers": layers, "rows": [{"tokens": t["tokens"], "transformers_ms": t["ms"], "ours_ms": o["ttft_ms"],
+                                          "speedup": t["ms"] / o["ttft_ms"]}
+                                         for t, o in zip(theirs, ours_cut["rows"])]}
+    result = {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "preset": args.preset or args.default_preset,
+              "layers": cfg.num_layers, "dtype": args.dtype, "dense_bf16_TFLOPs": tflops, "check": checked,
+              "ours": ours, "transformers": hf, "argv": sys.argv}
+    (args.out / "bench_prefill.json").write_text(json.dumps(result, indent=1))
+    print(f"\n{gpu}, {result['preset']} ({cfg.num_layers} layers), {args.dtype}, batch 1, chunk {ours['chunk']}, "
+          f"dense bf16 {tflops:.0f} TFLOP/s; start-up (JIT + capture of {len(ours['buckets'])} buckets) "
+          f"{ours['startup_s']:.1f} s, workspaces {ours['workspace_MB']:.0f} MB, graph memory {ours['graph_mem_MB']:.0f} MB")
+    print(f"check vs token-by-token decode ({checked['tokens']} tokens, chunks of {checked['chunk']}): logits rel "
+          f"{checked['logits_rel']:.2e}, kv {checked['kv_rel']:.2e}, conv {checked['conv_rel']:.2e}, "
+          f"recurrent {checked['recurrent_rel']:.2e}, top-1 equal {checked['top1_equal']}")
+    print(f"{'tokens':>7} {'TTFT ms':>9} {'tok/s':>9} {'floor ms':>9} {'x floor':>8}")
+    for r in ours["rows"]:
+        print(f"{r['tokens']:>7} {r['ttft_ms']:>9.1f} {r['tok_s']:>9.0f} {r['floor_ms']:>9.1f} "
+              f"{r['ttft_ms'] / r['floor_ms']:>8.2f}")
+    m = ours["mixed"]
+    print(f"mixed rows {m['lengths']} in one call: {m['ms']:.1f} ms ({m['tok_s']:.0f} tok/s)")
+    if hf:
+        for r in hf["rows"]:
+            print(f"at {hf['layers']} layers, {r['tokens']} tokens: transformers {r['transformers_ms']:.1f} ms, "
+                  f"ours {r['ours_ms']:.1f} ms ({r['speedup']:.1f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
