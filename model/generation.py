@@ -139,31 +139,43 @@ class Generator:
         return self._handle
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, eos_token_ids=(),
-                 on_tokens=None, progress=None) -> GenerationResult:
+                 on_tokens=None, progress=None, start_positions=None) -> GenerationResult:
         """Prefill every row's prompt (row r from position 0), sample each row's first token from
         its last-token logits, then decode all rows together, each at its own position; a row
         stops at an end-of-sequence token or after max_new_tokens.
 
+        start_positions (one per row of the decoder's batch) continues the rows instead: prompt r
+        is appended at position start_positions[r] of row r, which must be where the row's last
+        turn left it (the last generated token was never fed: put it at the prompt's head). The
+        state and the sampler's random stream carry on (a chat's next turn).
+
         on_tokens(step, tokens_by_row) is called with the rows' new tokens (None for rows already
         stopped); progress is a tqdm-like object with update(n), once per step.
         """
-        prompts = self._check_prompts(prompts, max_new_tokens)
+        prompts = self._check_prompts(prompts, max_new_tokens, start_positions)
         eos = set(int(t) for t in eos_token_ids)
         rows = len(prompts)
         if rows < self.batch:   # idle rows repeat row 0; their output is ignored
+            if start_positions is not None:
+                raise ValueError(f"start_positions continues every row: give {self.batch} prompts, got {rows}")
             prompts = prompts + [prompts[0]] * (self.batch - rows)
         dec = self.decoder
-        dec.reset()
-        self._sampler.reset()
+        if start_positions is None:
+            dec.reset()
+            self._sampler.reset()
+            starts = [0] * self.batch
+        else:
+            starts = [int(s) for s in start_positions]
         lengths = [len(p) for p in prompts]
         generated: list[list[int]] = [[] for _ in range(rows)]
         stop = ["" for _ in range(rows)]
         host_next = torch.empty(self.batch, dtype=torch.int64, pin_memory=self._pinned())
         t0 = time.perf_counter()
-        logits = dec.prefill(prompts, chunk_runner=self._prefill_graphs)
+        logits = dec.prefill(prompts, starts if start_positions is not None else None,
+                             chunk_runner=self._prefill_graphs)
         self._sampler(logits, self._next_tokens)
         next_dev = self._next_tokens
-        positions = torch.tensor(lengths, dtype=torch.int64)
+        positions = torch.tensor([s + n for s, n in zip(starts, lengths)], dtype=torch.int64)
         prefill_s = decode_s = 0.0
         step = 0
         while True:
@@ -199,7 +211,7 @@ class Generator:
         decode_tokens = sum(len(g) for g in generated)
         return GenerationResult(generated, prefill_s, decode_s, prefill_tokens, decode_tokens, stop)
 
-    def _check_prompts(self, prompts, max_new_tokens):
+    def _check_prompts(self, prompts, max_new_tokens, start_positions=None):
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         if not prompts or not all(len(p) > 0 for p in prompts):
@@ -214,10 +226,15 @@ class Generator:
             if bad:
                 raise ValueError(f"prompt {r}: token id {bad[0]} outside the vocabulary [0, {vocab})")
             out.append(p)
-        need = max(len(p) for p in out) + max_new_tokens - 1   # the last token is never fed back
-        if need > self.decoder.max_seq:
-            raise ValueError(f"prompt of {max(len(p) for p in out)} tokens + {max_new_tokens} new tokens "
-                             f"needs {need} cache positions; the decoder holds {self.decoder.max_seq}")
+        starts = [0] * len(out) if start_positions is None else [int(s) for s in start_positions]
+        if len(starts) < len(out):
+            raise ValueError(f"{len(starts)} start positions for {len(out)} prompts")
+        for r, (p, s) in enumerate(zip(out, starts)):
+            need = s + len(p) + max_new_tokens - 1   # the last new token is never fed back
+            if need > self.decoder.max_seq:
+                at = f" from position {s}" if s else ""
+                raise ValueError(f"prompt {r} of {len(p)} tokens{at} + {max_new_tokens} new tokens needs "
+                                 f"{need} cache positions; the decoder holds {self.decoder.max_seq}")
         return out
 
     def _pinned(self) -> bool:
