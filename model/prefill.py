@@ -153,7 +153,7 @@ class PrefillStep:
         tw, ti = self.topk_weights[:T], self.topk_ids[:T]
         ops.router_topk(rs[:, :E], cfg.num_experts_per_tok, tw, ti)
         ops.moe_experts_grouped(x, m.gate_up_proj, m.down_proj, ti, tw, rs[:, E:E + 2 * Is], m.shared_down,
-                                rs[:, E + 2 * Is], self.moe_ws, out)
+                                rs[:, E + 2 * Is], self.moe_ws, out, info)
 
 
 class PrefillGraphs:
