@@ -191,3 +191,31 @@ def test_capture_replays_with_new_info():
         assert not torch.equal(kc, kc0), vals                       # the replay did store
         assert (out[vals[2]:] == 0).all()
     assert int(err) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernels_fit_without_spills(dtype):
+    """The tile choices of prefill.py compile on this GPU's Triton within shared memory and with no
+    register spill (checked ahead of time for sm_90a with Triton 3.9 only). Launches the kernels as
+    the ops do to get the compiled objects."""
+    from model.ops._util import pdl
+    from model.ops.attention import prefill as P
+    t, n = 128, 100
+    qkv = _randn(t, NH * 2 * D + 2 * NKV * D, dtype=dtype, seed=40)
+    q = _randn(t, NH, D, dtype=dtype, seed=41)
+    kc, vc = _randn(B, NKV, S, D, dtype=dtype, seed=42), _randn(B, NKV, S, D, dtype=dtype, seed=43)
+    out = torch.empty(t, NH * D, dtype=dtype, device=DEV)
+    info = _info(1000, n)
+    tiles = P.prefill_attention_tiles(D, NH // NKV, dtype)
+    k = P._prefill_attn_kernel[(t // tiles["BLOCK_T"], NKV)](
+        q, kc, vc, info, qkv, out, t, NH, NH // NKV, D, S, SCALE, kc.stride(0), kc.stride(1), kc.stride(2),
+        qkv.stride(0), out.stride(0), DOT_FP32=dtype == torch.float32, **tiles, **pdl(q))
+    qw, kw, inv_freq = _weights(dtype)
+    err = torch.zeros(1, dtype=torch.int32, device=DEV)
+    ks = P._qk_norm_rope_store_prefill_kernel[(t // 8, NH + NKV)](
+        qkv, qw, kw, info, inv_freq, kc, vc, q, err, t, NH, NKV, D, R // 2, S, EPS, qkv.stride(0), kc.stride(0),
+        kc.stride(1), kc.stride(2), BLOCK_T=8, BLOCK_D=D, num_warps=4, **pdl(qkv))
+    torch.cuda.synchronize()
+    for name, kern in (("attention", k), ("store", ks)):
+        assert kern.n_spills == 0, f"{name} kernel spills {kern.n_spills} bytes ({kern.n_regs} registers)"
+        assert kern.metadata.shared <= 227 * 1024, (name, kern.metadata.shared)

@@ -209,10 +209,11 @@ def qk_norm_rope_store_prefill_triton(qkv, q_norm_w, k_norm_w, info, inv_freq, k
                                       err, eps, NH, NKV, D) -> None:
     t = _check_store(qkv, q_norm_w, k_norm_w, info, inv_freq, k_cache, v_cache, q_out, err, NH, NKV, D)
     # The decode kernel takes the cache row and position from the token index; here they come from
-    # info on the device (and padding must not store), hence a kernel of its own. Tiles of ~4k
-    # elements (16 tokens at D=256): T=2048 gives 128 x (NH + NKV) programs.
+    # info on the device (and padding must not store), hence a kernel of its own. Tiles of 2048
+    # elements (8 tokens at D=256, 4 warps: 191 registers, no spill for sm_90a with Triton 3.9's
+    # ptxas; 16 tokens spilled): T=2048 gives 256 x (NH + NKV) programs.
     block_d = next_pow2(D)
-    block_t = min(next_pow2(t), max(1, 4096 // block_d))
+    block_t = min(next_pow2(t), max(1, 2048 // block_d))
     _qk_norm_rope_store_prefill_kernel[(triton.cdiv(t, block_t), NH + NKV)](
         qkv, q_norm_w, k_norm_w, info, inv_freq, k_cache, v_cache, q_out, err, t, NH, NKV, D, inv_freq.numel(),
         k_cache.shape[2], float(eps), qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -226,18 +227,22 @@ def prefill_attention_tiles(head_dim: int, group: int, dtype: torch.dtype) -> di
     loaded serves all of them.
 
     Shared memory (H100/H200: 227 KB per block): the Q tile (BLOCK_M x D), K and V tiles
-    (BLOCK_N x D each) double-buffered by the pipeliner (num_stages 2), and possibly the fp32
-    accumulator (BLOCK_M x D) staged once for the epilogue store. We keep K+V over both stages at
-    <= 64 KB, i.e. BLOCK_N * D * elem <= 16 KB: at D=256 bf16 that is BLOCK_N=32, BLOCK_M=64:
-    32 KB (Q) + 64 KB (K, V) + 64 KB (epilogue) = 160 KB. fp32 (a test path, FMA dots): BLOCK_M=32,
-    BLOCK_N=16, same byte budget. The fp32 accumulator is BLOCK_M x D: 64 x 256 over 8 warps is
-    64 registers a thread (4 warps would need 128 and spill)."""
+    (BLOCK_N x D each) multi-buffered by the pipeliner (num_stages 2), possibly the fp32
+    accumulator (BLOCK_M x D) staged once for the epilogue store. Budget: K+V over both stages
+    <= 64 KB, i.e. BLOCK_N * D * elem <= 16 KB: at D=256 bf16 BLOCK_N=32 with BLOCK_M=64, at most
+    32 KB (Q) + 64 KB (K, V) + 64 KB (epilogue) = 160 KB. fp32 (a test path, FMA dots):
+    BLOCK_M=32, BLOCK_N=16, same bytes. Registers decide the rest: the fp32 accumulator alone is
+    BLOCK_M x D / threads. Compiled ahead of time for sm_90a (Triton 3.9 and its ptxas; the GPU
+    runs 3.6, confirm there) at D=256, G=8: bf16 64x32, 8 warps: wgmma, 64 KB shared, 228
+    registers, no spill; 64x64: 96 KB, 255 registers, spills; 64x32 with 4 warps or 128x64 spill
+    heavily; fp32 32x16 with 8 warps: 202 registers, no spill (13 KB of spill with 4 warps).
+    Hence 8 warps from D=128 up (bf16 D=128 64x64: 154 registers)."""
     elem = 4 if dtype == torch.float32 else 2
     block_d = max(16, next_pow2(head_dim))
     block_g = next_pow2(group)
     block_m = max(32 if elem == 4 else 64, block_g)
     block_n = max(16, min(64, 16384 // (block_d * elem)))
-    warps = 8 if block_m * block_d >= 64 * 256 else 4
+    warps = 8 if block_d >= 128 else 4
     return dict(BLOCK_T=block_m // block_g, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
                 num_warps=warps, num_stages=2)
 
