@@ -1,0 +1,444 @@
+"""Sparse MoE over a chunk of T tokens (prefill): grouped GEMMs on the tensor cores.
+
+Same math and rounding points as the decode op (decode.moe_experts_reference, i.e. transformers'
+eager experts loop), for many tokens at once. The T*k (token, slot) "pairs" are grouped by expert
+on the device, so each expert's weights are read once per block of its pairs instead of once per
+pair. Six kernels, fixed grids, no host sync (capturable in a CUDA graph):
+  1. count:   per chunk of pairs, how many go to each expert            -> chunk_counts [C, E]
+  2. scan:    (one program) expert totals, each expert's rows padded to BLOCK_M, the absolute
+              start row of every (chunk, expert), and the block -> (expert, valid rows) table
+  3. scatter: each pair to its row of the expert-sorted order (ascending pair index within an
+              expert: deterministic, no atomics)                       -> sorted_pairs
+  4. gate/up GEMM per block of one expert: rows of x gathered by token, x gate_up_proj[e]^T,
+     silu(gate) * up in the epilogue                                   -> act [T*k, I] by pair
+  5. down GEMM per block: act rows x down_proj[e]^T, x routing weight  -> y [T*k, H] by pair
+  6. shared expert + combine per [tokens, H] tile: silu(g) * u formed from shared_gate_up while
+     loading, x shared_down^T, x sigmoid(logit); then the token's k rows of y added in ascending
+     expert id (model-dtype rounding after each add, as transformers' index_add_) -> out
+The number of blocks is bounded by ceil(T*k / BLOCK_M) + min(E, T*k), so the GEMM grids are
+static; blocks past the used count exit at once.
+
+Optional `info` (the prefill contract's int64 (row, start, n_valid) on the device): tokens
+t >= n_valid are padding; their pairs are never grouped (no expert work) and their output is the
+shared-expert term alone, in both backends.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .._util import INTERPRET, MODEL_DTYPES, check_contiguous, check_rows, next_pow2, pdl, pdl_wait
+
+__all__ = ["MoeGroupedLaunch", "MoeGroupedWorkspace", "moe_grouped_launch_config", "moe_grouped_workspace",
+           "moe_experts_grouped_reference", "moe_experts_grouped_triton"]
+
+_MAX_BLOCK_M = 64
+_MIN_BLOCK_M = 16          # tl.dot needs every dim >= 16
+
+
+def _chunk(n_pairs: int) -> int:
+    """Pairs per program of the count/scatter kernels (scatter ranks them with a [C, C] compare)."""
+    return min(128, max(16, next_pow2(n_pairs)))
+
+
+def _max_blocks(n_pairs: int, e: int, block_m: int) -> int:
+    """Upper bound of sum_e ceil(count_e / BLOCK_M): each non-empty expert wastes < one block."""
+    return triton.cdiv(n_pairs, block_m) + min(e, n_pairs)
+
+
+# ----------------------------------------------------------------------------- launch, workspace
+@dataclass(frozen=True)
+class MoeGroupedLaunch:
+    """Tile configuration; a pure function of the shapes (moe_grouped_launch_config), never
+    autotuned, so it is safe inside a CUDA-graph capture."""
+    block_m: int              # pair rows per expert block (16/32/64); experts padded to it
+    gate_up_block_n: int      # columns of gate (and as many of up) per program
+    down_block_n: int
+    block_k: int
+    shared_block_m: int       # tokens per program of the shared-expert + combine kernel
+    shared_block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def moe_grouped_launch_config(t: int, h: int, i: int, k: int, e: int, i_s: int) -> MoeGroupedLaunch:
+    avg = t * k / e                                      # pairs per expert, on average
+    block_m = 16 if avg <= 16 else 32 if avg <= 32 else 64
+    few = t * k <= 64                                    # a handful of blocks: narrower tiles, more programs
+    bn = lambda n, cap: max(16, min(cap, next_pow2(n)))  # noqa: E731
+    return MoeGroupedLaunch(block_m, bn(i, 32 if few else 64), bn(h, 32 if few else 128), bn(max(h, i, i_s), 64),
+                            max(16, min(64, next_pow2(t))), bn(h, 64), 4, 3)
+
+
+@dataclass(frozen=True)
+class MoeGroupedWorkspace:
+    """Preallocated buffers of moe_experts_grouped (allocate once, before capture). Sized for
+    `tokens` x `top_k` pairs and any BLOCK_M in 16..64; the reference backend ignores them."""
+    tokens: int
+    top_k: int
+    num_experts: int
+    chunk_counts: torch.Tensor    # int32 [chunks * E]: pairs of each chunk per expert
+    chunk_base: torch.Tensor      # int32 [chunks * E]: sorted row of each chunk's first pair per expert
+    block_info: torch.Tensor      # int32 [blocks, 2]: (expert, valid rows) of each GEMM block
+    sorted_pairs: torch.Tensor    # int32 [rows]: pair index (token * k + slot) per expert-sorted row
+    act: torch.Tensor             # model dtype [T * k, I]: silu(gate) * up of each pair
+    y: torch.Tensor               # model dtype [T * k, H]: weighted down output of each pair
+
+
+def moe_grouped_workspace(tokens, top_k, num_experts, hidden, intermediate, shared_intermediate, dtype,
+                          device) -> MoeGroupedWorkspace:
+    for name, v in (("tokens", tokens), ("top_k", top_k), ("num_experts", num_experts), ("hidden", hidden),
+                    ("intermediate", intermediate), ("shared_intermediate", shared_intermediate)):
+        if int(v) < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    p, e = tokens * top_k, num_experts
+    chunks = triton.cdiv(p, _chunk(p))
+    i32 = dict(dtype=torch.int32, device=device)
+    return MoeGroupedWorkspace(
+        tokens, top_k, e,
+        chunk_counts=torch.empty(chunks * e, **i32), chunk_base=torch.empty(chunks * e, **i32),
+        block_info=torch.empty(_max_blocks(p, e, _MIN_BLOCK_M), 2, **i32),
+        sorted_pairs=torch.empty(_max_blocks(p, e, _MAX_BLOCK_M) * _MAX_BLOCK_M, **i32),
+        act=torch.empty(p, intermediate, dtype=dtype, device=device),
+        y=torch.empty(p, hidden, dtype=dtype, device=device))
+
+
+# ----------------------------------------------------------------------------- checks
+def _check_grouped(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_down, shared_gate_logit,
+                   workspace, out, info):
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, H], got shape {tuple(x.shape)}")
+    t, h = x.shape
+    check_rows("x", x, t, h)
+    if x.dtype not in MODEL_DTYPES:
+        raise TypeError(f"x must be one of {MODEL_DTYPES}, got {x.dtype}")
+    for name, v in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj), ("shared_gate_up", shared_gate_up),
+                    ("shared_down", shared_down), ("out", out)):
+        if v.dtype != x.dtype:   # the tensor-core dots take one operand dtype
+            raise TypeError(f"{name} must be {x.dtype} like x, got {v.dtype}")
+    if gate_up_proj.dim() != 3 or not gate_up_proj.is_contiguous() or gate_up_proj.shape[2] != h \
+            or gate_up_proj.shape[1] % 2:
+        raise ValueError(f"gate_up_proj must be a contiguous [E, 2I, {h}], got {tuple(gate_up_proj.shape)}")
+    e, i2, _ = gate_up_proj.shape
+    i = i2 // 2
+    check_contiguous("down_proj", down_proj, (e, h, i))
+    if ids.dim() != 2:
+        raise ValueError(f"ids must be [{t}, k], got shape {tuple(ids.shape)}")
+    k = ids.shape[1]
+    check_contiguous("ids", ids, (t, k))
+    check_contiguous("weights", weights, (t, k))
+    if ids.dtype != torch.int32:
+        raise TypeError(f"ids must be int32, got {ids.dtype}")
+    if shared_down.dim() != 2 or shared_down.shape[0] != h or not shared_down.is_contiguous():
+        raise ValueError(f"shared_down must be a contiguous [{h}, Is], got {tuple(shared_down.shape)}")
+    i_s = shared_down.shape[1]
+    check_rows("shared_gate_up", shared_gate_up, t, 2 * i_s)
+    if shared_gate_logit.dim() not in (1, 2) or shared_gate_logit.shape[0] != t or shared_gate_logit.numel() != t:
+        raise ValueError(f"shared_gate_logit must hold one logit per token ([{t}] or [{t}, 1]), "
+                         f"got {tuple(shared_gate_logit.shape)}")
+    check_rows("out", out, t, h)
+    if not isinstance(workspace, MoeGroupedWorkspace):
+        raise TypeError(f"workspace must be a MoeGroupedWorkspace (moe_grouped_workspace), got {type(workspace)}")
+    if workspace.tokens * workspace.top_k < t * k or workspace.num_experts != e or workspace.top_k != k \
+            or tuple(workspace.act.shape) != (workspace.tokens * k, i) or workspace.y.shape[1] != h \
+            or workspace.act.dtype != x.dtype or workspace.y.dtype != x.dtype:
+        raise ValueError(f"workspace (tokens={workspace.tokens}, top_k={workspace.top_k}, "
+                         f"experts={workspace.num_experts}, act {tuple(workspace.act.shape)} {workspace.act.dtype}) "
+                         f"does not fit T={t}, k={k}, E={e}, I={i}, H={h}, {x.dtype}")
+    if info is not None and (info.dtype != torch.int64 or info.numel() != 3 or info.device != x.device):
+        raise ValueError(f"info must be an int64 (row, start, n_valid) tensor on {x.device}, "
+                         f"got {info.dtype} {tuple(info.shape)} on {info.device}")
+    return t, h, e, i, k, i_s
+
+
+# ----------------------------------------------------------------------------- reference
+def moe_experts_grouped_reference(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_down,
+                                  shared_gate_logit, workspace, out, info=None) -> None:
+    """transformers' eager experts loop: per expert (ascending id) its tokens batched through
+    gate/up, silu(gate) * up, down, x routing weight, index-added into a model-dtype total; then
+    + sigmoid(shared_gate_logit) * shared expert. Padding tokens (t >= n_valid) get the shared term."""
+    t, h, e, i, k, i_s = _check_grouped(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_down,
+                                        shared_gate_logit, workspace, out, info)
+    n = t if info is None else max(0, min(t, int(info.reshape(3)[2])))
+    silu, linear = torch.nn.functional.silu, torch.nn.functional.linear
+    total = torch.zeros(t, h, dtype=x.dtype, device=x.device)
+    chosen = ids[:n].long()
+    for ex in range(e):
+        tok, slot = torch.where(chosen == ex)
+        if tok.numel() == 0:
+            continue
+        gate, up = linear(x[tok], gate_up_proj[ex]).chunk(2, dim=-1)
+        y = linear(silu(gate) * up, down_proj[ex]) * weights[tok, slot, None]
+        total.index_add_(0, tok, y.to(x.dtype))
+    ys = linear(silu(shared_gate_up[:, :i_s]) * shared_gate_up[:, i_s:2 * i_s], shared_down)
+    out.copy_(total + torch.sigmoid(shared_gate_logit.reshape(t, 1)) * ys)
+
+
+# ----------------------------------------------------------------------------- grouping kernels
+@triton.jit
+def _valid_pairs(info_ptr, NPAIRS, TOPK, HAS_INFO: tl.constexpr):
+    """Pairs 0 .. n-1 are real; pairs of padding tokens (t >= n_valid) come after them."""
+    if HAS_INFO:
+        n_valid = tl.load(info_ptr + 2).to(tl.int32)
+        return tl.maximum(tl.minimum(n_valid * TOPK, NPAIRS), 0)
+    else:
+        return NPAIRS + 0
+
+
+@triton.jit
+def _moe_count_kernel(ids_ptr, info_ptr, counts_ptr, NPAIRS, TOPK, E, HAS_INFO: tl.constexpr,
+                      CHUNK: tl.constexpr, SUB: tl.constexpr, BLOCK_E: tl.constexpr, USE_GDC: tl.constexpr):
+    pdl_wait(USE_GDC)
+    c = tl.program_id(0)
+    n = _valid_pairs(info_ptr, NPAIRS, TOPK, HAS_INFO)
+    offs_e = tl.arange(0, BLOCK_E)
+    hist = tl.zeros([BLOCK_E], tl.int32)
+    for s in range(0, CHUNK, SUB):   # one-hot sums in slices keep the [SUB, E] tile small
+        p = c * CHUNK + s + tl.arange(0, SUB)
+        ex = tl.load(ids_ptr + p, mask=p < n, other=-1)
+        hist += tl.sum((ex[:, None] == offs_e[None, :]).to(tl.int32), axis=0)
+    tl.store(counts_ptr + c * E + offs_e, hist, mask=offs_e < E)
+
+
+@triton.jit
+def _moe_scan_kernel(counts_ptr, base_ptr, block_ptr, NCHUNKS, E, NBLOCKS, BLOCK_M: tl.constexpr,
+                     BLOCK_E: tl.constexpr, TILE_C: tl.constexpr, TILE_B: tl.constexpr, USE_GDC: tl.constexpr):
+    pdl_wait(USE_GDC)
+    offs_e = tl.arange(0, BLOCK_E)
+    me = offs_e < E
+    offs_c = tl.arange(0, TILE_C)
+    total = tl.zeros([BLOCK_E], tl.int32)
+    for c0 in range(0, NCHUNKS, TILE_C):
+        m = ((c0 + offs_c) < NCHUNKS)[:, None] & me[None, :]
+        cnt = tl.load(counts_ptr + (c0 + offs_c)[:, None] * E + offs_e[None, :], mask=m, other=0)
+        total += tl.sum(cnt, axis=0)
+    nblk = (total + BLOCK_M - 1) // BLOCK_M
+    blk_end = tl.cumsum(nblk, axis=0)
+    blk_start = blk_end - nblk
+    carry = blk_start * BLOCK_M          # next free sorted row of each expert
+    for c0 in range(0, NCHUNKS, TILE_C):
+        m = ((c0 + offs_c) < NCHUNKS)[:, None] & me[None, :]
+        ptrs = (c0 + offs_c)[:, None] * E + offs_e[None, :]
+        cnt = tl.load(counts_ptr + ptrs, mask=m, other=0)
+        tl.store(base_ptr + ptrs, carry[None, :] + tl.cumsum(cnt, axis=0) - cnt, mask=m)
+        carry += tl.sum(cnt, axis=0)
+    # block b belongs to the expert whose block range holds it: the number of experts ending at or before b
+    offs_b = tl.arange(0, TILE_B)
+    for b0 in range(0, NBLOCKS, TILE_B):
+        bb = b0 + offs_b
+        ex = tl.sum(((blk_end[None, :] <= bb[:, None]) & me[None, :]).to(tl.int32), axis=1)
+        sel = offs_e[None, :] == ex[:, None]
+        start = tl.sum(tl.where(sel, blk_start, 0), axis=1)
+        tot = tl.sum(tl.where(sel, total, 0), axis=1)
+        used = ex < E
+        rows = tl.where(used, tl.minimum(tot - (bb - start) * BLOCK_M, BLOCK_M), 0)
+        mb = bb < NBLOCKS
+        tl.store(block_ptr + bb * 2, tl.where(used, ex, 0), mask=mb)
+        tl.store(block_ptr + bb * 2 + 1, rows, mask=mb)
+
+
+@triton.jit
+def _moe_scatter_kernel(ids_ptr, info_ptr, base_ptr, sorted_ptr, NPAIRS, TOPK, E, HAS_INFO: tl.constexpr,
+                        CHUNK: tl.constexpr, USE_GDC: tl.constexpr):
+    pdl_wait(USE_GDC)
+    c = tl.program_id(0)
+    n = _valid_pairs(info_ptr, NPAIRS, TOPK, HAS_INFO)
+    offs = tl.arange(0, CHUNK)
+    p = c * CHUNK + offs
+    ex = tl.load(ids_ptr + p, mask=p < n, other=-1)
+    ok = (ex >= 0) & (ex < E)            # an id outside [0, E) is counted nowhere, so stored nowhere
+    ex = tl.where(ok, ex, -1)
+    # rank among this chunk's earlier pairs of the same expert
+    same = (ex[:, None] == ex[None, :]) & (offs[None, :] < offs[:, None])
+    rank = tl.sum(same.to(tl.int32), axis=1)
+    base = tl.load(base_ptr + c * E + ex, mask=ok, other=0)
+    tl.store(sorted_ptr + base + rank, p, mask=ok)
+
+
+# ----------------------------------------------------------------------------- GEMM kernels
+@triton.jit
+def _rnd(x, dt: tl.constexpr, EMULATE: tl.constexpr):
+    """fp32 x rounded to the model dtype `dt` (a rounding point), returned as fp32. EMULATE: bf16
+    round-to-nearest-even in integer arithmetic, for the CPU interpreter, whose casts truncate."""
+    if EMULATE:
+        b = x.to(tl.int32, bitcast=True)
+        b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+        return b.to(tl.float32, bitcast=True)
+    else:
+        return x.to(dt).to(tl.float32)
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_FP32: tl.constexpr):
+    """acc + a @ b: bf16/fp16 on the tensor cores; fp32 models (and the interpreter, whose
+    low-precision dot is unreliable) in exact fp32 products."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _block_rows(block_ptr, sorted_ptr, BLOCK_M: tl.constexpr):
+    """(expert, pair index per row, row mask) of this program's block."""
+    b = tl.program_id(0)
+    e = tl.load(block_ptr + b * 2).to(tl.int64)
+    rows = tl.load(block_ptr + b * 2 + 1)
+    offs_m = tl.arange(0, BLOCK_M)
+    mm = offs_m < rows
+    pair = tl.load(sorted_ptr + b * BLOCK_M + offs_m, mask=mm, other=0).to(tl.int64)
+    return e, rows, pair, mm
+
+
+@triton.jit
+def _moe_gate_up_gemm_kernel(x_ptr, gu_ptr, block_ptr, sorted_ptr, act_ptr, H, I, TOPK, stride_x,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             DOT_FP32: tl.constexpr, EMULATE: tl.constexpr, USE_GDC: tl.constexpr):
+    pdl_wait(USE_GDC)
+    e, rows, pair, mm = _block_rows(block_ptr, sorted_ptr, BLOCK_M)
+    if rows == 0:                        # a block past the used count
+        return
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = offs_n < I
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + (pair // TOPK)[:, None] * stride_x + offs_k[None, :]
+    g_ptrs = gu_ptr + (e * 2 * I + offs_n)[None, :] * H + offs_k[:, None]      # [BLOCK_K, BLOCK_N] of W^T
+    u_ptrs = g_ptrs + I * H
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        mk = (k0 + offs_k) < H
+        a = tl.load(a_ptrs + k0, mask=mm[:, None] & mk[None, :], other=0.0)
+        wg = tl.load(g_ptrs + k0, mask=mk[:, None] & mn[None, :], other=0.0)
+        wu = tl.load(u_ptrs + k0, mask=mk[:, None] & mn[None, :], other=0.0)
+        acc_g = _mma(a, wg, acc_g, DOT_FP32)
+        acc_u = _mma(a, wu, acc_u, DOT_FP32)
+    dt: tl.constexpr = act_ptr.dtype.element_ty
+    g = _rnd(acc_g, dt, EMULATE)
+    u = _rnd(acc_u, dt, EMULATE)
+    a = _rnd(_rnd(g * tl.sigmoid(g), dt, EMULATE) * u, dt, EMULATE)
+    tl.store(act_ptr + pair[:, None] * I + offs_n[None, :], a.to(dt), mask=mm[:, None] & mn[None, :])
+
+
+@triton.jit
+def _moe_down_gemm_kernel(act_ptr, dn_ptr, w_ptr, block_ptr, sorted_ptr, y_ptr, H, I,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          DOT_FP32: tl.constexpr, EMULATE: tl.constexpr, USE_GDC: tl.constexpr):
+    pdl_wait(USE_GDC)
+    e, rows, pair, mm = _block_rows(block_ptr, sorted_ptr, BLOCK_M)
+    if rows == 0:
+        return
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = offs_n < H
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = act_ptr + pair[:, None] * I + offs_k[None, :]
+    w_ptrs = dn_ptr + (e * H + offs_n)[None, :] * I + offs_k[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        mk = (k0 + offs_k) < I
+        a = tl.load(a_ptrs + k0, mask=mm[:, None] & mk[None, :], other=0.0)
+        w = tl.load(w_ptrs + k0, mask=mk[:, None] & mn[None, :], other=0.0)
+        acc = _mma(a, w, acc, DOT_FP32)
+    dt: tl.constexpr = y_ptr.dtype.element_ty
+    wt = tl.load(w_ptr + pair, mask=mm, other=0.0).to(tl.float32)
+    y = _rnd(_rnd(acc, dt, EMULATE) * wt[:, None], dt, EMULATE)
+    tl.store(y_ptr + pair[:, None] * H + offs_n[None, :], y.to(dt), mask=mm[:, None] & mn[None, :])
+
+
+@triton.jit
+def _moe_shared_combine_kernel(sgu_ptr, sdn_ptr, sgl_ptr, ids_ptr, y_ptr, info_ptr, out_ptr, T, H, IS, TOPK,
+                               stride_sgu, stride_sgl, stride_out, HAS_INFO: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               BLOCK_TOPK: tl.constexpr, DOT_FP32: tl.constexpr, EMULATE: tl.constexpr, USE_GDC: tl.constexpr):
+    pdl_wait(USE_GDC)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm = offs_m < T
+    mn = offs_n < H
+    offs_k = tl.arange(0, BLOCK_K)
+    dt: tl.constexpr = out_ptr.dtype.element_ty
+    # shared expert: its act silu(g) * u (rounded as the reference) formed while loading the A tile
+    g_ptrs = sgu_ptr + offs_m.to(tl.int64)[:, None] * stride_sgu + offs_k[None, :]
+    w_ptrs = sdn_ptr + offs_n.to(tl.int64)[None, :] * IS + offs_k[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, IS, BLOCK_K):
+        mk = (k0 + offs_k) < IS
+        ma = mm[:, None] & mk[None, :]
+        g = tl.load(g_ptrs + k0, mask=ma, other=0.0).to(tl.float32)
+        u = tl.load(g_ptrs + IS + k0, mask=ma, other=0.0).to(tl.float32)
+        a = _rnd(_rnd(g * tl.sigmoid(g), dt, EMULATE) * u, dt, EMULATE).to(dt)
+        w = tl.load(w_ptrs + k0, mask=mk[:, None] & mn[None, :], other=0.0)
+        acc = _mma(a, w, acc, DOT_FP32)
+    gl = tl.load(sgl_ptr + offs_m * stride_sgl, mask=mm, other=0.0).to(tl.float32)
+    gs = _rnd(tl.sigmoid(gl), dt, EMULATE)
+    ys = _rnd(gs[:, None] * _rnd(acc, dt, EMULATE), dt, EMULATE)
+    # routed: each token's k rows of y in ascending expert id, rounding after each add
+    n_tok = T
+    if HAS_INFO:
+        n_tok = tl.minimum(tl.load(info_ptr + 2).to(tl.int32), T)
+    routed = offs_m < n_tok
+    offs_j = tl.arange(0, BLOCK_TOPK)
+    big = 2147483647
+    ids = tl.load(ids_ptr + offs_m[:, None] * TOPK + offs_j[None, :],
+                  mask=routed[:, None] & (offs_j < TOPK)[None, :], other=big)
+    total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for _ in range(0, TOPK):
+        first = tl.min(ids, axis=1)
+        slot = tl.min(tl.where(ids == first[:, None], offs_j[None, :], BLOCK_TOPK), axis=1)
+        ids = tl.where(offs_j[None, :] == slot[:, None], big, ids)
+        pr = offs_m.to(tl.int64) * TOPK + slot
+        yv = tl.load(y_ptr + pr[:, None] * H + offs_n[None, :], mask=routed[:, None] & mn[None, :], other=0.0)
+        total = _rnd(total + yv.to(tl.float32), dt, EMULATE)
+    res = _rnd(total + ys, dt, EMULATE)
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_out + offs_n[None, :], res.to(dt),
+             mask=mm[:, None] & mn[None, :])
+
+
+# ----------------------------------------------------------------------------- Triton op
+def moe_experts_grouped_triton(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_down,
+                               shared_gate_logit, workspace, out, info=None, *,
+                               launch: MoeGroupedLaunch | None = None) -> None:
+    """Same contract as moe_experts_grouped_reference; `launch` overrides the tiles (benchmarks)."""
+    t, h, e, i, k, i_s = _check_grouped(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_down,
+                                        shared_gate_logit, workspace, out, info)
+    cfg = launch or moe_grouped_launch_config(t, h, i, k, e, i_s)
+    ws = workspace
+    p = t * k
+    chunk = _chunk(p)
+    n_chunks = triton.cdiv(p, chunk)
+    n_blocks = _max_blocks(p, e, cfg.block_m)
+    if cfg.block_m not in (16, 32, 64) or n_chunks * e > ws.chunk_counts.numel() \
+            or n_blocks > ws.block_info.shape[0] or n_blocks * cfg.block_m > ws.sorted_pairs.numel():
+        raise ValueError(f"launch {cfg} does not fit the workspace (block_m must be 16, 32 or 64)")
+    has_info = info is not None
+    block_e = next_pow2(e)
+    dot_fp32 = INTERPRET or x.dtype == torch.float32
+    emulate = INTERPRET and x.dtype == torch.bfloat16
+    opts = pdl(x)
+    # 1-3: group the pairs by expert
+    _moe_count_kernel[(n_chunks,)](ids, info, ws.chunk_counts, p, k, e, HAS_INFO=has_info, CHUNK=chunk,
+                                   SUB=min(chunk, max(16, 8192 // block_e)), BLOCK_E=block_e, num_warps=4, **opts)
+    _moe_scan_kernel[(1,)](ws.chunk_counts, ws.chunk_base, ws.block_info, n_chunks, e, n_blocks,
+                           BLOCK_M=cfg.block_m, BLOCK_E=block_e, TILE_C=max(1, min(16, 8192 // block_e)),
+                           TILE_B=max(1, min(64, 16384 // block_e)), num_warps=8, **opts)
+    _moe_scatter_kernel[(n_chunks,)](ids, info, ws.chunk_base, ws.sorted_pairs, p, k, e, HAS_INFO=has_info,
+                                     CHUNK=chunk, num_warps=4, **opts)
+    # 4-5: the grouped GEMMs
+    tiles = dict(BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, DOT_FP32=dot_fp32, EMULATE=emulate, num_warps=cfg.num_warps,
+                 num_stages=cfg.num_stages)
+    _moe_gate_up_gemm_kernel[(n_blocks, triton.cdiv(i, cfg.gate_up_block_n))](
+        x, gate_up_proj, ws.block_info, ws.sorted_pairs, ws.act, h, i, k, x.stride(0),
+        BLOCK_N=cfg.gate_up_block_n, **tiles, **opts)
+    _moe_down_gemm_kernel[(n_blocks, triton.cdiv(h, cfg.down_block_n))](
+        ws.act, down_proj, weights, ws.block_info, ws.sorted_pairs, ws.y, h, i,
+        BLOCK_N=cfg.down_block_n, **tiles, **opts)
+    # 6: shared expert and the ordered sum
+    sgl = shared_gate_logit  # [T] or [T, 1], any row stride: one element per token
+    _moe_shared_combine_kernel[(triton.cdiv(t, cfg.shared_block_m), triton.cdiv(h, cfg.shared_block_n))](
+        shared_gate_up, shared_down, sgl, ids, ws.y, info, out, t, h, i_s, k,
+        shared_gate_up.stride(0), sgl.stride(0), out.stride(0), HAS_INFO=has_info,
+        BLOCK_M=cfg.shared_block_m, BLOCK_N=cfg.shared_block_n, BLOCK_K=cfg.block_k,
+        BLOCK_TOPK=next_pow2(k), DOT_FP32=dot_fp32, EMULATE=emulate, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **opts)
