@@ -2,7 +2,12 @@
 from .attention import (attention_num_splits, attention_workspace, attention_workspace_numel,  # noqa: F401
                         decode_attention_triton as decode_attention,
                         qk_norm_rope_store_triton as qk_norm_rope_store)
+from .attention import prefill_attention_triton as prefill_attention  # noqa: F401
+from .attention import qk_norm_rope_store_prefill_triton as qk_norm_rope_store_prefill  # noqa: F401
+from .conv import conv1d_prefill_triton as conv1d_prefill  # noqa: F401
 from .conv import conv1d_update_triton as conv1d_update  # noqa: F401
+from .gated_delta import gated_delta_chunk_triton as gated_delta_chunk, gated_delta_chunk_workspace  # noqa: F401
+from .moe import moe_experts_grouped_triton as moe_experts_grouped, moe_grouped_workspace  # noqa: F401
 from .gated_delta import gated_delta_step_triton as gated_delta_step, gated_delta_workspace  # noqa: F401
 from .linear import gemv_triton as gemv, norm_gemv_triton as norm_gemv  # noqa: F401
 from .moe import moe_experts_triton as moe_experts, moe_workspace, moe_workspace_numel  # noqa: F401
@@ -23,4 +28,7 @@ def Sampler(vocab_size, batch, sampling=None, device="cpu"):
 __all__ = ["gemv", "norm_gemv", "rmsnorm", "add_rmsnorm", "gated_rmsnorm", "conv1d_update", "gated_delta_step",
            "qk_norm_rope_store", "decode_attention", "router_topk", "moe_experts", "sample", "Sampler",
            "attention_workspace", "attention_workspace_numel", "attention_num_splits", "moe_workspace", "moe_workspace_numel",
-           "sample_workspace_numel", "make_params", "make_rng_state", "gated_delta_workspace"]
+           "sample_workspace_numel", "make_params", "make_rng_state", "gated_delta_workspace",
+           # chunked prefill (T tokens of one row; info = (row, start, n_valid) on the device)
+           "conv1d_prefill", "gated_delta_chunk", "gated_delta_chunk_workspace", "qk_norm_rope_store_prefill",
+           "prefill_attention", "moe_experts_grouped", "moe_grouped_workspace"]
