@@ -4,11 +4,8 @@ Same math and rounding points as the decode op (decode.moe_experts_reference, i.
 eager experts loop), for many tokens at once. The T*k (token, slot) "pairs" are grouped by expert
 on the device, so each expert's weights are read once per block of its pairs instead of once per
 pair. Six kernels, fixed grids, no host sync (capturable in a CUDA graph):
-  1. count:   per chunk of pairs, how many go to each expert            -> chunk_counts [C, E]
-  2. scan:    (one program) expert totals, each expert's rows padded to BLOCK_M, the absolute
-              start row of every (chunk, expert), and the block -> (expert, valid rows) table
-  3. scatter: each pair to its row of the expert-sorted order (ascending pair index within an
-              expert: deterministic, no atomics)                       -> sorted_pairs
+  1-3. grouping.group_pairs: the pairs sorted by expert (ascending pair index within an expert),
+     each expert's rows padded to BLOCK_M, and a block -> (expert, valid rows) table
   4. gate/up GEMM per block of one expert: rows of x gathered by token, x gate_up_proj[e]^T,
      silu(gate) * up in the epilogue                                   -> act [T*k, I] by pair
   5. down GEMM per block: act rows x down_proj[e]^T, x routing weight  -> y [T*k, H] by pair
@@ -31,22 +28,13 @@ import triton
 import triton.language as tl
 
 from .._util import INTERPRET, MODEL_DTYPES, check_contiguous, check_rows, next_pow2, pdl, pdl_wait
+from .grouping import group_pairs, max_blocks, pair_chunk
 
 __all__ = ["MoeGroupedLaunch", "MoeGroupedWorkspace", "moe_grouped_launch_config", "moe_grouped_workspace",
            "moe_experts_grouped_reference", "moe_experts_grouped_triton"]
 
 _MAX_BLOCK_M = 64
 _MIN_BLOCK_M = 16          # tl.dot needs every dim >= 16
-
-
-def _chunk(n_pairs: int) -> int:
-    """Pairs per program of the count/scatter kernels (scatter ranks them with a [C, C] compare)."""
-    return min(128, max(16, next_pow2(n_pairs)))
-
-
-def _max_blocks(n_pairs: int, e: int, block_m: int) -> int:
-    """Upper bound of sum_e ceil(count_e / BLOCK_M): each non-empty expert wastes < one block."""
-    return triton.cdiv(n_pairs, block_m) + min(e, n_pairs)
 
 
 # ----------------------------------------------------------------------------- launch, workspace
@@ -75,8 +63,8 @@ def moe_grouped_launch_config(t: int, h: int, i: int, k: int, e: int, i_s: int) 
 
 @dataclass(frozen=True)
 class MoeGroupedWorkspace:
-    """Preallocated buffers of moe_experts_grouped (allocate once, before capture). Sized for
-    `tokens` x `top_k` pairs and any BLOCK_M in 16..64; the reference backend ignores them."""
+    """Preallocated buffers of moe_experts_grouped (allocate once, before capture). Sized for up to
+    `tokens` x `top_k` pairs and any BLOCK_M in 16..64; the reference backend checks but never uses them."""
     tokens: int
     top_k: int
     num_experts: int
@@ -90,18 +78,20 @@ class MoeGroupedWorkspace:
 
 def moe_grouped_workspace(tokens, top_k, num_experts, hidden, intermediate, shared_intermediate, dtype,
                           device) -> MoeGroupedWorkspace:
+    """Buffers for chunks of up to `tokens` tokens. The shared expert needs none (its act is formed in
+    registers): shared_intermediate is only checked."""
     for name, v in (("tokens", tokens), ("top_k", top_k), ("num_experts", num_experts), ("hidden", hidden),
                     ("intermediate", intermediate), ("shared_intermediate", shared_intermediate)):
         if int(v) < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
     p, e = tokens * top_k, num_experts
-    chunks = triton.cdiv(p, _chunk(p))
+    chunks = triton.cdiv(p, pair_chunk(p))
     i32 = dict(dtype=torch.int32, device=device)
     return MoeGroupedWorkspace(
         tokens, top_k, e,
         chunk_counts=torch.empty(chunks * e, **i32), chunk_base=torch.empty(chunks * e, **i32),
-        block_info=torch.empty(_max_blocks(p, e, _MIN_BLOCK_M), 2, **i32),
-        sorted_pairs=torch.empty(_max_blocks(p, e, _MAX_BLOCK_M) * _MAX_BLOCK_M, **i32),
+        block_info=torch.empty(max_blocks(p, e, _MIN_BLOCK_M), 2, **i32),
+        sorted_pairs=torch.empty(max_blocks(p, e, _MAX_BLOCK_M) * _MAX_BLOCK_M, **i32),
         act=torch.empty(p, intermediate, dtype=dtype, device=device),
         y=torch.empty(p, hidden, dtype=dtype, device=device))
 
@@ -175,87 +165,6 @@ def moe_experts_grouped_reference(x, gate_up_proj, down_proj, ids, weights, shar
         total.index_add_(0, tok, y.to(x.dtype))
     ys = linear(silu(shared_gate_up[:, :i_s]) * shared_gate_up[:, i_s:2 * i_s], shared_down)
     out.copy_(total + torch.sigmoid(shared_gate_logit.reshape(t, 1)) * ys)
-
-
-# ----------------------------------------------------------------------------- grouping kernels
-@triton.jit
-def _valid_pairs(info_ptr, NPAIRS, TOPK, HAS_INFO: tl.constexpr):
-    """Pairs 0 .. n-1 are real; pairs of padding tokens (t >= n_valid) come after them."""
-    if HAS_INFO:
-        n_valid = tl.load(info_ptr + 2).to(tl.int32)
-        return tl.maximum(tl.minimum(n_valid * TOPK, NPAIRS), 0)
-    else:
-        return NPAIRS + 0
-
-
-@triton.jit
-def _moe_count_kernel(ids_ptr, info_ptr, counts_ptr, NPAIRS, TOPK, E, HAS_INFO: tl.constexpr,
-                      CHUNK: tl.constexpr, SUB: tl.constexpr, BLOCK_E: tl.constexpr, USE_GDC: tl.constexpr):
-    pdl_wait(USE_GDC)
-    c = tl.program_id(0)
-    n = _valid_pairs(info_ptr, NPAIRS, TOPK, HAS_INFO)
-    offs_e = tl.arange(0, BLOCK_E)
-    hist = tl.zeros([BLOCK_E], tl.int32)
-    for s in range(0, CHUNK, SUB):   # one-hot sums in slices keep the [SUB, E] tile small
-        p = c * CHUNK + s + tl.arange(0, SUB)
-        ex = tl.load(ids_ptr + p, mask=p < n, other=-1)
-        hist += tl.sum((ex[:, None] == offs_e[None, :]).to(tl.int32), axis=0)
-    tl.store(counts_ptr + c * E + offs_e, hist, mask=offs_e < E)
-
-
-@triton.jit
-def _moe_scan_kernel(counts_ptr, base_ptr, block_ptr, NCHUNKS, E, NBLOCKS, BLOCK_M: tl.constexpr,
-                     BLOCK_E: tl.constexpr, TILE_C: tl.constexpr, TILE_B: tl.constexpr, USE_GDC: tl.constexpr):
-    pdl_wait(USE_GDC)
-    offs_e = tl.arange(0, BLOCK_E)
-    me = offs_e < E
-    offs_c = tl.arange(0, TILE_C)
-    total = tl.zeros([BLOCK_E], tl.int32)
-    for c0 in range(0, NCHUNKS, TILE_C):
-        m = ((c0 + offs_c) < NCHUNKS)[:, None] & me[None, :]
-        cnt = tl.load(counts_ptr + (c0 + offs_c)[:, None] * E + offs_e[None, :], mask=m, other=0)
-        total += tl.sum(cnt, axis=0)
-    nblk = (total + BLOCK_M - 1) // BLOCK_M
-    blk_end = tl.cumsum(nblk, axis=0)
-    blk_start = blk_end - nblk
-    carry = blk_start * BLOCK_M          # next free sorted row of each expert
-    for c0 in range(0, NCHUNKS, TILE_C):
-        m = ((c0 + offs_c) < NCHUNKS)[:, None] & me[None, :]
-        ptrs = (c0 + offs_c)[:, None] * E + offs_e[None, :]
-        cnt = tl.load(counts_ptr + ptrs, mask=m, other=0)
-        tl.store(base_ptr + ptrs, carry[None, :] + tl.cumsum(cnt, axis=0) - cnt, mask=m)
-        carry += tl.sum(cnt, axis=0)
-    # block b belongs to the expert whose block range holds it: the number of experts ending at or before b
-    offs_b = tl.arange(0, TILE_B)
-    for b0 in range(0, NBLOCKS, TILE_B):
-        bb = b0 + offs_b
-        ex = tl.sum(((blk_end[None, :] <= bb[:, None]) & me[None, :]).to(tl.int32), axis=1)
-        sel = offs_e[None, :] == ex[:, None]
-        start = tl.sum(tl.where(sel, blk_start, 0), axis=1)
-        tot = tl.sum(tl.where(sel, total, 0), axis=1)
-        used = ex < E
-        rows = tl.where(used, tl.minimum(tot - (bb - start) * BLOCK_M, BLOCK_M), 0)
-        mb = bb < NBLOCKS
-        tl.store(block_ptr + bb * 2, tl.where(used, ex, 0), mask=mb)
-        tl.store(block_ptr + bb * 2 + 1, rows, mask=mb)
-
-
-@triton.jit
-def _moe_scatter_kernel(ids_ptr, info_ptr, base_ptr, sorted_ptr, NPAIRS, TOPK, E, HAS_INFO: tl.constexpr,
-                        CHUNK: tl.constexpr, USE_GDC: tl.constexpr):
-    pdl_wait(USE_GDC)
-    c = tl.program_id(0)
-    n = _valid_pairs(info_ptr, NPAIRS, TOPK, HAS_INFO)
-    offs = tl.arange(0, CHUNK)
-    p = c * CHUNK + offs
-    ex = tl.load(ids_ptr + p, mask=p < n, other=-1)
-    ok = (ex >= 0) & (ex < E)            # an id outside [0, E) is counted nowhere, so stored nowhere
-    ex = tl.where(ok, ex, -1)
-    # rank among this chunk's earlier pairs of the same expert
-    same = (ex[:, None] == ex[None, :]) & (offs[None, :] < offs[:, None])
-    rank = tl.sum(same.to(tl.int32), axis=1)
-    base = tl.load(base_ptr + c * E + ex, mask=ok, other=0)
-    tl.store(sorted_ptr + base + rank, p, mask=ok)
 
 
 # ----------------------------------------------------------------------------- GEMM kernels
@@ -352,7 +261,8 @@ def _moe_down_gemm_kernel(act_ptr, dn_ptr, w_ptr, block_ptr, sorted_ptr, y_ptr, 
 def _moe_shared_combine_kernel(sgu_ptr, sdn_ptr, sgl_ptr, ids_ptr, y_ptr, info_ptr, out_ptr, T, H, IS, TOPK,
                                stride_sgu, stride_sgl, stride_out, HAS_INFO: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                               BLOCK_TOPK: tl.constexpr, DOT_FP32: tl.constexpr, EMULATE: tl.constexpr, USE_GDC: tl.constexpr):
+                               BLOCK_TOPK: tl.constexpr, DOT_FP32: tl.constexpr, EMULATE: tl.constexpr,
+                               USE_GDC: tl.constexpr):
     pdl_wait(USE_GDC)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -407,28 +317,21 @@ def moe_experts_grouped_triton(x, gate_up_proj, down_proj, ids, weights, shared_
     cfg = launch or moe_grouped_launch_config(t, h, i, k, e, i_s)
     ws = workspace
     p = t * k
-    chunk = _chunk(p)
+    chunk = pair_chunk(p)
     n_chunks = triton.cdiv(p, chunk)
-    n_blocks = _max_blocks(p, e, cfg.block_m)
+    n_blocks = max_blocks(p, e, cfg.block_m)
     if cfg.block_m not in (16, 32, 64) or n_chunks * e > ws.chunk_counts.numel() \
             or n_blocks > ws.block_info.shape[0] or n_blocks * cfg.block_m > ws.sorted_pairs.numel():
         raise ValueError(f"launch {cfg} does not fit the workspace (block_m must be 16, 32 or 64)")
-    has_info = info is not None
-    block_e = next_pow2(e)
     dot_fp32 = INTERPRET or x.dtype == torch.float32
     emulate = INTERPRET and x.dtype == torch.bfloat16
+    has_info = info is not None
     opts = pdl(x)
     # 1-3: group the pairs by expert
-    _moe_count_kernel[(n_chunks,)](ids, info, ws.chunk_counts, p, k, e, HAS_INFO=has_info, CHUNK=chunk,
-                                   SUB=min(chunk, max(16, 8192 // block_e)), BLOCK_E=block_e, num_warps=4, **opts)
-    _moe_scan_kernel[(1,)](ws.chunk_counts, ws.chunk_base, ws.block_info, n_chunks, e, n_blocks,
-                           BLOCK_M=cfg.block_m, BLOCK_E=block_e, TILE_C=max(1, min(16, 8192 // block_e)),
-                           TILE_B=max(1, min(64, 16384 // block_e)), num_warps=8, **opts)
-    _moe_scatter_kernel[(n_chunks,)](ids, info, ws.chunk_base, ws.sorted_pairs, p, k, e, HAS_INFO=has_info,
-                                     CHUNK=chunk, num_warps=4, **opts)
+    group_pairs(ids, info, p, e, cfg.block_m, ws.chunk_counts, ws.chunk_base, ws.block_info, ws.sorted_pairs)
     # 4-5: the grouped GEMMs
-    tiles = dict(BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, DOT_FP32=dot_fp32, EMULATE=emulate, num_warps=cfg.num_warps,
-                 num_stages=cfg.num_stages)
+    tiles = dict(BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, DOT_FP32=dot_fp32, EMULATE=emulate,
+                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _moe_gate_up_gemm_kernel[(n_blocks, triton.cdiv(i, cfg.gate_up_block_n))](
         x, gate_up_proj, ws.block_info, ws.sorted_pairs, ws.act, h, i, k, x.stride(0),
         BLOCK_N=cfg.gate_up_block_n, **tiles, **opts)
@@ -441,4 +344,5 @@ def moe_experts_grouped_triton(x, gate_up_proj, down_proj, ids, weights, shared_
         shared_gate_up, shared_down, sgl, ids, ws.y, info, out, t, h, i_s, k,
         shared_gate_up.stride(0), sgl.stride(0), out.stride(0), HAS_INFO=has_info,
         BLOCK_M=cfg.shared_block_m, BLOCK_N=cfg.shared_block_n, BLOCK_K=cfg.block_k,
-        BLOCK_TOPK=next_pow2(k), DOT_FP32=dot_fp32, EMULATE=emulate, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **opts)
+        BLOCK_TOPK=next_pow2(k), DOT_FP32=dot_fp32, EMULATE=emulate, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **opts)
