@@ -59,6 +59,30 @@ sampling.Sampler(vocab_size, batch, sampling (has .temperature/.top_k/.top_p/.se
                                                               owns params/rng/workspace;
                                                               sampler(logits, out_tokens), reset()
 
+Chunked prefill (T tokens of ONE row per call; `info` = int64 [3] (row, start, n_valid) on the
+device: tokens sit at positions start..start+n_valid-1 of `row`; tokens t >= n_valid are padding
+and change no state, cache slot or other token's output; the Triton ops read info only on the
+device, so one CUDA graph per T serves every row, start and length):
+conv.conv1d_prefill(x[T,C], conv_state[B,C,W] (row in place), weight[C,W], out[T,C], info)
+                                                              = conv1d_update per valid token
+gated_delta.gated_delta_chunk(qkv[T,..], a[T,NV], b[T,NV], A_log, dt_bias, state[B,NV,K,V] fp32
+                              (row in place), out[T,NV*V], info, NK, K, V, workspace=None)
+                                                              = gated_delta_step per valid token
+                                                              (chunked form, 64-token chunks);
+                                                              raw o (gated_rmsnorm separately)
+attention.qk_norm_rope_store_prefill(qkv[T,..], q_norm_w, k_norm_w, info, inv_freq, k_cache, v_cache,
+                                     q_out[T,NH,D], err, eps, NH, NKV, D)
+                                                              = qk_norm_rope_store per valid token
+attention.prefill_attention(q[T,NH,D], k_cache, v_cache, info, qkv[T,..], scale, out[T,NH*D])
+                                                              query t attends to 0..start+t of row;
+                                                              x sigmoid(gate); padding rows -> 0
+moe.moe_experts_grouped(x[T,H], gate_up_proj, down_proj, ids[T,k], weights[T,k], shared_gate_up,
+                        shared_down, shared_gate_logit, workspace, out[T,H], info=None)
+                                                              = moe_experts over T rows, as
+                                                              grouped GEMMs (tokens grouped by
+                                                              expert on the device)
+gated_delta_chunk_workspace(T, NV, device); moe_grouped_workspace(T, k, E, H, I, Is, dtype, device)
+
 Workspace sizing (same for both backends; allocate once, before capture; the reference backend
 accepts and ignores them):
 attention_workspace_numel(B, NH, D, S) fp32 / attention_workspace(B, NH, D, S, device)
