@@ -148,12 +148,12 @@ def _conv1d_prefill_kernel(x_ptr, state_ptr, w_ptr, out_ptr, info_ptr, C, stride
         # only token block 0 read the old state: it writes the new one, seq[n_valid + j] for j < W
         offs_w = tl.arange(0, BLOCK_W)
         mw = offs_w < W
-        s = n_valid + offs_w
-        xr = s - W
-        xv = tl.load(x_ptr + xr[None, :] * stride_x + offs_c[:, None],
-                     mask=mc[:, None] & (mw & (xr >= 0))[None, :], other=0.0)
-        sv = tl.load(st[:, None] + s[None, :], mask=mc[:, None] & (mw & (s < W))[None, :], other=0.0)
-        new = tl.where((xr >= 0)[None, :], xv.to(sdt), sv)
+        sn = n_valid + offs_w
+        xrn = sn - W
+        xvn = tl.load(x_ptr + xrn[None, :] * stride_x + offs_c[:, None],
+                     mask=mc[:, None] & (mw & (xrn >= 0))[None, :], other=0.0)
+        svn = tl.load(st[:, None] + sn[None, :], mask=mc[:, None] & (mw & (sn < W))[None, :], other=0.0)
+        new = tl.where((xrn >= 0)[None, :], xvn.to(sdt), svn)
         tl.debug_barrier()  # every lane has read the old state before any lane overwrites it
         tl.store(st[:, None] + offs_w[None, :], new, mask=mc[:, None] & mw[None, :])
 

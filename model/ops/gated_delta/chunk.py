@@ -337,4 +337,4 @@ def gated_delta_chunk_triton(qkv, a, b, A_log, dt_bias, state, out, info, NK, K,
     _gdn_chunk_scan_kernel[(nv, triton.cdiv(V, block_v))](
         qkv, a, b, A_log, dt_bias, state, out2, info, workspace, NK, nv, K, V, q_div, qkv.stride(0), a.stride(0),
         b.stride(0), out2.stride(0), ws_head, ws_slot, BT=CHUNK, BLOCK_K=block_k, BLOCK_V=block_v, PREC=prec,
-        num_warps=warps, **opts)
+        num_warps=warps, num_stages=1, **opts)   # fp32 tiles: pipelined stages overflow shared memory (H200: 254 KB > 227 KB)
