@@ -37,7 +37,7 @@ Kernels and grids (the performance note):
 Products run in fp32 ("ieee") for an fp32 model and in tf32 (fp32 accumulate) otherwise: the
 output is rounded to bf16 anyway, and tf32 keeps the carried state ~8x closer to the exact
 recurrence than the bf16 products of common chunked kernels (emulated at 2048 tokens: 7e-5
-relative state error). `dot_precision` overrides ("tf32x3" is near-fp32 on tensor cores).
+relative state error). `dot_precision` overrides.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ __all__ = ["CHUNK", "gated_delta_chunk_workspace", "gated_delta_chunk_workspace_
            "gated_delta_chunk_reference", "gated_delta_chunk_triton"]
 
 CHUNK = 64          # tokens per chunk (the inversion below is written for 4 blocks of 16)
-_PRECISIONS = ("ieee", "tf32", "tf32x3")
+_PRECISIONS = ("ieee", "tf32")   # "tf32x3" faulted (illegal address) under Triton 3.6 on an H200
 
 
 def _check(qkv, a, b, A_log, dt_bias, state, out, info, NK, K, V):
@@ -304,7 +304,7 @@ def gated_delta_chunk_triton(qkv, a, b, A_log, dt_bias, state, out, info, NK, K,
 
     `workspace`: gated_delta_chunk_workspace(>= T, NV) fp32, allocated once before capture (without
     one, a temporary is allocated: eager use only). `block_v` (power of two >= 16) overrides the
-    split of the value columns over programs, `dot_precision` ("ieee", "tf32", "tf32x3") the
+    split of the value columns over programs, `dot_precision` ("ieee", "tf32") the
     precision of the products (default: "ieee" for an fp32 model, "tf32" otherwise)."""
     t, nv, out2 = _check(qkv, a, b, A_log, dt_bias, state, out, info, NK, K, V)
     need = gated_delta_chunk_workspace_numel(t, nv)
