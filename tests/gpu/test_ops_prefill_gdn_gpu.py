@@ -118,8 +118,9 @@ def test_gated_delta_chunk_matches_transformers_chunked_rule():
     mod = pytest.importorskip("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
     n = 1000
     qkv, a, b, A_log, dt_bias, state = _gdn_inputs(n, n, torch.float32, seed=11)
-    q = qkv[:, :NK * KD].reshape(1, n, NK, KD)
-    k = qkv[:, NK * KD:2 * NK * KD].reshape(1, n, NK, KD)
+    # transformers repeats the key heads up to the value heads before its kernel
+    q = qkv[:, :NK * KD].reshape(1, n, NK, KD).repeat_interleave(NV // NK, dim=2)
+    k = qkv[:, NK * KD:2 * NK * KD].reshape(1, n, NK, KD).repeat_interleave(NV // NK, dim=2)
     v = qkv[:, 2 * NK * KD:].reshape(1, n, NV, VD)
     g = (-A_log.exp() * torch.nn.functional.softplus(a + dt_bias)).unsqueeze(0)
     o_hf, s_hf = mod.torch_chunk_gated_delta_rule(q, k, v, g=g, beta=b.sigmoid().unsqueeze(0),

@@ -15,8 +15,16 @@ pytestmark = pytest.mark.gpu
 
 
 def rel(a, b):
+    """max |a - b| / max |b|"""
     a, b = a.float(), b.float()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def fro(a, b):
+    """||a - b|| / ||b||: the bf16 measure (a max over 248k logits or a whole cache is dominated
+    by its tail: a router near-tie flips one token's experts)"""
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def ids(n, vocab, seed):
@@ -31,19 +39,44 @@ def wide():
 
 
 @pytest.fixture(scope="module")
+def wide32():
+    """35b-a3b widths, 4 layers, fp32: exactness without bf16 noise."""
+    cfg = dataclasses.replace(ModelConfig.preset("35b-a3b"), num_layers=4)
+    return cfg, random_weights(cfg, "cuda", torch.float32, seed=5)
+
+
+@pytest.fixture(scope="module")
 def tiny32():
     cfg = ModelConfig.preset("tiny")
     return cfg, random_weights(cfg, "cuda", torch.float32, seed=1)
 
 
-# bf16 tolerances: both paths round at the same points, but GEMM vs reference matmul and the
-# chunked vs per-token delta rule sum in different orders (measured well below these on an H200)
-LOGITS_REL, STATE_REL = 3e-2, 3e-2
+# bf16: both paths round at the same points, but GEMM vs reference matmul and the chunked vs
+# per-token delta rule sum in different orders, which moves single elements by a few bf16 ulps
+# (and a router near-tie can give one token other experts): bounded in norm, and loosely per element
+BF16_FRO, BF16_MAX = 2e-2, 1e-1
+FP32_REL = 1e-3
 
 
+def _compare(a_logits, b_logits, a, b, fp32):
+    if fp32:
+        assert rel(a_logits, b_logits) <= FP32_REL
+        assert int(a_logits.argmax()) == int(b_logits.argmax())
+    else:
+        assert fro(a_logits, b_logits) <= BF16_FRO and rel(a_logits, b_logits) <= BF16_MAX
+        assert int(a_logits.argmax()) in b_logits.float().topk(5).indices.tolist()
+    for name in ("kv", "conv", "recurrent"):
+        x, y = getattr(a.state, name), getattr(b.state, name)
+        if fp32:
+            assert rel(x, y) <= FP32_REL, name
+        else:
+            assert fro(x, y) <= BF16_FRO and rel(x, y) <= BF16_MAX, name
+
+
+@pytest.mark.parametrize("precision", ("fp32", "bf16"))
 @pytest.mark.parametrize("n", (1, 65, 600))
-def test_bf16_triton_prefill_matches_the_reference_at_35b_widths(wide, n):
-    cfg, w = wide
+def test_triton_prefill_matches_the_reference_at_35b_widths(wide, wide32, precision, n):
+    cfg, w = wide32 if precision == "fp32" else wide
     p = ids(n, cfg.vocab_size, n)
     ref = Decoder(cfg, w, max_batch=1, max_seq=640, backend="reference")
     tri = Decoder(cfg, w, max_batch=1, max_seq=640, backend="triton")
@@ -52,13 +85,12 @@ def test_bf16_triton_prefill_matches_the_reference_at_35b_widths(wide, n):
     lt = tri.prefill([p])[0].clone()
     lr = ref.prefill([p])[0].clone()
     assert torch.isfinite(lt).all()
-    assert rel(lt, lr) <= LOGITS_REL
-    for name in ("kv", "conv", "recurrent"):
-        assert rel(getattr(tri.state, name), getattr(ref.state, name)) <= STATE_REL, name
+    _compare(lt, lr, tri, ref, precision == "fp32")
 
 
-def test_bf16_prefill_matches_the_token_by_token_decode_path(wide):
-    cfg, w = wide
+@pytest.mark.parametrize("precision", ("fp32", "bf16"))
+def test_prefill_matches_the_token_by_token_decode_path(wide, wide32, precision):
+    cfg, w = wide32 if precision == "fp32" else wide
     p = ids(130, cfg.vocab_size, 7)
     a = Decoder(cfg, w, max_batch=1, max_seq=160, backend="triton")
     b = Decoder(cfg, w, max_batch=1, max_seq=160, backend="triton")
@@ -66,10 +98,7 @@ def test_bf16_prefill_matches_the_token_by_token_decode_path(wide):
     la = a.prefill([p])[0].clone()
     for pos, tok in enumerate(p):
         b.decode_step(torch.tensor([tok], device="cuda"), torch.tensor([pos], device="cuda"))
-    assert rel(la, b.logits[0]) <= LOGITS_REL
-    assert int(la.argmax()) == int(b.logits[0].argmax())
-    for name in ("kv", "conv", "recurrent"):
-        assert rel(getattr(a.state, name), getattr(b.state, name)) <= STATE_REL, name
+    _compare(la, b.logits[0], a, b, precision == "fp32")
 
 
 def test_graph_prefill_is_bit_identical_to_eager_with_the_same_padding(wide):
@@ -117,8 +146,9 @@ def test_padding_touches_no_other_row_and_no_cache_slot_past_the_chunk(wide):
         graphs.close()
     assert torch.equal(d.state.kv[:, :, 1], kv1) and torch.equal(d.state.conv[:, 1], conv1)
     assert torch.equal(d.state.recurrent[:, 1], rec1)
-    assert d.state.kv[:, :, 0, :, :, 3:].abs().max() == 0     # nothing stored past position 2
-    assert d.state.kv[:, :, 0, :, :, :3].abs().max() > 0
+    kv0 = d.state.kv[:, :, 0]                                 # [n_att, 2, NKV, S, D]
+    assert kv0[:, :, :, 3:].abs().max() == 0                   # nothing stored past position 2
+    assert (kv0[:, :, :, :3].abs().amax(dim=-1) > 0).all()     # every real position stored
 
 
 def test_two_turns_equal_one_prefill_of_the_concatenation(tiny32):
