@@ -120,7 +120,7 @@ def free_memory(device) -> tuple[int | None, str]:
     if dev.type == "cuda":
         index = dev.index if dev.index is not None else torch.cuda.current_device()
         free, _total = torch.cuda.mem_get_info(index)
-        return int(free), f"memory of GPU {index} ({torch.cuda.get_device_name(index)})"
+        return int(free), f"GPU {index} memory ({torch.cuda.get_device_name(index)})"
     if dev.type == "meta":
         return None, "meta device"
     return _host_free()

@@ -17,9 +17,9 @@ def _tensor_bytes(obj) -> int:
 
 
 @pytest.mark.parametrize("backend,batch,max_seq", [("reference", 1, 8), ("reference", 3, 100), ("triton", 2, 1000)])
-def test_plan_equals_what_decoder_and_generator_allocate(backend, batch, max_seq):
+def test_plan_equals_what_decoder_and_generator_allocate(backend, batch, max_seq, device):
     cfg = ModelConfig.preset("tiny")
-    w = random_weights(cfg, "cpu", torch.float32, seed=0)
+    w = random_weights(cfg, device, torch.float32, seed=0)
     dec = Decoder(cfg, w, max_batch=batch, max_seq=max_seq, backend=backend)
     gen = Generator(dec, use_graph=False)
     parts = mp.decode_memory(cfg, batch=batch, max_seq=max_seq, dtype_bytes=4, backend=backend)

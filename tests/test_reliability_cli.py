@@ -136,8 +136,9 @@ def test_driver_too_old_names_both_versions(monkeypatch):
     assert "the NVIDIA driver is too old: it supports CUDA 12.4" in reason
     assert "needs a driver for CUDA 13.0 or newer" in reason
     assert "pip install 'cuda-bindings>=12.0,<13'" in reason
-    with pytest.raises(errors.CudaUnavailableError, match="supports CUDA 12.4.*needs a driver for CUDA 13.0"):
+    with pytest.raises(errors.CudaUnavailableError, match="supports CUDA 12.4.*needs a driver for CUDA 13.0") as info:
         device.require_cuda()
+    assert info.value.call == "cudaDriverGetVersion"      # told from the versions, before any runtime call
     assert not device.is_available()
     assert errors.driver_too_old(13000, 13050) is False          # minor versions within a major are fine
     assert errors.driver_too_old(12090, 12040) is False
