@@ -3,14 +3,15 @@ from __future__ import annotations
 
 from cuda.bindings import runtime as _rt
 
-from .errors import CudaUnavailableError, call, driver_version, unavailable_reason
+from .errors import CudaUnavailableError, call, driver_too_old, driver_version, unavailable_reason
 
 __all__ = ["is_available", "device_info", "current_device", "mem_get_info", "require_cuda"]
 
 
 def require_cuda() -> None:
-    """Raise CudaUnavailableError (saying why: no driver, too old, no device) unless usable."""
-    if driver_version() == 0:
+    """Raise CudaUnavailableError (saying why: no driver, a driver too old for cuda-bindings' CUDA
+    major version (naming both), no device) unless usable."""
+    if driver_version() == 0 or driver_too_old():
         raise CudaUnavailableError(unavailable_reason(), call="cudaDriverGetVersion")
     n = call(_rt.cudaGetDeviceCount)
     if int(n) == 0:

@@ -109,16 +109,46 @@ def _fmt_version(v: int) -> str:
     return f"{v // 1000}.{(v % 1000) // 10}" if v else "none"
 
 
-def unavailable_reason(code=None) -> str:
-    """Why CUDA is unusable, naming the driver and runtime versions."""
-    drv = driver_version()
+def runtime_version() -> int:
+    """The CUDA runtime version cuda-bindings implements (13050 = 13.5); 0 where unknown."""
     try:
-        rtv = int(_rt.cudaRuntimeGetVersion()[1])
+        err, v = _rt.cudaRuntimeGetVersion()
+        return int(v) if err == _E.cudaSuccess else 0
     except Exception:  # noqa: BLE001
-        rtv = 0
+        return 0
+
+
+def driver_too_old(drv: int | None = None, rtv: int | None = None) -> bool:
+    """True where a driver is installed but supports an older CUDA major version than the runtime
+    cuda-bindings implements (minor versions within one major are compatible)."""
+    drv = driver_version() if drv is None else drv
+    rtv = runtime_version() if rtv is None else rtv
+    return 0 < drv and 0 < rtv and drv // 1000 < rtv // 1000
+
+
+def _too_old_reason(drv: int, rtv: int) -> str:
+    try:
+        from cuda import bindings
+        pkg = f"cuda-bindings {bindings.__version__}"
+    except Exception:  # noqa: BLE001
+        pkg = "cuda-bindings"
+    major = drv // 1000
+    return (f"the NVIDIA driver is too old: it supports CUDA {_fmt_version(drv)}, and {pkg} needs a driver "
+            f"for CUDA {rtv // 1000}.0 or newer; update the driver, or install the cuda-bindings major "
+            f"version that matches it (pip install 'cuda-bindings>={major}.0,<{major + 1}') together with a "
+            f"torch built for CUDA {major}")
+
+
+def unavailable_reason(code=None) -> str:
+    """Why CUDA is unusable, naming the driver and runtime versions (and, for a driver too old,
+    the version needed)."""
+    drv = driver_version()
+    rtv = runtime_version()
     versions = f"driver CUDA version {_fmt_version(drv)}, runtime {_fmt_version(rtv)}"
     if drv == 0:
         return f"no NVIDIA driver found ({versions}): CUDA graphs need an NVIDIA GPU and driver"
+    if driver_too_old(drv, rtv):
+        return _too_old_reason(drv, rtv)
     if code == _E.cudaErrorNoDevice:
         return f"the NVIDIA driver is installed but no CUDA device is visible ({versions})"
     if code in _UNAVAILABLE:

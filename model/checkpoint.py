@@ -18,6 +18,7 @@ from collections import Counter
 import torch
 
 from .config import ModelConfig
+from .config_checks import FieldReader, load_json_object
 from .weights import ModelWeights, empty_weights, hf_targets
 
 
@@ -232,3 +233,36 @@ def load_checkpoint(ckpt_dir, device="cuda", dtype=None, *, verbose: bool = True
         groups = ", ".join(f"{k} ({v})" for k, v in sorted(plan.skipped.items()))
         print(f"load_checkpoint: skipped tensors of known extra groups: {groups}", file=sys.stderr)
     return cfg, w
+
+
+# ---- the text side of a checkpoint: tokenizer and generation defaults -----------------------------
+def load_tokenizer(ckpt_dir):
+    """The checkpoint's `tokenizers.Tokenizer` (from tokenizer.json), or None where it has none.
+    A file that does not parse as a tokenizer is a CheckpointError naming it."""
+    path = os.path.join(os.fspath(ckpt_dir), "tokenizer.json")
+    if not os.path.isfile(path):
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+        raise CheckpointError(f"cannot read {path} ({os.path.getsize(path)} bytes) as a tokenizer: {e} "
+                              f"(corrupt or incomplete download?)") from e
+
+
+def eos_token_ids(cfg: ModelConfig, ckpt_dir=None) -> tuple:
+    """The ids that end a sequence: generation_config.json's `eos_token_id` where the checkpoint
+    has that file and field (Qwen lists several there), else config.json's. A malformed file or
+    field is a ConfigError naming it."""
+    ids = None
+    if ckpt_dir is not None:
+        path = os.path.join(os.fspath(ckpt_dir), "generation_config.json")
+        if os.path.isfile(path):
+            ids = FieldReader(load_json_object(path, "generation config"), path).token_ids(
+                "eos_token_id", cfg.vocab_size)
+    if ids is None:
+        ids = cfg.eos_token_id
+    if ids is None:
+        return ()
+    return tuple(ids) if isinstance(ids, (tuple, list)) else (ids,)

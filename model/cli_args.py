@@ -1,14 +1,72 @@
-"""Argument types the command lines share (model.generate, model.demo, tools/)."""
+"""Argument types the command lines share (model.generate, model.demo, tools/).
+
+Each is an argparse `type=`: a bad value becomes argparse's usage error (exit code 2, the flag and
+the value named, no traceback) while the command line is parsed, before anything is imported or
+allocated.
+"""
 import argparse
+import math
 
 PRESETS = ("tiny", "35b-a3b", "122b-a10b")
+SEED_MAX = 2 ** 63 - 1     # seeds are held in an int64 on the device
+
+
+def _int(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    value = _int(text, "a positive integer")
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = _int(text, "an integer >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def seed(text: str) -> int:
+    value = _int(text, f"an integer seed in [0, {SEED_MAX}]")
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**63 - 1 = {SEED_MAX}] (it is held in "
+                                         f"a signed 64-bit integer), got {value}")
+    return value
+
+
+def positive_int_list(text: str) -> list:
+    """'1,2,4' -> [1, 2, 4]: comma-separated positive integers, at least one."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def finite_float(lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,
+                 hi_open: bool = False, what: str = ""):
+    """A type accepting finite floats in the interval (brackets as given); nan and inf never pass."""
+    span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
+    expected = f"a finite number in {span}" + (f" ({what})" if what else "")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        ok = math.isfinite(value) and (value > lo if lo_open else value >= lo) \
+            and (value < hi if hi_open else value <= hi)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    parse.__name__ = "number"   # argparse names the type in some messages
+    return parse

@@ -2,11 +2,11 @@
 and conversion from/to a Hugging Face `config.json` / `Qwen3_5MoeTextConfig`."""
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
+
+from .config_checks import ConfigError, FieldReader, describe, load_json_object  # noqa: F401 (ConfigError re-exported)
 
 LINEAR = "linear_attention"
 FULL = "full_attention"
@@ -33,11 +33,6 @@ _IGNORED_TOP_LEVEL_FIELDS = frozenset({
     "vision_config", "image_token_id", "video_token_id", "vision_start_token_id",
     "vision_end_token_id", "vision_token_id", "audio_config",
 })
-
-
-class ConfigError(ValueError):
-    """A Hugging Face config this decoder cannot honour: an unknown field (named), a missing or
-    unsupported one."""
 
 
 @dataclass(frozen=True)
@@ -156,110 +151,122 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, source, *, strict: bool = True) -> "ModelConfig":
         """From a config.json path, a checkpoint directory holding one, a dict, or a transformers
-        config object. A multimodal config's `text_config` is used when present. Fields known not
-        to affect the decoder are ignored; any other unknown field raises ConfigError naming it
-        (strict=False: a warning instead)."""
+        config object. A multimodal config's `text_config` is used when present. Every field read
+        is type- and range-checked: a bad one is a ConfigError naming the file and the field.
+        Fields known not to affect the decoder are ignored; any other unknown field raises
+        ConfigError naming it (strict=False: a warning instead)."""
         if isinstance(source, (str, os.PathLike)):
             path = os.fspath(source)
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"no config.json at {path}")
-            with open(path) as f:
-                d = json.load(f)
+            d, where = load_json_object(path, "config"), path
         elif isinstance(source, dict):
-            d = dict(source)
+            d, where = dict(source), "config"
         elif hasattr(source, "to_dict"):
-            d = source.to_dict()
+            d, where = source.to_dict(), f"{type(source).__name__}"
         else:
             raise TypeError(f"from_hf takes a path, dict or transformers config, got {type(source).__name__}")
-        if isinstance(d.get("text_config"), dict):
+        prefix = ""
+        if d.get("text_config") is not None:
             top = d
+            if not isinstance(top["text_config"], dict):
+                raise ConfigError(f"{where}: field 'text_config' must be an object {{...}}, got "
+                                  f"{describe(top['text_config'])}")
             d = dict(top["text_config"])
+            prefix = "text_config."
             for k in ("tie_word_embeddings",):  # top-level value wins where the text config lacks it
                 if k not in d and k in top:
                     d[k] = top[k]
-        return cls._from_text_dict(d, strict)
+        return cls._from_text_dict(d, strict, where, prefix)
 
     @classmethod
-    def _from_text_dict(cls, d: dict, strict: bool = True) -> "ModelConfig":
-        d = dict(d)
-        used = set()
-
-        def get(key, default=dataclasses.MISSING):
-            used.add(key)
-            if key in d and d[key] is not None:
-                return d[key]
-            if default is dataclasses.MISSING:
-                raise ValueError(f"config lacks required field {key!r}")
-            return default
-
-        mt = d.get("model_type")
+    def _from_text_dict(cls, d: dict, strict: bool = True, where: str = "config",
+                        prefix: str = "") -> "ModelConfig":
+        f = FieldReader(dict(d), where, prefix)
+        mt = f.str("model_type", None)
         if mt is not None and mt not in ("qwen3_5_moe_text", "qwen3_5_moe"):
-            warnings.warn(f"config model_type is {mt!r}, expected 'qwen3_5_moe_text'; reading it anyway",
+            warnings.warn(f"{where}: model_type is {mt!r}, expected 'qwen3_5_moe_text'; reading it anyway",
                           stacklevel=3)
-        if get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act={d['hidden_act']!r} is not supported (only 'silu')")
-        if get("attention_bias", False):
-            raise ValueError("attention_bias=True is not supported")
-        if not get("attn_output_gate", True):
-            raise ValueError("attn_output_gate=False is not supported (Qwen3.5 attention has the output gate)")
+        if f.str("hidden_act", "silu") != "silu":
+            raise f.unsupported("hidden_act", d["hidden_act"], "only 'silu'")
+        if f.bool("attention_bias", False):
+            raise f.unsupported("attention_bias", True, "Qwen3.5 attention has no biases")
+        if not f.bool("attn_output_gate", True):
+            raise f.unsupported("attn_output_gate", False, "Qwen3.5 attention has the output gate")
 
-        rope = get("rope_parameters", None) or get("rope_scaling", None) or {}
-        used.update({"rope_theta", "partial_rotary_factor"})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        # rope: rope_parameters (transformers 5) or rope_scaling, else the top-level fields
+        rope = f.object("rope_parameters") or f.object("rope_scaling")
+        f.used.update({"rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor"})
+
+        def rope_field(key):    # the rope object's value where it has one, else the top level's
+            return rope if rope is not None and rope.data.get(key) is not None else f
+
+        rope_type = "default"
+        if rope is not None:
+            rope_type = rope.str("type" if "rope_type" not in rope.data else "rope_type", "default")
         if rope_type != "default":
-            raise ValueError(f"rope_type={rope_type!r} is not supported (only 'default')")
-        rope_theta = rope.get("rope_theta", d.get("rope_theta"))
-        if rope_theta is None:
-            raise ValueError("config lacks rope_theta (in rope_parameters or top level)")
-        prf = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.25))
+            raise rope.unsupported("rope_type", rope_type, "only 'default'")
+        rope_theta = rope_field("rope_theta").number("rope_theta", lo=0, lo_open=True)
+        prf = rope_field("partial_rotary_factor").number("partial_rotary_factor", 0.25, lo=0, hi=1, lo_open=True)
 
-        n_layers = get("num_hidden_layers")
-        layer_types = d.get("layer_types")
-        used.add("layer_types")
+        n_layers = f.int("num_hidden_layers")
+        layer_types = f.string_list("layer_types", (LINEAR, FULL), n_layers)
+        interval = f.int("full_attention_interval", 4)
         if layer_types is None:
-            interval = d.get("full_attention_interval", 4)
             layer_types = [LINEAR if (i + 1) % interval else FULL for i in range(n_layers)]
-        eos = get("eos_token_id", None)
-        if isinstance(eos, list):
-            eos = tuple(eos)
-        cfg = cls(
-            vocab_size=get("vocab_size"),
-            hidden_size=get("hidden_size"),
+        vocab = f.int("vocab_size")
+        hidden = f.int("hidden_size")
+        heads = f.int("num_attention_heads")
+        head_dim = f.int("head_dim", None)
+        if head_dim is None:
+            if hidden % heads:
+                raise f.error("head_dim", f"is missing and hidden_size={hidden} is not a multiple of "
+                                          f"num_attention_heads={heads}; give head_dim")
+            head_dim = hidden // heads
+        name = d.get("_name_or_path")
+        kwargs = dict(
+            vocab_size=vocab,
+            hidden_size=hidden,
             num_layers=n_layers,
             layer_types=tuple(layer_types),
-            num_attention_heads=get("num_attention_heads"),
-            num_key_value_heads=get("num_key_value_heads"),
-            head_dim=get("head_dim", None) or d["hidden_size"] // d["num_attention_heads"],
-            partial_rotary_factor=float(prf),
-            rope_theta=float(rope_theta),
-            linear_num_key_heads=get("linear_num_key_heads"),
-            linear_num_value_heads=get("linear_num_value_heads"),
-            linear_key_head_dim=get("linear_key_head_dim"),
-            linear_value_head_dim=get("linear_value_head_dim"),
-            linear_conv_kernel_dim=get("linear_conv_kernel_dim", 4),
-            num_experts=get("num_experts"),
-            num_experts_per_tok=get("num_experts_per_tok"),
-            moe_intermediate_size=get("moe_intermediate_size"),
-            shared_expert_intermediate_size=get("shared_expert_intermediate_size"),
-            rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-            max_position_embeddings=int(get("max_position_embeddings", 262144)),
-            bos_token_id=get("bos_token_id", None),
-            eos_token_id=eos,
-            pad_token_id=get("pad_token_id", None),
-            name=d.get("_name_or_path") or "hf",
+            num_attention_heads=heads,
+            num_key_value_heads=f.int("num_key_value_heads"),
+            head_dim=head_dim,
+            partial_rotary_factor=prf,
+            rope_theta=rope_theta,
+            linear_num_key_heads=f.int("linear_num_key_heads"),
+            linear_num_value_heads=f.int("linear_num_value_heads"),
+            linear_key_head_dim=f.int("linear_key_head_dim"),
+            linear_value_head_dim=f.int("linear_value_head_dim"),
+            linear_conv_kernel_dim=f.int("linear_conv_kernel_dim", 4),
+            num_experts=f.int("num_experts"),
+            num_experts_per_tok=f.int("num_experts_per_tok"),
+            moe_intermediate_size=f.int("moe_intermediate_size"),
+            shared_expert_intermediate_size=f.int("shared_expert_intermediate_size"),
+            rms_norm_eps=f.number("rms_norm_eps", 1e-6, lo=0, hi=1, lo_open=True, hi_open=True),
+            tie_word_embeddings=f.bool("tie_word_embeddings", False),
+            max_position_embeddings=f.int("max_position_embeddings", 262144),
+            bos_token_id=f.token_ids("bos_token_id", vocab),
+            eos_token_id=f.token_ids("eos_token_id", vocab),
+            pad_token_id=f.token_ids("pad_token_id", vocab),
+            name=name if isinstance(name, str) and name else "hf",
         )
+        try:
+            cfg = cls(**kwargs)
+        except ValueError as e:     # the relations between fields (heads, experts, rotary dim)
+            raise ConfigError(f"{where}: {prefix and f'(in {prefix[:-1]}) '}{e}") from e
+        used = f.used
         unknown = sorted(k for k in d if k not in used and k not in _IGNORED_HF_FIELDS
                          and k not in _IGNORED_TOP_LEVEL_FIELDS)
         if unknown:
             shown = ", ".join(f"{k}={d[k]!r}"[:80] for k in unknown)
             if strict:
-                raise ConfigError(f"unknown config field(s) {shown}: not read by this decoder and not known "
-                                  f"to be irrelevant to its math; remove them, or pass strict=False "
+                raise ConfigError(f"{where}: unknown config field(s) {shown}: not read by this decoder and "
+                                  f"not known to be irrelevant to its math; remove them, or pass strict=False "
                                   f"(load_checkpoint: strict_config=False) to ignore them with a warning")
-            warnings.warn(f"config fields not used by the decoder (ignored): {shown}", stacklevel=3)
+            warnings.warn(f"{where}: config fields not used by the decoder (ignored): {shown}", stacklevel=3)
         return cfg
 
     def to_hf_dict(self) -> dict:

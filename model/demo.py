@@ -1,25 +1,60 @@
 """The demo: decode with the tiny Qwen3.5-MoE preset through a CUDA graph captured by cugraph_rt,
 check it against eager decoding, and show what the captured step is made of.
 
-    python -m model.demo [--preset tiny] [--max-new-tokens 32]
+    python -m model.demo [--preset tiny] [--layers N] [--max-new-tokens 32]
 
-With no GPU it says so and runs the same decode on the CPU with the torch reference path.
+The weights are random, so the tokens mean nothing: it shows the machinery. With no GPU it says
+why once and runs the same decode on the CPU with the torch reference path. A preset too large for
+the free memory is refused before anything is allocated.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import sys
 import time
+
+from model.cli_args import PRESETS, positive_int
+
+
+def _no_gpu_reason(cugraph_rt, torch) -> str | None:
+    """Why CUDA graphs cannot run here (one sentence), or None when they can."""
+    if not cugraph_rt.is_available():
+        try:
+            cugraph_rt.device_info()
+        except cugraph_rt.CudaUnavailableError as e:
+            return str(e)
+        return "no usable CUDA driver or GPU"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build (a CUDA build of torch is needed)"
+    if not torch.cuda.is_available():
+        return "torch sees no usable CUDA device"
+    return None
+
+
+def _check_memory(p, cfg, max_seq, device, dtype_bytes, backend):
+    from model.memory_plan import (NotEnoughMemoryError, check_fits, decode_memory, free_memory,
+                                   max_layers_that_fit)
+
+    plan = dict(batch=1, max_seq=max_seq, dtype_bytes=dtype_bytes, backend=backend)
+    free = free_memory(device)
+    n = max_layers_that_fit(cfg, free[0], **plan)
+    hints = ([f"--layers {n} (the first {n} of {cfg.num_layers} layers fit)"] if 0 < n < cfg.num_layers else []) \
+        + (["--preset tiny"] if cfg.name != "tiny" else [])
+    try:
+        check_fits(decode_memory(cfg, **plan), device, what=f"the {cfg.name} preset ({cfg.num_layers} layers)",
+                   free=free, suggestion=("try " + ", or ".join(hints)) if hints else "")
+    except NotEnoughMemoryError as e:
+        p.error(f"not enough memory: {e}; nothing was allocated")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m model.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="tiny", choices=("tiny", "35b-a3b", "122b-a10b"))
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--preset", default="tiny", choices=PRESETS)
+    p.add_argument("--layers", type=positive_int, default=None, help="keep only the first N layers (memory)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
     args = p.parse_args(argv)
-    if args.max_new_tokens < 1:
-        p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
 
     import torch
 
@@ -30,17 +65,23 @@ def main(argv=None) -> int:
     from model.weights import random_weights
 
     cfg = ModelConfig.preset(args.preset)
+    if args.layers is not None:
+        if args.layers > cfg.num_layers:
+            p.error(f"--layers {args.layers}: the {args.preset} preset has {cfg.num_layers} layers")
+        cfg = dataclasses.replace(cfg, num_layers=args.layers)
     prompt = [1, 2, 3, 4, 5, 6, 7, 8]
     max_seq = len(prompt) + args.max_new_tokens
-    if not cugraph_rt.is_available() or not torch.cuda.is_available():
-        why = "no usable CUDA driver/GPU"
-        try:
-            cugraph_rt.device_info()
-        except cugraph_rt.CudaUnavailableError as e:
-            why = str(e)
-        print(f"CUDA graphs need an NVIDIA GPU with its driver, and this machine has none ({why}).\n"
-              f"Running instead: the {args.preset} preset decoded eagerly on the CPU with the torch "
-              "reference kernels (the same math the Triton kernels are tested against).")
+    if max_seq - 1 > cfg.max_position_embeddings:
+        p.error(f"--max-new-tokens {args.max_new_tokens}: with the {len(prompt)}-token prompt it needs "
+                f"{max_seq - 1} positions, beyond the model's max_position_embeddings={cfg.max_position_embeddings}")
+    why = _no_gpu_reason(cugraph_rt, torch)
+    _check_memory(p, cfg, max_seq, "cpu" if why else "cuda", 4 if why else 2, "reference" if why else "triton")
+    print(f"The {args.preset} preset with random weights (seed 0): the tokens it generates mean nothing; "
+          "the demo shows the decode machinery, not a trained model.")
+    if why is not None:
+        print(f"No CUDA graphs here: {why}.\n"
+              f"Running instead: the same decode, eagerly on the CPU with the torch reference kernels "
+              "(the math the Triton kernels are tested against).")
         weights = random_weights(cfg, device="cpu", dtype=torch.float32, seed=0)
         dec = Decoder(cfg, weights, max_batch=1, max_seq=max_seq, backend="reference")
         t = time.perf_counter()

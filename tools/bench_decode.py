@@ -26,20 +26,15 @@ from tools import common  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="tools/bench_decode.py", description=__doc__.split("\n")[0])
     common.add_model_args(p, default_preset="35b-a3b")
-    p.add_argument("--batches", default="1,2,4,8", help="comma-separated batch sizes")
+    p.add_argument("--batches", type=common.positive_int_list, default=[1, 2, 4, 8],
+                   help="comma-separated batch sizes")
     p.add_argument("--context", type=common.positive_int, default=1024)
     p.add_argument("--steps", type=common.positive_int, default=100)
     p.add_argument("--check-steps", type=common.positive_int, default=16, help="graph == eager tokens over N steps")
     p.add_argument("--hf-layers", type=int, default=8, help="layers for transformers' eager decode (0 = skip)")
     p.add_argument("--out", type=Path, default=Path("out/bench"))
     args = p.parse_args(argv)
-    text = args.batches
-    try:
-        args.batches = [int(b) for b in text.split(",")]
-    except ValueError:
-        args.batches = None
-    if not args.batches or any(b < 1 for b in args.batches):
-        p.error(f"--batches wants comma-separated positive integers, got {text!r}")
+    common.check_batch(p, "--batches", max(args.batches))
     if args.hf_layers < 0:
         p.error(f"--hf-layers must be >= 0 (0 skips transformers), got {args.hf_layers}")
     if args.steps < 50:
@@ -154,7 +149,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     gpu = common.gpu_name()
     bw = common.copy_bandwidth_gbs()
-    cfg, weights = common.build_model(args)
+    cfg, weights = common.build_model(args, batch=max(args.batches),
+                                      max_seq=args.context + args.check_steps + 8)
     dtype_bytes = torch.finfo(getattr(torch, args.dtype)).bits // 8
     rows = []
     for batch in args.batches:

@@ -37,8 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--max-seconds", type=float, default=300.0, help="stop the sweep after this long")
     p.add_argument("--out", type=Path, default=Path("out/gemv"))
     args = p.parse_args(argv)
-    if args.max_seconds <= 0:
-        p.error(f"--max-seconds must be > 0, got {args.max_seconds}")
+    if not 0 < args.max_seconds < float("inf"):     # nan fails too
+        p.error(f"--max-seconds must be > 0, got {args.max_seconds} (a finite number of seconds)")
     return args
 
 

@@ -19,6 +19,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from model.cli_args import positive_int, positive_int_list  # noqa: E402
+
 
 def make_step(n_kernels: int, out):
     import torch
@@ -108,12 +110,11 @@ def bench_size(n_kernels: int, calls: int, cg, torch) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="directory (or .json path) for the results")
-    ap.add_argument("--sizes", default="1,100,1000", help="kernels per step, comma-separated")
-    ap.add_argument("--calls", type=int, default=5000, help="timed calls per method and size")
+    ap.add_argument("--sizes", type=positive_int_list, default=[1, 100, 1000],
+                    help="kernels per step, comma-separated")
+    ap.add_argument("--calls", type=positive_int, default=5000, help="timed calls per method and size")
     args = ap.parse_args(argv)
-    sizes = [int(v) for v in args.sizes.split(",") if v.strip()]
-    if not sizes or min(sizes) < 1:
-        ap.error(f"--sizes needs positive ints; got {args.sizes!r}")
+    sizes = args.sizes
     import cugraph_rt as cg
     if not cg.is_available():
         print("bench_launch: no CUDA GPU here; graphs need an NVIDIA GPU and driver. Nothing run.")

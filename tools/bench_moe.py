@@ -33,11 +33,11 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=common.positive_int, default=50, help="timed graph replays per configuration")
     p.add_argument("--sweep", action="store_true", help="sweep both kernels' launch configurations")
     p.add_argument("--max-seconds", type=float, default=300.0, help="stop the sweep after this long")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=common.seed, default=0)
     p.add_argument("--out", type=Path, default=Path("out/moe"))
     args = p.parse_args(argv)
-    if args.max_seconds <= 0:
-        p.error(f"--max-seconds must be > 0, got {args.max_seconds}")
+    if not 0 < args.max_seconds < float("inf"):     # nan fails too
+        p.error(f"--max-seconds must be > 0, got {args.max_seconds} (a finite number of seconds)")
     return args
 
 
@@ -154,6 +154,11 @@ def main(argv=None) -> int:
     t_start = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = ModelConfig.preset(args.preset)
+    E, H, I, Is = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
+    per_copy = (3 * E * I * H + H * Is) * 2 + args.batch * (3 * cfg.num_experts_per_tok + 2 * H + 2 * Is + 1) * 2
+    common.check_memory({"expert weight copies": args.copies * per_copy,
+                         "fp32 init temporaries": E * 2 * I * H * 4},
+                        f"{args.copies} copies of the {args.preset} experts", "try fewer --copies")
     bench = Bench(cfg, args.batch, args.copies, args.seed, torch)
     bw = common.copy_bandwidth_gbs()
     base = moe.moe_launch_config(**bench.shape)

@@ -40,6 +40,7 @@ def parse_args(argv=None):
         p.error(f"--context must be >= 1, got {args.context}")
     if args.profile_steps < 0:
         p.error(f"--profile-steps must be >= 0 (0 skips the profile), got {args.profile_steps}")
+    common.check_batch(p, "--batch", args.batch)
     return args
 
 
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
     from model.generation import Generator, SamplingParams
 
     args.out.mkdir(parents=True, exist_ok=True)
-    cfg, weights = common.build_model(args)
+    cfg, weights = common.build_model(args, batch=args.batch, max_seq=args.context + 8)
     decoder = Decoder(cfg, weights, max_batch=args.batch, max_seq=args.context + 8, backend="triton")
     gen = Generator(decoder, SamplingParams(), use_graph=True)
     handle = gen.handle

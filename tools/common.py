@@ -8,7 +8,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from model.cli_args import PRESETS, positive_int  # noqa: F401  (the tools use both)
+from model.cli_args import (PRESETS, finite_float, nonnegative_int, positive_int,  # noqa: F401 (tools use them)
+                            positive_int_list, seed)
 
 
 def add_model_args(p: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
@@ -17,8 +18,32 @@ def add_model_args(p: argparse.ArgumentParser, default_preset: str = "tiny") -> 
     src.add_argument("--checkpoint", type=Path, help="Hugging Face safetensors checkpoint directory")
     p.add_argument("--layers", type=positive_int, default=None, help="keep only the first N layers (memory)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.set_defaults(default_preset=default_preset)
+
+
+def fail(message: str, code: int = 2):
+    """End the tool with a message on stderr and exit code 2 (a usage problem; no traceback)."""
+    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def check_batch(p: argparse.ArgumentParser, flag: str, batch: int) -> None:
+    """An argparse error where `batch` rows exceed what the Triton GEMV decodes together."""
+    from model.ops.linear import MAX_BATCH
+
+    if batch > MAX_BATCH:
+        p.error(f"{flag} {batch}: the Triton GEMV decodes at most {MAX_BATCH} rows together")
+
+
+def check_memory(parts: dict, what: str, suggestion: str, device="cuda") -> None:
+    """fail() naming both figures when `parts` ({name: bytes}) does not fit in free device memory."""
+    from model.memory_plan import NotEnoughMemoryError, check_fits
+
+    try:
+        check_fits(parts, device, what=what, suggestion=suggestion)
+    except NotEnoughMemoryError as e:
+        fail(f"not enough memory: {e}; nothing was allocated")
 
 
 def require_gpu(tool: str):
@@ -32,8 +57,9 @@ def require_gpu(tool: str):
     return torch
 
 
-def build_model(args, device="cuda"):
-    """(cfg, weights) from --checkpoint or --preset (optionally cut to --layers)."""
+def build_model(args, device="cuda", *, batch: int | None = None, max_seq: int | None = None):
+    """(cfg, weights) from --checkpoint or --preset (optionally cut to --layers). With batch and
+    max_seq, the memory a decoder of that size needs is checked against what is free first."""
     import dataclasses
 
     import torch
@@ -43,15 +69,37 @@ def build_model(args, device="cuda"):
     dtype = getattr(torch, args.dtype)
     if args.checkpoint is not None:
         if not args.checkpoint.is_dir():
-            raise SystemExit(f"--checkpoint {args.checkpoint}: no such directory")
+            fail(f"--checkpoint {args.checkpoint}: no such directory")
+        if args.layers is not None:
+            fail("--layers applies to --preset (random weights); a checkpoint is loaded whole")
+        try:
+            cfg = ModelConfig.from_hf(args.checkpoint)
+        except (ValueError, OSError) as e:
+            fail(f"--checkpoint {args.checkpoint}: {e}")
+    else:
+        cfg = ModelConfig.preset(args.preset or args.default_preset)
+        if args.layers is not None:
+            if not 1 <= args.layers <= cfg.num_layers:
+                fail(f"--layers {args.layers}: must be in [1, {cfg.num_layers}]")
+            cfg = dataclasses.replace(cfg, num_layers=args.layers)
+    if batch is not None and max_seq is not None:
+        from model.memory_plan import decode_memory, free_memory, max_layers_that_fit
+
+        plan = dict(batch=batch, max_seq=max_seq, dtype_bytes=dtype.itemsize)
+        hints = ["a smaller --context or batch"]
+        if args.checkpoint is None:
+            n = max_layers_that_fit(cfg, free_memory(device)[0], **plan)
+            if 0 < n < cfg.num_layers:
+                hints.insert(0, f"--layers {n} (the first {n} of {cfg.num_layers} layers fit)")
+        check_memory(decode_memory(cfg, **plan), f"{cfg.name} ({cfg.num_layers} layers, batch {batch}, "
+                     f"{max_seq} positions)", "try " + ", or ".join(hints), device)
+    if args.checkpoint is not None:
         from model.checkpoint import load_checkpoint
 
-        return load_checkpoint(args.checkpoint, device=device, dtype=dtype)
-    cfg = ModelConfig.preset(args.preset or args.default_preset)
-    if args.layers is not None:
-        if not 1 <= args.layers <= cfg.num_layers:
-            raise SystemExit(f"--layers {args.layers}: must be in [1, {cfg.num_layers}]")
-        cfg = dataclasses.replace(cfg, num_layers=args.layers)
+        try:
+            return load_checkpoint(args.checkpoint, device=device, dtype=dtype)
+        except (ValueError, OSError) as e:
+            fail(f"--checkpoint {args.checkpoint}: {e}")
     from model.weights import random_weights
 
     return cfg, random_weights(cfg, device=device, dtype=dtype, seed=args.seed)

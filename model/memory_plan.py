@@ -1,0 +1,165 @@
+"""What a decoder will allocate, estimated from the config before anything is allocated, and
+compared with the memory that is free where it will live (host memory for the CPU path, device
+memory on a GPU), so that a model too large for the machine is refused with both figures instead of
+an out-of-memory kill minutes later.
+
+    parts = decode_memory(cfg, batch=1, max_seq=4096, dtype_bytes=2, backend="triton")
+    check_fits(parts, "cuda", suggestion="try --layers 8")   # NotEnoughMemoryError if it cannot fit
+
+`parts` is an ordered {name: bytes}; callers add their own entries (e.g. prefill workspaces) with
+`extra=` before checking. The figures match what `Decoder` + `Generator` allocate (tests compare
+them on the tiny preset), plus, for the reference backend, an allowance for the temporaries its
+plain-torch ops create.
+"""
+from __future__ import annotations
+
+import os
+
+GiB = 1 << 30
+RESERVE_FRACTION = 0.05     # of the free memory, kept back: allocator rounding, the runtime itself
+RESERVE_MIN = 256 << 20
+
+
+class NotEnoughMemoryError(MemoryError):
+    """The planned allocation does not fit in the free memory. `need` and `free` are in bytes."""
+
+    def __init__(self, message: str, need: int, free: int):
+        super().__init__(message)
+        self.need, self.free = need, free
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / (1 << 20):.1f} MiB"
+
+
+def decode_memory(cfg, *, batch: int, max_seq: int, dtype_bytes: int, backend: str = "triton",
+                  extra: dict | None = None) -> dict:
+    """Bytes by part for a decoder of `batch` rows and `max_seq` cache positions in a dtype of
+    `dtype_bytes` bytes: weights, KV cache, GDN states, step workspaces, sampler, and (backend
+    "reference") the temporaries of the plain-torch ops; then `extra` (name -> bytes)."""
+    for name, v in (("batch", batch), ("max_seq", max_seq), ("dtype_bytes", dtype_bytes)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    from .ops.attention import attention_workspace_numel
+    from .ops.moe import moe_workspace_numel
+    from .ops.sampling import sample_workspace_numel
+
+    B, S, db = batch, max_seq, dtype_bytes
+    H, V = cfg.hidden_size, cfg.vocab_size
+    NH, NKV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    NV, k = cfg.linear_num_value_heads, cfg.num_experts_per_tok
+    n_att, n_lin = len(cfg.attn_layers), len(cfg.linear_layers)
+    # per-row activation buffers of one step, in the model dtype (Decoder._alloc_workspaces)
+    row_elems = (5 * H + V + cfg.gdn_in_proj_rows + cfg.conv_dim + cfg.linear_value_dim
+                 + cfg.attn_qkv_rows + 2 * NH * D + cfg.router_shared_rows + k)
+    workspaces = (B * row_elems * db
+                  + B * k * 4                                        # top-k ids, int32
+                  + B * NV * 4                                       # GDN arrival counters, int32
+                  + cfg.rotary_dim // 2 * 4 + 4                      # inv_freq, kv error flag
+                  + attention_workspace_numel(B, NH, D, S) * 4
+                  + moe_workspace_numel(B, k, cfg.moe_intermediate_size) * db)
+    parts = {
+        "weights": int(cfg.total_weight_bytes(db)),
+        "KV cache": n_att * 2 * B * NKV * S * D * db,
+        "GDN states": n_lin * B * (cfg.conv_dim * cfg.linear_conv_kernel_dim * db
+                                   + NV * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4),
+        "step workspaces": workspaces,
+        "sampler": B * 8 + B * 3 * 4 + 16 + sample_workspace_numel(B, V) * 4,
+    }
+    if backend == "reference":
+        # The plain-torch ops make temporaries: a few copies of the widest activation (fp32), and
+        # per attention row its cache repeated over the query heads (K and V).
+        widest = max(V, cfg.gdn_in_proj_rows, cfg.attn_qkv_rows, cfg.router_shared_rows)
+        parts["temporaries (reference ops)"] = 4 * B * widest * 4 + 2 * NH * S * D * db
+    for name, nbytes in (extra or {}).items():
+        if not isinstance(nbytes, int) or nbytes < 0:
+            raise ValueError(f"extra[{name!r}] must be a byte count (int >= 0), got {nbytes!r}")
+        parts[name] = parts.get(name, 0) + nbytes
+    return parts
+
+
+def _host_free() -> tuple[int | None, str]:
+    """Free host memory: MemAvailable, capped by a cgroup (container) limit; (None, why) if unknown."""
+    free, label = None, "host memory"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if free is None:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None, label
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(usage_file) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < (1 << 60):
+            if int(limit) - usage < free:
+                free, label = max(0, int(limit) - usage), "host memory (container limit)"
+        break
+    return free, label
+
+
+def free_memory(device) -> tuple[int | None, str]:
+    """(free bytes, what they are) where `device` ("cpu", "cuda", "cuda:1") allocates: host memory
+    on the CPU, cudaMemGetInfo on a GPU. (None, label) where it cannot be told."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        free, _total = torch.cuda.mem_get_info(index)
+        return int(free), f"GPU {index} memory ({torch.cuda.get_device_name(index)})"
+    if dev.type == "meta":
+        return None, "meta device"
+    return _host_free()
+
+
+def describe(parts: dict) -> str:
+    """'weights 1.00 GiB, KV cache 12.0 MiB, ...' (parts of at least 1 MiB)."""
+    shown = [f"{name} {fmt_bytes(n)}" for name, n in parts.items() if n >= (1 << 20)]
+    return ", ".join(shown) if shown else "all parts under 1 MiB"
+
+
+def fits(parts: dict, free: int | None) -> bool:
+    if free is None:
+        return True
+    return sum(parts.values()) <= free - max(RESERVE_MIN, int(free * RESERVE_FRACTION))
+
+
+def check_fits(parts: dict, device, *, what: str = "the model", suggestion: str = "",
+               free: tuple | None = None) -> None:
+    """Raise NotEnoughMemoryError, naming what is needed (by part) and what is free, when `parts`
+    does not fit in the free memory of `device` (less a reserve). `free` = (bytes, label) as
+    free_memory returns it, where the caller measured already; where the free memory cannot be
+    measured, nothing is refused."""
+    free, label = free if free is not None else free_memory(device)
+    if fits(parts, free):
+        return
+    need = sum(parts.values())
+    msg = (f"{what} needs {fmt_bytes(need)} ({describe(parts)}) but only {fmt_bytes(free)} of {label} "
+           f"is free")
+    if suggestion:
+        msg += f"; {suggestion}"
+    raise NotEnoughMemoryError(msg, need, free)
+
+
+def max_layers_that_fit(cfg, free: int | None, **plan_kwargs) -> int:
+    """The most leading layers of `cfg` whose plan fits in `free` bytes (0: not even one)."""
+    import dataclasses
+
+    for n in range(cfg.num_layers, 0, -1):
+        if fits(decode_memory(dataclasses.replace(cfg, num_layers=n), **plan_kwargs), free):
+            return n
+    return 0
