@@ -142,7 +142,8 @@ def device_copies(slots, given):
     copies = []
     for name, shape, dtype, dev, dst, nbytes in slots:
         t = given.get(name)
-        if getattr(t, "dtype", None) is not dtype or t.shape != shape or not t.is_cuda \
+        # get_device() is -1 for a CPU tensor, so it also refuses host inputs (staging path)
+        if getattr(t, "dtype", None) is not dtype or t.shape != shape \
                 or t.get_device() != dev or not t.is_contiguous():
             return None
         copies.append((dst, t.data_ptr(), nbytes))
