@@ -35,6 +35,12 @@ def _on_stream(stream):
         yield
 
 
+def _allocator_backend() -> str:
+    owner = getattr(cupy.cuda.get_allocator(), "__self__", None)
+    async_pool = getattr(cupy.cuda, "MemoryAsyncPool", None)
+    return "cudaMallocAsync" if async_pool is not None and isinstance(owner, async_pool) else "native"
+
+
 def _current_stream(device: int) -> int:
     try:
         return int(cupy.cuda.get_current_stream(device).ptr)
@@ -73,7 +79,7 @@ class _Routing:
         return self.pool.pool.malloc(nbytes)
 
     def begin(self) -> None:
-        if CupyAdapter.allocator_backend(None) == "cudaMallocAsync":
+        if _allocator_backend() == "cudaMallocAsync":
             # stream-ordered allocations already become graph memory nodes: leave them be
             raise RuntimeError("CuPy's current allocator is stream-ordered: no pool routing")
         self._cm = cupy.cuda.using_allocator(self._malloc)
@@ -164,10 +170,7 @@ class CupyAdapter(Adapter):
         return _on_stream(stream)
 
     def allocator_backend(self) -> str:
-        owner = getattr(cupy.cuda.get_allocator(), "__self__", None)
-        async_pool = getattr(cupy.cuda, "MemoryAsyncPool", None)
-        return "cudaMallocAsync" if async_pool is not None and isinstance(owner, async_pool) \
-            else "native"
+        return _allocator_backend()
 
     def new_pool(self, device: int):
         return PrivatePool(device)

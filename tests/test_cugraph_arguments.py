@@ -161,9 +161,9 @@ def test_the_valid_arguments_pass_the_checks(name):
     fn, valid, _ = CASES[name]
     if name == "GraphExec":
         pytest.skip("needs a captured Graph")
+    if name in ("copy_async", "memset_async") and cg.is_available():
+        pytest.skip("the cases' addresses and stream are made up: not for a real device")
     try:
         _close(fn(**valid))
     except VALID_RESULTS:
         pass
-    except cg.CudaError as exc:   # on a GPU: the fake addresses / stream handles of the cases
-        assert name in ("copy_async", "memset_async", "capture"), exc
