@@ -104,7 +104,9 @@ class capture:
                 try:
                     routing.begin()
                 except RuntimeError:
-                    # An allocator backend without pool routing: allocations stay stream-ordered.
+                    if ad.allocator_backend() == "native":
+                        raise   # a caching allocator that cannot route: never capture unsafely
+                    # A stream-ordered allocator: allocations become graph memory nodes.
                     continue
             self._began.append((ad, pool))
 
