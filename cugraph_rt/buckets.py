@@ -10,22 +10,44 @@ __all__ = ["normalize_buckets", "pick_bucket", "capture_order", "PadCopy", "pad_
 
 
 def normalize_buckets(buckets) -> tuple[int, ...] | None:
-    """Sorted, de-duplicated positive ints, or None for no buckets."""
+    """Sorted, de-duplicated positive ints, or None for no buckets. ``buckets`` must be None or
+    an iterable of ints (numpy ints too; not bools, floats or a string)."""
     if buckets is None:
         return None
-    try:
-        sizes = sorted({int(b) for b in buckets})
-    except (TypeError, ValueError):
-        raise TypeError(f"buckets must be an iterable of positive ints; got {buckets!r}") from None
+    if isinstance(buckets, (str, bytes)) or not hasattr(buckets, "__iter__"):
+        raise TypeError(f"buckets must be None or an iterable of positive ints; got {buckets!r}")
+    sizes = set()
+    for b in buckets:
+        if isinstance(b, bool) or not hasattr(b, "__index__"):
+            raise TypeError(f"buckets must be None or an iterable of positive ints; got "
+                            f"{buckets!r} (element {b!r})")
+        sizes.add(b.__index__())
     if not sizes:
         raise ValueError("buckets must not be empty (pass None for no buckets)")
-    if sizes[0] <= 0:
-        raise ValueError(f"bucket sizes must be positive; got {sizes}")
-    return tuple(sizes)
+    ordered = tuple(sorted(sizes))
+    if ordered[0] <= 0:
+        raise ValueError(f"bucket sizes must be positive; got buckets {list(ordered)}")
+    return ordered
 
 
 def pick_bucket(buckets: tuple[int, ...], n: int) -> int | None:
-    """The smallest bucket >= n, or None when n exceeds the largest (run eagerly)."""
+    """The smallest bucket >= n, or None when n exceeds the largest (run eagerly). ``buckets``
+    as normalize_buckets returns them; ``n`` an int >= 0."""
+    if type(buckets) is not tuple or not buckets or any(
+            isinstance(b, bool) or type(b) is not int or b <= 0 for b in buckets) \
+            or any(a >= b for a, b in zip(buckets, buckets[1:])):
+        raise TypeError(f"buckets must be a sorted tuple of distinct positive ints (as "
+                        f"normalize_buckets returns); got {buckets!r}")
+    if isinstance(n, bool) or not hasattr(n, "__index__"):
+        raise TypeError(f"n must be an int; got {n!r} ({type(n).__name__})")
+    n = n.__index__()
+    if n < 0:
+        raise ValueError(f"n must be >= 0 (a size along the bucket dim); got {n}")
+    return _pick(buckets, n)
+
+
+def _pick(buckets: tuple[int, ...], n: int) -> int | None:
+    """pick_bucket without the argument checks (GraphHandle's call path, after validation)."""
     i = bisect.bisect_left(buckets, n)
     return buckets[i] if i < len(buckets) else None
 

@@ -6,6 +6,7 @@ import os
 
 from cuda.bindings import runtime as _rt
 
+from ._args import check_bool, check_int
 from ._lifetime import Owned
 from .device import require_cuda
 from .errors import ClosedError, call, check
@@ -30,8 +31,10 @@ def _destroy_exec(handle_box: list) -> None:
 
 def graph_memory(device: int | None = None) -> dict:
     """Graph-memory figures of a device (cudaDeviceGetGraphMemAttribute), in bytes."""
+    if device is not None:
+        device = check_int(device, "device", minimum=0)
     require_cuda()
-    dev = int(call(_rt.cudaGetDevice)) if device is None else int(device)
+    dev = int(call(_rt.cudaGetDevice)) if device is None else device
     A = _rt.cudaGraphMemAttributeType
     out = {}
     for key, attr in (("used_current", A.cudaGraphMemAttrUsedMemCurrent),
@@ -49,6 +52,9 @@ class Graph(Owned):
     reads or writes) to the graph's lifetime."""
 
     def __init__(self, handle: int | None = None):
+        if handle is not None:
+            handle = check_int(int(handle) if isinstance(handle, _rt.cudaGraph_t) else handle,
+                               "handle", minimum=1)
         require_cuda()
         if handle is None:
             handle = call(_rt.cudaGraphCreate, 0)
@@ -81,6 +87,8 @@ class Graph(Owned):
     def to_dot(self, path, *, verbose: bool = True) -> str:
         """Write the graph as Graphviz DOT (cudaGraphDebugDotPrint); returns the path."""
         self._check_open()
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike; got {type(path).__name__}")
         path = os.fspath(path)
         flags = _rt.cudaGraphDebugDotFlags.cudaGraphDebugDotFlagsVerbose if verbose else 0
         try:
@@ -108,7 +116,10 @@ def _stream_arg(stream):
     raw = getattr(stream, "_raw", None)
     if raw is not None:
         return raw
-    return stream if isinstance(stream, _rt.cudaStream_t) else _rt.cudaStream_t(int(stream))
+    if isinstance(stream, _rt.cudaStream_t):
+        return stream
+    from .stream import stream_handle
+    return _rt.cudaStream_t(stream_handle(stream))
 
 
 class GraphExec(Owned):
@@ -116,6 +127,12 @@ class GraphExec(Owned):
     allocations it does not free be launched again; ``upload_stream`` uploads it at once."""
 
     def __init__(self, graph: Graph, *, auto_free_on_launch: bool = True, upload_stream=None):
+        if not isinstance(graph, Graph):
+            raise TypeError(f"graph must be a cugraph_rt.Graph; got {type(graph).__name__}")
+        check_bool(auto_free_on_launch, "auto_free_on_launch")
+        if upload_stream is not None:
+            from .stream import stream_handle
+            stream_handle(upload_stream, "upload_stream")
         if graph.closed:
             raise ClosedError("cannot instantiate a closed Graph")
         self.graph = graph
@@ -148,6 +165,8 @@ class GraphExec(Owned):
         """Take ``graph``'s parameters: in place through cudaGraphExecUpdate when the topology
         allows ("updated"), else by re-instantiating ("reinstantiated")."""
         self._check_open()
+        if not isinstance(graph, Graph):
+            raise TypeError(f"graph must be a cugraph_rt.Graph; got {type(graph).__name__}")
         if graph.closed:
             raise ClosedError("cannot update from a closed Graph")
         res = _rt.cudaGraphExecUpdate(self._box[0], graph.handle)

@@ -7,32 +7,50 @@ CAPTURE the next call captures the step (every bucket, largest first, one shared
 REPLAY  later calls copy inputs into the static buffers (cudaMemcpyAsync) and launch the graph.
 EAGER   with ``capture=False`` every call copies its inputs into the static buffers and runs the
         step eagerly on the handle's stream: never captured (debugging, or a step that cannot be).
-Outputs stay on the device (the same static tensors every replay) unless host copies are asked
-for. A rejected call changes nothing. close(): sync -> exec -> graph -> pool -> buffers -> stream.
+Outputs stay on the device (the same static arrays every replay) unless host copies are asked
+for. A rejected call changes nothing. close(): sync -> exec -> graph -> buffers -> pools -> stream
+(a stream the handle borrowed goes back to the per-device pool: see stream_pool.py).
+
+Every framework touch goes through an adapter (cugraph_rt.framework) picked from the example
+inputs (torch tensors, CuPy/numpy arrays) or named by ``framework=``.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
 
 from cuda.bindings import runtime as _rt
 
+from ._args import check_bool, check_int
 from ._lifetime import _safe
-from .buckets import capture_order, normalize_buckets, pick_bucket
+from .buckets import _pick, capture_order, normalize_buckets
 from .capture import capture, check_capture_args
 from .device import require_cuda
 from .errors import ClosedError, check
+from .framework import active_adapters, pick_adapter
 from .graph import GraphExec, graph_memory
 from .handle_io import StaticInput, copy_inputs, map_outputs
 from .handle_state import HandleStats, _Resources
-from .stream import Event, Stream
+from .replay import CallerOrder, ReplayPlan
+from .stream import Event, Stream, stream_handle
+from .stream_pool import borrow_stream
 from .validation import as_spec, validate_call
 
 __all__ = ["GraphHandle", "HandleStats"]
 
 _launch = _rt.cudaGraphLaunch
 _memcpy = _rt.cudaMemcpyAsync
+_record = _rt.cudaEventRecord
+_wait = _rt.cudaStreamWaitEvent
 _KIND = _rt.cudaMemcpyKind.cudaMemcpyDefault
+
+
+def _is_key(key, mapping) -> bool:
+    try:
+        return key in mapping
+    except TypeError:   # unhashable
+        return False
 
 
 class GraphHandle:
@@ -42,44 +60,49 @@ class GraphHandle:
                  allocator: str = "pool", buckets=None, bucket_dim: int = 0, bucketed=None,
                  upload: bool = True, host_outputs: bool = False,
                  capture_mode: str = "thread_local", slice_outputs: bool = True,
-                 capture: bool = True):
+                 capture: bool = True, framework=None):
         if not callable(fn):
             raise TypeError(f"fn must be callable; got {type(fn).__name__}")
         if not isinstance(inputs, dict) or not all(isinstance(k, str) for k in inputs):
-            raise TypeError("inputs must be a dict of name -> tensor or spec")
+            raise TypeError("inputs must be a dict of name -> array or spec")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"warmup must be an int >= 0 (capture=False never captures); "
                              f"got {warmup!r}")
-        check_capture_args(capture_mode, allocator)
-        self._specs = {name: as_spec(name, v) for name, v in inputs.items()}
+        check_capture_args(capture_mode, allocator, "capture_mode")
+        for value, name in ((upload, "upload"), (host_outputs, "host_outputs"),
+                            (slice_outputs, "slice_outputs"), (capture, "capture")):
+            check_bool(value, name)
+        if stream is not None:
+            stream_handle(stream, "stream", capturable=True)
+        bucket_dim = check_int(bucket_dim, "bucket_dim", minimum=0)
+        adapter = pick_adapter(inputs, framework)
+        self._specs = {name: as_spec(name, v, adapter) for name, v in inputs.items()}
         self._buckets = normalize_buckets(buckets)
-        self._bucket_dim = int(bucket_dim)
+        self._bucket_dim = bucket_dim
         self._bucketed = self._check_bucketed(bucketed)
         if self._buckets is not None:
             for name, spec in self._specs.items():
-                if not self._is_bucketed(name):
-                    continue
-                if not 0 <= self._bucket_dim < len(spec.shape):
+                if self._is_bucketed(name) and bucket_dim >= len(spec.shape):
                     raise ValueError(f"bucket_dim {bucket_dim} is out of range for input "
                                      f"{name!r} of shape {spec.shape}")
-        self.fn, self.warmup = fn, int(warmup)
-        self.capture_enabled = bool(capture)
+        self.fn, self.warmup = fn, warmup
+        self.capture_enabled = capture
         self.allocator, self.capture_mode = allocator, capture_mode
         self.upload, self.host_outputs, self.slice_outputs = upload, host_outputs, slice_outputs
+        self._adapter = adapter
         require_cuda()
-        from . import torch_interop as ti
-        if allocator == "async" and ti.allocator_backend() != "cudaMallocAsync":
-            raise ValueError("allocator='async' needs torch's cudaMallocAsync backend "
-                             "(PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync); torch's native "
-                             "allocator cannot make graph memory nodes: use allocator='pool'")
+        if allocator == "async" and adapter.allocator_backend() != "cudaMallocAsync":
+            raise ValueError(f"allocator='async' needs {adapter.name}'s stream-ordered allocator "
+                             "(torch: PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync; CuPy: "
+                             "MemoryAsyncPool); a caching allocator cannot make graph memory "
+                             "nodes: use allocator='pool'")
         res = self._res = _Resources()
         self._finalizer = weakref.finalize(self, _safe, res.release)  # deferred inside a capture
-        res.ti = ti
-        if stream is None:
-            res.stream, res.owns_stream = Stream(), True
+        res.adapter = adapter
+        if stream is None:   # borrowed: libraries' per-stream caches are reused across handles
+            res.stream, res.pooled_stream = borrow_stream(), True
         else:
-            res.stream = stream if isinstance(stream, Stream) else Stream.wrap(
-                int(getattr(stream, "cuda_stream", stream)))
+            res.stream = stream if isinstance(stream, Stream) else Stream.wrap(stream_handle(stream))
         res.device = res.stream.device
         for b in (self._buckets or (None,)):
             res.statics[b] = {}
@@ -87,16 +110,18 @@ class GraphHandle:
                 shape = list(spec.shape)
                 if b is not None and self._is_bucketed(name):
                     shape[self._bucket_dim] = b
-                res.statics[b][name] = StaticInput(tuple(shape), spec.dtype, ti)
+                res.statics[b][name] = StaticInput(tuple(shape), spec.dtype, adapter)
                 res.statics[b][name].buffer.fill_zero(stream=res.stream)
         res.stream.synchronize()
         self._ev_in, self._ev_out = Event(timing=False), Event(timing=False)
         res.events += [self._ev_in, self._ev_out]
+        self._order = CallerOrder(res.stream, adapter.caller_stream_fn(), self._ev_in.handle,
+                                  self._ev_out.handle)
         self._calls = 0
         self._captured = False
         self._warm = {b: 0 for b in res.statics}
         self._last_bucket = None
-        self._fast = None
+        self._fast: ReplayPlan | None = None
         self.stats = HandleStats()
 
     def _check_bucketed(self, bucketed):
@@ -106,7 +131,11 @@ class GraphHandle:
             return None
         if isinstance(bucketed, str) or not hasattr(bucketed, "__iter__"):
             raise TypeError(f"bucketed must be an iterable of input names; got {bucketed!r}")
-        names = frozenset(bucketed)
+        try:
+            names = frozenset(bucketed)
+        except TypeError:
+            raise TypeError(f"bucketed must be an iterable of input names; got {bucketed!r}") \
+                from None
         unknown = sorted(str(n) for n in names - self._specs.keys())
         if unknown:
             raise ValueError(f"bucketed names inputs {unknown} that the handle does not have; "
@@ -161,96 +190,95 @@ class GraphHandle:
 
     def static_inputs(self, bucket=None) -> dict:
         self._check_open()
+        if not _is_key(bucket, self._res.statics):
+            raise ValueError(f"bucket must be one of {list(self._res.statics)}; got {bucket!r}")
         return {k: v.tensor for k, v in self._res.statics[bucket].items()}
+
+    @property
+    def framework(self) -> str:
+        """The name of the framework adapter the handle uses ("torch" or "cupy")."""
+        return self._adapter.name
+
+    def replay_plan(self, bucket=None) -> ReplayPlan:
+        """The ReplayPlan of a captured bucket (None without buckets): what each replay uses.
+        ``plan.launch()`` launches the graph alone (static inputs as they are), for tools."""
+        self._check_open()
+        if not self._captured:
+            raise RuntimeError(f"no graph captured yet (phase {self.phase!r})")
+        if not _is_key(bucket, self._res.plans):
+            raise ValueError(f"bucket must be one of {list(self._res.plans)}; got {bucket!r}")
+        return self._res.plans[bucket]
 
     # -- calling --------------------------------------------------------------------------
     def __call__(self, **inputs):
-        fast = self._fast
-        if fast is not None and len(inputs) == len(fast[0]):
-            out = self._replay_fast(fast, inputs)
-            if out is not None:
-                return out
+        # The replay fast path (captured, no buckets): the adapter checks each input cheaply and
+        # gives its copy; anything unusual takes the general path, which validates and explains.
+        # Kept inline (no further Python calls) for its host cost: see tools/bench_launch.py.
+        plan = self._fast
+        if plan is not None and len(inputs) == plan.n_inputs and self._finalizer.alive:
+            copies = plan.device_copies(plan.slots, inputs)
+            if copies is not None:
+                order = plan.order
+                stream = order.stream_raw
+                caller = order.caller_stream(order.device)
+                foreign = caller != order.stream_handle
+                if foreign:   # after work already queued on the caller's current stream
+                    err = _record(order.ev_in, caller)[0] or _wait(stream, order.ev_in, 0)[0]
+                    if err:
+                        check((err,), "cudaStreamWaitEvent")
+                for dst, src, nbytes in copies:
+                    err = _memcpy(dst, src, nbytes, _KIND, stream)[0]
+                    if err:
+                        check((err,), "cudaMemcpyAsync")
+                err = _launch(plan.exec_raw, stream)[0]
+                if err:
+                    check((err,), "cudaGraphLaunch")
+                self.stats.replays += 1
+                self._calls += 1
+                if foreign:   # let the caller's stream consume the outputs
+                    err = _record(order.ev_out, stream)[0] or _wait(caller, order.ev_out, 0)[0]
+                    if err:
+                        check((err,), "cudaStreamWaitEvent")
+                return self._host(plan.outputs) if self.host_outputs else plan.outputs
+        return self._call(inputs)
+
+    def _call(self, inputs):
+        """The general path: validate, order after the caller, copy (padding to a bucket), then
+        warm up, capture, replay, or run eagerly above the largest bucket."""
         self._check_open()
-        res = self._res
+        res, ad = self._res, self._adapter
         n = validate_call(self._specs, inputs, device_index=res.device,
                           buckets=self._buckets, bucket_dim=self._bucket_dim,
-                          bucketed=self._bucketed)
-        bucket = None if self._buckets is None else pick_bucket(self._buckets, n)
-        stream = res.stream.handle
-        torch_stream = res.ti.current_raw_stream(res.device)
-        foreign = torch_stream != stream
-        if foreign:  # order after work already queued on torch's current stream
-            self._ev_in.record(torch_stream)
-            res.stream.wait(self._ev_in)
+                          bucketed=self._bucketed, adapter=ad)
+        bucket = None if self._buckets is None else _pick(self._buckets, n)
+        caller = self._order.begin()
         if self._buckets is not None and bucket is None:
             out = self._eager_direct(inputs)
         else:
             copy_inputs(res.statics[bucket], inputs, n=n, bucket_dim=self._bucket_dim,
-                        stream=stream, staging=res.staging, bucketed=self._bucketed)
+                        stream=res.stream.handle, staging=res.staging, adapter=ad,
+                        bucketed=self._bucketed)
             out = self._step(bucket)
             if n is not None and self.slice_outputs and n != bucket:
                 d = self._bucket_dim
-                out = map_outputs(out, lambda t: t.narrow(d, 0, n)
-                                  if t.dim() > d and t.shape[d] == bucket else t)
+                out = map_outputs(out, lambda t: ad.narrow(t, d, n)
+                                  if len(t.shape) > d and t.shape[d] == bucket else t, ad.is_array)
         self._calls += 1
-        if foreign:  # let torch's current stream consume the outputs
-            self._ev_out.record(stream)
-            check(_rt.cudaStreamWaitEvent(torch_stream, self._ev_out.handle, 0),
-                  "cudaStreamWaitEvent")
+        self._order.end(caller)
         return self._host(out) if self.host_outputs else out
 
-    def _replay_fast(self, fast, inputs):
-        """The replay path without buckets: a cheap check of every input (anything unusual
-        returns None and takes the general path, which validates and explains), one
-        cudaMemcpyAsync per input, one cudaGraphLaunch."""
-        checks, exec_obj, stream_obj, stream, dev, current = fast
-        copies = []
-        for name, shape, dtype, ptr, nbytes in checks:
-            t = inputs.get(name)
-            if getattr(t, "dtype", None) is not dtype or t.shape != shape or not t.is_cuda \
-                    or t.get_device() != dev or not t.is_contiguous():
-                return None
-            copies.append((ptr, t.data_ptr(), nbytes))
-        if self._finalizer.alive is False:
-            return None
-        torch_stream = current(dev)
-        foreign = torch_stream != stream
-        if foreign:
-            self._ev_in.record(torch_stream)
-            self._res.stream.wait(self._ev_in)
-        for dst, src, nbytes in copies:
-            err = _memcpy(dst, src, nbytes, _KIND, stream_obj)[0]
-            if err:
-                check((err,), "cudaMemcpyAsync")
-        err = _launch(exec_obj, stream_obj)[0]
-        if err:
-            check((err,), "cudaGraphLaunch")
-        self.stats.replays += 1
-        self._calls += 1
-        if foreign:
-            self._ev_out.record(stream)
-            check(_rt.cudaStreamWaitEvent(torch_stream, self._ev_out.handle, 0),
-                  "cudaStreamWaitEvent")
-        out = self._res.outputs[None]
-        return self._host(out) if self.host_outputs else out
-
-    def _arm_fast_path(self) -> None:
-        """After capture, without buckets: precompute what a replay needs."""
+    def _plan(self, bucket) -> ReplayPlan:
         res = self._res
-        if self._buckets is not None:
-            return
-        checks = [(name, tuple(st.tensor.shape), st.tensor.dtype, st.ptr, st.nbytes)
-                  for name, st in res.statics[None].items()]
-        self._fast = (checks, res.execs[None]._box[0], res.stream._raw, res.stream.handle,
-                      res.device, res.ti.current_raw_stream)
+        slots = [(name, st.shape, st.dtype, res.device, st.ptr, st.nbytes)
+                 for name, st in res.statics[bucket].items()]
+        return ReplayPlan(bucket, res.execs[bucket], self._order, slots,
+                          self._adapter.device_copies, res.outputs[bucket])
 
     def _step(self, bucket):
         res = self._res
         self._last_bucket = bucket
         if self._captured:
-            err = _launch(res.execs[bucket]._box[0], res.stream._raw)[0]
-            if err:
-                check((err,), "cudaGraphLaunch")
+            res.plans[bucket].launch()
             self.stats.replays += 1
             return res.outputs[bucket]
         if not self.capture_enabled:
@@ -258,13 +286,22 @@ class GraphHandle:
         if self._calls < self.warmup:
             return self._run_eager(bucket)
         self._capture_all()
-        res.execs[bucket].launch(res.stream.handle)
+        res.plans[bucket].launch()
         self.refresh_stats()
         return res.outputs[bucket]
 
+    @contextlib.contextmanager
+    def _on_stream(self):
+        """The handle's stream as the current stream of every framework in use (the handle's
+        first): their kernels (and Triton's, which follows torch's) launch there."""
+        with contextlib.ExitStack() as stack:
+            for ad in active_adapters(self._adapter):
+                stack.enter_context(ad.stream_context(self._res.stream))
+            yield
+
     def _run_eager(self, bucket, warmup: bool = True):
         t0 = time.perf_counter()
-        with self._res.ti.stream_context(self._res.stream):
+        with self._on_stream():
             out = self.fn(**self.static_inputs(bucket))
         if not warmup:
             self.stats.eager_calls += 1
@@ -276,32 +313,31 @@ class GraphHandle:
         return out
 
     def _eager_direct(self, inputs):
-        res = self._res
-        dev = f"cuda:{res.device}"
-        with res.ti.stream_context(res.stream):
-            moved = {k: v.to(dev, non_blocking=False) for k, v in inputs.items()}
+        res, ad = self._res, self._adapter
+        with self._on_stream():
+            moved = {k: ad.to_device(v, res.device) for k, v in inputs.items()}
             out = self.fn(**moved)
         self.stats.eager_calls += 1
         return out
 
     def _capture_all(self):
-        """Capture every bucket (largest first, one pool), instantiate, upload. All or nothing:
-        on failure the handle stays in the capture phase and the stream stays usable."""
+        """Capture every bucket (largest first, one pool per framework), instantiate, upload.
+        All or nothing: on failure the handle stays in the capture phase and the stream stays
+        usable."""
         res, stats = self._res, self.stats
         for b in res.statics:  # buckets no call reached yet get their warmup now
             while self.warmup and self._warm[b] < self.warmup:
                 self._run_eager(b)
         order = capture_order(self._buckets) if self._buckets else [None]
-        if res.pool is None:
-            res.pool = res.ti.new_pool()
         res.stream.synchronize()
         mem0 = self._mem_now()
+        frameworks = active_adapters(self._adapter)
         try:
             for b in order:
                 t0 = time.perf_counter()
-                with res.ti.stream_context(res.stream):
+                with self._on_stream():
                     with capture(res.stream, mode=self.capture_mode, allocator=self.allocator,
-                                 pool=res.pool) as cap:
+                                 pool=res.pools, framework=frameworks) as cap:
                         res.outputs[b] = self.fn(**self.static_inputs(b))
                 t1 = time.perf_counter()
                 res.graphs[b] = cap.graph
@@ -311,6 +347,7 @@ class GraphHandle:
                     res.execs[b].upload(res.stream.handle)
                     res.stream.synchronize()
                 t3 = time.perf_counter()
+                res.plans[b] = self._plan(b)
                 stats.capture_s += t1 - t0
                 stats.instantiate_s += t2 - t1
                 stats.upload_s += t3 - t2
@@ -321,19 +358,17 @@ class GraphHandle:
         stats.nodes = sum(stats.nodes_per_bucket.values())
         self._captured = True
         self._mem0 = mem0
-        self._arm_fast_path()
+        if self._buckets is None:
+            self._fast = res.plans[None]
 
     def _mem_now(self) -> int:
-        import torch
         total = graph_memory(self._res.device)["used_current"]
-        try:
-            total += torch.cuda.memory_reserved(self._res.device)
-        except Exception:  # noqa: BLE001 - not every allocator backend reports it
-            pass
+        for ad in active_adapters(self._adapter):
+            total += ad.memory_reserved(self._res.device)
         return total
 
     def _host(self, out):
-        return self._res.host_outputs.copy(out, self._res.stream)
+        return self._res.host_outputs.copy(out, self._res.stream, self._adapter, self._on_stream)
 
     def outputs_to_host(self, outputs=None):
         """Pinned-host copies of the last outputs (views of pinned buffers reused next time)."""
@@ -354,7 +389,7 @@ class GraphHandle:
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
-        """Release everything: sync -> exec -> graph -> pool -> buffers -> stream. Idempotent."""
+        """Release everything: sync -> exec -> graph -> buffers -> pools -> stream. Idempotent."""
         self._fast = None
         self._finalizer()
 

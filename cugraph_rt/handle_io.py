@@ -25,19 +25,19 @@ def _ok(result, name):
 
 
 class StaticInput:
-    """One static input of one bucket: the DeviceBuffer and the torch tensor viewing it."""
+    """One static input of one bucket: the DeviceBuffer and the framework's array viewing it."""
 
-    def __init__(self, shape, dtype, ti):
-        import torch
-        itemsize = torch.empty((), dtype=dtype).element_size()
+    def __init__(self, shape, dtype, adapter):
+        itemsize = adapter.itemsize(dtype)
         n = 1
         for s in shape:
             n *= s
         self.shape = tuple(shape)
+        self.dtype = dtype
         self.itemsize = itemsize
         self.nbytes = n * itemsize
         self.buffer = DeviceBuffer(self.nbytes)
-        self.tensor = ti.tensor_from_device_buffer(self.buffer, dtype, self.shape)
+        self.tensor = adapter.wrap_device(self.buffer, dtype, self.shape)
         self.ptr = self.buffer.ptr
 
     def close(self):
@@ -81,19 +81,19 @@ class Staging:
 
 
 def copy_inputs(statics: dict, given: dict, *, n, bucket_dim: int, stream: int,
-                staging: Staging, bucketed: frozenset | None = None) -> None:
-    """Copy each given tensor into its static buffer on ``stream`` (padding with zeros up to the
-    bucket size along ``bucket_dim`` where n is smaller; only the inputs named in ``bucketed``,
-    all when None)."""
+                staging: Staging, adapter, bucketed: frozenset | None = None) -> None:
+    """Copy each given array (validated) into its static buffer on ``stream`` (padding with zeros
+    up to the bucket size along ``bucket_dim`` where n is smaller; only the inputs named in
+    ``bucketed``, all when None). Host arrays go through pinned staging."""
     used_staging = False
     for name, st in statics.items():
         t = given[name]
-        src = t.data_ptr()
-        if not t.is_cuda:
+        src = adapter.pointer(t)
+        if not adapter.on_device(t):
             if not used_staging:
                 staging.wait_free()
                 used_staging = True
-            nbytes = t.numel() * st.itemsize
+            nbytes = adapter.nbytes(t)
             host = staging.get(name, st.nbytes)
             ctypes.memmove(host.ptr, src, nbytes)
             src = host.ptr
@@ -116,13 +116,19 @@ def copy_inputs(statics: dict, given: dict, *, n, bucket_dim: int, stream: int,
         staging.mark(stream)
 
 
-def map_outputs(out, fn):
-    """Apply ``fn`` to every tensor of a tensor / tuple / list / dict output structure."""
+def _has_data_ptr(x) -> bool:
+    return hasattr(x, "data_ptr")
+
+
+def map_outputs(out, fn, is_array=None):
+    """Apply ``fn`` to every array of an array / tuple / list / dict output structure
+    (``is_array`` tells arrays apart; by default, objects with a ``data_ptr``)."""
+    is_array = _has_data_ptr if is_array is None else is_array
     if isinstance(out, dict):
-        return {k: map_outputs(v, fn) for k, v in out.items()}
+        return {k: map_outputs(v, fn, is_array) for k, v in out.items()}
     if isinstance(out, (tuple, list)):
-        return type(out)(map_outputs(v, fn) for v in out)
-    return fn(out) if hasattr(out, "data_ptr") else out
+        return type(out)(map_outputs(v, fn, is_array) for v in out)
+    return fn(out) if is_array(out) else out
 
 
 class HostOutputs:
@@ -131,26 +137,28 @@ class HostOutputs:
     def __init__(self):
         self.buffers: dict[int, HostBuffer] = {}
 
-    def copy(self, outputs, stream_obj):
-        import torch
+    def copy(self, outputs, stream_obj, adapter, contexts):
+        """Copy every array of ``outputs`` to pinned memory on ``stream_obj`` and wait for it;
+        ``contexts()`` makes the stream current (for a contiguous copy of a strided output)."""
         slots = iter(range(1 << 30))
 
         def one(t):
             slot = next(slots)
-            if not t.is_contiguous():
-                with torch.cuda.stream(stream_obj.torch):
-                    t = t.contiguous()
-            nbytes = t.numel() * t.element_size()
+            desc = adapter.describe(t)
+            if not desc.contiguous:
+                with contexts():
+                    t = adapter.contiguous(t)
+            nbytes = adapter.nbytes(t)
             buf = self.buffers.get(slot)
             if buf is None or buf.nbytes < nbytes:
                 if buf is not None:
                     buf.close()
                 buf = self.buffers[slot] = HostBuffer(nbytes)
-            _ok(_memcpy(buf.ptr, t.data_ptr(), nbytes, _KIND, stream_obj.handle),
+            _ok(_memcpy(buf.ptr, adapter.pointer(t), nbytes, _KIND, stream_obj.handle),
                 "cudaMemcpyAsync")
-            return buf.as_tensor(t.dtype, tuple(t.shape))
+            return adapter.wrap_host(buf, desc.dtype, desc.shape)
 
-        host = map_outputs(outputs, one)
+        host = map_outputs(outputs, one, adapter.is_array)
         stream_obj.synchronize()
         return host
 

@@ -1,11 +1,12 @@
 """GraphHandle's bookkeeping: its stats, and the resources it owns with their release order
-(sync -> exec -> graph -> pool -> buffers -> stream)."""
+(sync -> exec -> graph -> buffers -> pools -> stream back to the pool)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
 from .handle_io import HostOutputs, Staging
 from .stream import Stream
+from .stream_pool import give_back_stream
 
 __all__ = ["HandleStats"]
 
@@ -33,12 +34,13 @@ class _Resources:
 
     def __init__(self):
         self.stream: Stream | None = None
-        self.owns_stream = False
+        self.pooled_stream = False    # borrowed from the stream pool: given back on release
         self.execs: dict = {}
         self.graphs: dict = {}
-        self.pool = None
+        self.plans: dict = {}         # bucket -> ReplayPlan
+        self.pools: dict = {}         # framework name -> private pool shared by the buckets
         self.device = 0
-        self.ti = None
+        self.adapter = None
         self.statics: dict = {}       # bucket -> {name: StaticInput}
         self.outputs: dict = {}       # bucket -> static outputs
         self.staging = Staging()
@@ -46,6 +48,7 @@ class _Resources:
         self.events: list = []
 
     def drop_graphs(self) -> None:
+        self.plans.clear()
         for ex in self.execs.values():
             ex.close()
         self.execs.clear()
@@ -57,11 +60,15 @@ class _Resources:
     def release(self) -> None:
         steps = [
             lambda: self.stream is not None and self.stream.synchronize(),
+            self.plans.clear,
             lambda: [ex.close() for ex in self.execs.values()],
+            # each graph gives its use of the pools back when closed (capture.py)
             lambda: [g.close() for g in self.graphs.values()],
-            # the torch pool: each graph gave its use back when closed (capture.py)
             self._release_buffers,
-            lambda: self.owns_stream and self.stream.close(),
+            # the last references to the private pools: torch's MemPool frees its cached memory
+            # (that pool's only) when dropped; outputs were dropped just before
+            self.pools.clear,
+            lambda: self.pooled_stream and give_back_stream(self.stream),
         ]
         for step in steps:
             try:
@@ -70,7 +77,6 @@ class _Resources:
                 pass
         self.execs.clear()
         self.graphs.clear()
-        self.pool = None
 
     def _release_buffers(self) -> None:
         self.outputs.clear()

@@ -7,6 +7,7 @@ import math
 
 from cuda.bindings import runtime as _rt
 
+from ._args import check_int
 from ._lifetime import Owned
 from .device import require_cuda
 from .errors import call
@@ -34,8 +35,10 @@ def live_allocations() -> dict:
 _DEFAULT = _rt.cudaMemcpyKind.cudaMemcpyDefault
 
 
-def _ptr(x) -> int:
+def _ptr(x, name: str = "pointer") -> int:
     """Device/host address of a buffer, a torch tensor, an int, or an array-interface object."""
+    if isinstance(x, bool):
+        raise TypeError(f"{name} must be an address, a buffer or an array; got {x!r}")
     if isinstance(x, int):
         return x
     if isinstance(x, (DeviceBuffer, HostBuffer)):
@@ -46,16 +49,26 @@ def _ptr(x) -> int:
         iface = getattr(x, attr, None)
         if iface is not None:
             return int(iface["data"][0])
-    raise TypeError(f"cannot take the address of {type(x).__name__}")
+    raise TypeError(f"{name}: cannot take the address of {type(x).__name__}")
 
 
 def copy_async(dst, src, nbytes: int, stream) -> None:
     """cudaMemcpyAsync of ``nbytes`` (direction inferred through unified addressing)."""
-    call(_rt.cudaMemcpyAsync, _ptr(dst), _ptr(src), int(nbytes), _DEFAULT, int(stream))
+    from .stream import stream_handle
+    nbytes = check_int(nbytes, "nbytes", minimum=0)
+    handle = stream_handle(stream)
+    call(_rt.cudaMemcpyAsync, _ptr(dst, "dst"), _ptr(src, "src"), nbytes, _DEFAULT, handle)
 
 
 def memset_async(dst, value: int, nbytes: int, stream) -> None:
-    call(_rt.cudaMemsetAsync, _ptr(dst), int(value), int(nbytes), int(stream))
+    """cudaMemsetAsync of ``nbytes`` bytes to ``value`` (0..255)."""
+    from .stream import stream_handle
+    value = check_int(value, "value", minimum=0)
+    if value > 255:
+        raise ValueError(f"value must be a byte (0..255); got {value}")
+    nbytes = check_int(nbytes, "nbytes", minimum=0)
+    handle = stream_handle(stream)
+    call(_rt.cudaMemsetAsync, _ptr(dst, "dst"), value, nbytes, handle)
 
 
 def _typestr(dtype) -> tuple[str, int]:
@@ -130,10 +143,14 @@ class DeviceBuffer(_Copyable):
     when given, a ``cudaMemPool_t`` handle), then freed stream-ordered on that stream."""
 
     def __init__(self, nbytes: int, *, stream=None, pool=None):
-        if int(nbytes) < 0:
-            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+        nbytes = check_int(nbytes, "nbytes", minimum=0)
+        if stream is not None:
+            from .stream import stream_handle
+            stream_handle(stream)
+        if pool is not None:
+            check_int(pool, "pool", minimum=1)
         require_cuda()
-        self.nbytes = int(nbytes)
+        self.nbytes = nbytes
         self.device = int(call(_rt.cudaGetDevice))
         n = max(self.nbytes, 1)
         if stream is None:
@@ -143,15 +160,17 @@ class DeviceBuffer(_Copyable):
             _count("device", n, 1)
             self._own(_free, self.ptr, n)
         else:
+            from .stream import stream_handle
+            handle = stream_handle(stream)
             if pool is not None:
-                self.ptr = int(call(_rt.cudaMallocFromPoolAsync, n, int(pool), int(stream)))
+                self.ptr = int(call(_rt.cudaMallocFromPoolAsync, n, int(pool), handle))
             else:
-                self.ptr = int(call(_rt.cudaMallocAsync, n, int(stream)))
+                self.ptr = int(call(_rt.cudaMallocAsync, n, handle))
             _count("device", n, 1)
             # a Stream object rides along with the release, so it outlives the buffer (a dropped
             # stream and buffer may be finalized in any order)
             from .stream import Stream
-            keep = stream if isinstance(stream, Stream) else int(stream)
+            keep = stream if isinstance(stream, Stream) else handle
             self._own(_free_async, self.ptr, keep, n)
 
     def __repr__(self) -> str:
@@ -182,10 +201,9 @@ class HostBuffer(_Copyable):
     """Pinned (page-locked) host memory from ``cudaHostAlloc``: async copies run at full speed."""
 
     def __init__(self, nbytes: int):
-        if int(nbytes) < 0:
-            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+        nbytes = check_int(nbytes, "nbytes", minimum=0)
         require_cuda()
-        self.nbytes = int(nbytes)
+        self.nbytes = nbytes
         n = max(self.nbytes, 1)
         self.ptr = int(call(_rt.cudaHostAlloc, n, int(_rt.cudaHostAllocPortable)))
         _count("host", n, 1)

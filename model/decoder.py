@@ -56,11 +56,11 @@ class Decoder:
         self.cfg, self.weights = cfg, weights
         self.max_batch, self.max_seq, self.backend = max_batch, max_seq, backend
         self.device, self.dtype = weights.device, weights.dtype
-        if backend == "triton" and self.device.type != "cuda":
-            import os
-            if os.environ.get("TRITON_INTERPRET") != "1":
-                raise ValueError(f"backend='triton' needs a CUDA device (or TRITON_INTERPRET=1), "
-                                 f"the weights are on {self.device}")
+        if backend == "triton" and self.device.type not in ("cuda", "meta"):
+            from .settings import SETTINGS
+            if not SETTINGS.interpret:
+                raise ValueError(f"backend='triton' needs a CUDA device (or TRITON_INTERPRET=1; "
+                                 f"'meta' plans launches only), the weights are on {self.device}")
         self.ops = resolve_ops(backend)
         from .ops.linear import MAX_BATCH
 

@@ -1,11 +1,13 @@
-"""Small shared helpers for the ops: argument checks and Triton launch configuration."""
+"""Small shared helpers for the ops: argument checks and Triton launch configuration (hardware
+facts come from the device's profile, model/ops/hardware.py; settings from model/settings.py)."""
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ..settings import SETTINGS
+from .hardware import DeviceProfile, profile_for
 
 MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -50,9 +52,32 @@ def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # Under Triton's CPU interpreter programs run one after another: launch configs then skip the
-# "enough programs to fill 132 SMs" shrinking (results are identical, tests much faster).
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-FILL_PROGRAMS = 1 if INTERPRET else 2 * 132
+# "enough programs to fill the GPU" shrinking (results are identical, tests much faster).
+INTERPRET = SETTINGS.interpret
+
+
+def fill_programs(t: torch.Tensor) -> int:
+    """Programs that fill the GPU tensor ``t`` is on (two per SM; 1 under the interpreter)."""
+    return profile_for(t).fill_programs
+
+
+def _import_fill_programs() -> int:
+    """FILL_PROGRAMS: fill_programs() of the current device, read once at import; 264 (two per
+    SM of an H100/H200) where no GPU is visible. New code should prefer fill_programs(t), which
+    follows the device of its tensors."""
+    if INTERPRET:
+        return 1
+    try:
+        if torch.cuda.is_available():
+            import cugraph_rt
+            from .hardware import _device_profile
+            return _device_profile(int(cugraph_rt.device.current_device())).fill_programs
+    except Exception:  # noqa: BLE001 - a missing or broken driver: the fallback below
+        pass
+    return 2 * 132
+
+
+FILL_PROGRAMS = _import_fill_programs()
 
 
 # ---- programmatic dependent launch (PDL, sm_90+) ---------------------------------------------
@@ -61,8 +86,9 @@ FILL_PROGRAMS = 1 if INTERPRET else 2 * 132
 # it has completed and its writes are visible, so the launch latency between the ~400 dependent
 # kernels of a step overlaps the previous kernel's tail (stream capture keeps these as programmatic
 # graph edges). A kernel reads or writes nothing produced by earlier kernels before its wait; since
-# each kernel completes only after its own wait returned, the ordering is transitive. Off under the
-# interpreter, before sm_90, where Triton lacks the instructions, or with MODEL_PDL=0.
+# each kernel completes only after its own wait returned, the ordering is transitive. Off where the
+# device profile has no PDL (before sm_90, the interpreter), where Triton lacks the instructions, or
+# with MODEL_PDL=0.
 try:
     from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch, gdc_wait as _gdc_wait
     HAVE_GDC = True
@@ -70,20 +96,16 @@ except ImportError:   # an older Triton
     HAVE_GDC = False
 _PDL_OFF = {"USE_GDC": False}
 _PDL_ON = {"USE_GDC": True, "launch_pdl": True}
-_pdl_by_device: dict[int, dict] = {}
+
+
+def pdl_options(profile: DeviceProfile) -> dict:
+    """Launch keywords for a kernel taking USE_GDC, on a device of this profile."""
+    return _PDL_ON if HAVE_GDC and SETTINGS.pdl and profile.supports_pdl else _PDL_OFF
 
 
 def pdl(t: torch.Tensor) -> dict:
     """Launch keywords for a kernel taking USE_GDC, for the device of tensor `t`."""
-    if t.device.type != "cuda":
-        return _PDL_OFF
-    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    opts = _pdl_by_device.get(idx)
-    if opts is None:
-        on = (HAVE_GDC and not INTERPRET and os.environ.get("MODEL_PDL", "1") != "0"
-              and torch.cuda.get_device_capability(idx)[0] >= 9)
-        opts = _pdl_by_device[idx] = _PDL_ON if on else _PDL_OFF
-    return opts
+    return pdl_options(profile_for(t))
 
 
 @triton.jit

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._util import FILL_PROGRAMS, as_rows, check_contiguous, check_rows, next_pow2, pdl, pdl_wait
+from .._util import as_rows, check_contiguous, check_rows, fill_programs, next_pow2, pdl, pdl_wait
 from ..norm import gated_rmsnorm_reference
 
 
@@ -167,9 +167,10 @@ def gated_delta_step_triton(qkv, a, b, A_log, dt_bias, state, out, NK, K, V,
     block_v = next_pow2(V) if block_v is None else block_v
     if block_v != next_pow2(block_v) or block_v < 1:
         raise ValueError(f"block_v must be a power of two, got {block_v}")
-    if (not fuse or workspace is not None) and bsz * nv < FILL_PROGRAMS:
+    fill = fill_programs(state)
+    if (not fuse or workspace is not None) and bsz * nv < fill:
         # split the value columns across programs (they are independent) to fill the GPU
-        while block_v > 32 and bsz * nv * triton.cdiv(V, block_v) < FILL_PROGRAMS:
+        while block_v > 32 and bsz * nv * triton.cdiv(V, block_v) < fill:
             block_v //= 2
     split = fuse and triton.cdiv(V, block_v) > 1
     if split and workspace is None:

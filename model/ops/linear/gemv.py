@@ -21,10 +21,16 @@ import triton
 import triton.language as tl
 
 from .._util import INTERPRET, check_rows, next_pow2, pdl, pdl_wait
+from ..hardware import DeviceProfile, current_profile, profile_for
 
 MAX_BATCH = 16
-_PREFETCH_MAX_PROGRAMS = 4096   # H200, whole 35b step: prefetch for all 2.743 ms, none 2.711, up to this 2.697
-_TARGET_PROGRAMS = 1 if INTERPRET else 4 * 132  # enough CTAs to keep every SM of an H100 streaming
+# the PDL weight prefetch pays off up to about this many programs per SM (H200, whole 35b step:
+# prefetch for all 2.743 ms, none 2.711, up to 4096 programs on its 132 SMs 2.697)
+_PREFETCH_PROGRAMS_PER_SM = 4096 / 132
+
+
+def prefetch_max_programs(profile: DeviceProfile) -> int:
+    return int(_PREFETCH_PROGRAMS_PER_SM * profile.sm_count)
 
 
 def _check_w(w):
@@ -207,18 +213,30 @@ class GemvLaunch:
     stages: int
 
 
-def gemv_config(b: int, n: int, k: int, elem_size: int, *, norm: bool = False) -> GemvLaunch:
-    """The _gemv_kernel configuration for a [b, k] x [n, k]^T GEMV (with norm: norm_gemv's); fixed
-    per shape. H100, bf16, batch 1 (tools/bench_gemv.py sweeps): whole 2048-column row slices and
-    two programs per SM beat 512-column slices by 4-13% at every layer shape; with the norm
-    prologue, 1024-column slices beat 2048 by 2-11% (the second slice's load overlaps the norm)."""
+def gemv_config(b: int, n: int, k: int, elem_size: int, *, norm: bool = False,
+                profile: DeviceProfile | None = None) -> GemvLaunch:
+    """The _gemv_kernel configuration for a [b, k] x [n, k]^T GEMV (with norm: norm_gemv's) on a
+    device of ``profile`` (the current device's by default); fixed per shape. H100, bf16, batch 1
+    (tools/bench_gemv.py sweeps): whole 2048-column row slices and two programs per SM beat
+    512-column slices by 4-13% at every layer shape; with the norm prologue, 1024-column slices
+    beat 2048 by 2-11% (the second slice's load overlaps the norm)."""
+    profile = current_profile() if profile is None else profile
     block_b = next_pow2(b)
     block_k = min(next_pow2(k), (1024 if norm else 2048) if elem_size <= 2 else 256)
     budget = 8192 if block_b == 1 else 4096  # fp32 accumulator elements per program (4 warps)
     block_n = max(1, min(16, budget // (block_b * block_k)))
-    while block_n > 1 and triton.cdiv(n, block_n) < _TARGET_PROGRAMS // 2:
+    while block_n > 1 and triton.cdiv(n, block_n) < profile.stream_programs // 2:
         block_n //= 2
     return GemvLaunch(block_b, block_n, block_k, 4, 3)   # 3 stages: Triton's default
+
+
+def gemv_dot_block_n(n: int, profile: DeviceProfile) -> int:
+    """Weight rows per program of the tensor-core path (B >= 2): 64, halved down to 16 until the
+    GPU has enough programs to stream."""
+    block_n = 64
+    while block_n > 16 and triton.cdiv(n, block_n) < profile.stream_programs // 2:
+        block_n //= 2
+    return block_n
 
 
 def gemv_triton(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, launch: GemvLaunch | None = None) -> None:
@@ -243,6 +261,8 @@ def _launch_gemv(x, residual, norm_weight, residual_out, normed_out, eps, w, out
             normed_out.stride(0) if normed_out is not None else 0, w.stride(0), out.stride(0))
     flags = dict(NORM=norm, ADD=norm and x is not None, WRITE_R=residual_out is not None,
                  WRITE_N=normed_out is not None)
+    profile = profile_for(out)
+    opts = pdl(out)   # = pdl_options(profile)
     if launch is None and b >= 2 and w.dtype in (torch.bfloat16, torch.float16) and rows.dtype == w.dtype:
         if norm:   # the tensor-core path keeps the norm a kernel of its own (measured faster at B 2-4)
             from ..norm import launch_rmsnorm
@@ -251,22 +271,19 @@ def _launch_gemv(x, residual, norm_weight, residual_out, normed_out, eps, w, out
                 normed_out = torch.empty_like(residual)
             launch_rmsnorm(x, residual, norm_weight, eps, normed_out, residual_out)
             x = normed_out
-        block_n = 64
-        while block_n > 16 and triton.cdiv(n, block_n) < _TARGET_PROGRAMS // 2:
-            block_n //= 2
+        block_n = gemv_dot_block_n(n, profile)
         block_k = min(256, max(16, next_pow2(k)))
         _gemv_dot_kernel[(triton.cdiv(n, block_n),)](x, w, out, b, n, k, x.stride(0), w.stride(0), out.stride(0),
                                                     BLOCK_B=max(16, next_pow2(b)), BLOCK_N=block_n, BLOCK_K=block_k,
-                                                    DOT_FP32=INTERPRET, num_warps=4, num_stages=4, **pdl(out))
+                                                    DOT_FP32=INTERPRET, num_warps=4, num_stages=4, **opts)
         return
-    cfg = launch or gemv_config(b, n, k, w.element_size(), norm=norm)
+    cfg = launch or gemv_config(b, n, k, w.element_size(), norm=norm, profile=profile)
     if cfg.block_b < b:
         raise ValueError(f"launch.block_b={cfg.block_b} is smaller than the batch {b}")
-    opts = pdl(out)
     programs = triton.cdiv(n, cfg.block_n)
     # the weight prefetch before the PDL wait helps the first wave only; GEMVs of many waves (the
     # lm_head) keep the plain loop, whose software pipelining streams faster
-    prefetch = opts["USE_GDC"] and programs <= _PREFETCH_MAX_PROGRAMS
+    prefetch = opts["USE_GDC"] and programs <= prefetch_max_programs(profile)
     _gemv_kernel[(programs,)](*args, **flags, BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                               ONE_TILE=k <= cfg.block_k, PREFETCH=prefetch, num_warps=cfg.warps,
                               num_stages=cfg.stages, **opts)
@@ -300,6 +317,8 @@ def _check_norm_gemv(x, residual, norm_weight, w, out, residual_out, normed_out)
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.device.type == "meta":   # no memory (launch planning, tools/launch_audit.py)
+        return False
     a0, b0 = a.data_ptr(), b.data_ptr()
     a1 = a0 + (a.shape[0] - 1) * a.stride(0) * a.element_size() + a.shape[1] * a.element_size()
     b1 = b0 + (b.shape[0] - 1) * b.stride(0) * b.element_size() + b.shape[1] * b.element_size()

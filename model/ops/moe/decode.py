@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._util import FILL_PROGRAMS, check_contiguous, check_rows, next_pow2, pdl, pdl_wait
+from .._util import check_contiguous, check_rows, next_pow2, pdl, pdl_wait
+from ..hardware import DeviceProfile, current_profile, profile_for
 
 
 # ----------------------------------------------------------------------------- router
@@ -234,17 +235,21 @@ class MoeLaunch:
     down_stages: int
 
 
-def moe_launch_config(b: int, h: int, i: int, k: int, i_s: int) -> MoeLaunch:
+def moe_launch_config(b: int, h: int, i: int, k: int, i_s: int,
+                      profile: DeviceProfile | None = None) -> MoeLaunch:
+    """The expert kernels' configuration on a device of ``profile`` (the current device's by
+    default): blocks shrink until the GPU has enough programs."""
+    fill = (current_profile() if profile is None else profile).fill_programs
     # kernel 1: (row, slot) x I-blocks, each streaming 2*BLOCK_I weight rows of length H
     block_h = min(512, next_pow2(h))
     block_i = max(1, min(8, 4096 // block_h))
-    while block_i > 2 and b * k * triton.cdiv(i, block_i) < FILL_PROGRAMS:
+    while block_i > 2 and b * k * triton.cdiv(i, block_i) < fill:
         block_i //= 2
     # kernel 2: row x H-blocks, each streaming BLOCK_HO rows of every chosen expert's down_proj at once
     block_k = next_pow2(k)
     block_i2 = min(128, next_pow2(max(i, i_s)))
     block_ho = max(1, min(16, 8192 // (block_k * block_i2)))   # H100: 8 rows x 8 experts x 128 was best
-    while block_ho > 1 and b * triton.cdiv(h, block_ho) < FILL_PROGRAMS // 2:
+    while block_ho > 1 and b * triton.cdiv(h, block_ho) < fill // 2:
         block_ho //= 2
     return MoeLaunch(block_i, block_h, 4, 3, block_ho, block_i2, 4, 3)   # 3 stages: Triton's default
 
@@ -275,6 +280,6 @@ def moe_experts_triton(x, gate_up_proj, down_proj, ids, weights, shared_gate_up,
     """Same contract as moe_experts_reference; `launch` overrides the configuration (benchmarks)."""
     b, h, e, i, k, i_s = _check_moe(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_down,
                                     shared_gate_logit, act_ws, out)
-    cfg = launch or moe_launch_config(b, h, i, k, i_s)
+    cfg = launch or moe_launch_config(b, h, i, k, i_s, profile_for(out))
     launch_moe_gate_up(x, gate_up_proj, ids, act_ws, cfg)
     launch_moe_down(act_ws, down_proj, ids, weights, shared_gate_up, shared_down, shared_gate_logit, out, cfg)

@@ -1,0 +1,45 @@
+"""Process settings, read once from the environment when the model package is first imported
+(the README lists them). Code reads ``SETTINGS``, never ``os.environ``, so a setting means the
+same everywhere for the life of the process.
+
+TRITON_INTERPRET  1 / true / on / yes: Triton kernels run on CPU tensors under Triton's
+                  interpreter (the CPU tests set it); launch configurations then skip the
+                  fill-the-GPU shrinking and PDL is off. Triton reads the same variable.
+MODEL_PDL         1 (default) / 0: programmatic dependent launch for the decode kernels on
+                  sm_90+ GPUs; 0 turns it off (e.g. for exclusive per-kernel times in a trace).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+__all__ = ["Settings", "SETTINGS"]
+
+_TRUE = ("1", "true", "on", "yes")
+_FALSE = ("0", "false", "off", "no", "")
+
+
+def _flag(env, name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"environment variable {name}={raw!r}: expected one of {_TRUE + _FALSE[:-1]}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    interpret: bool = False    # TRITON_INTERPRET
+    pdl: bool = True           # MODEL_PDL
+
+    @classmethod
+    def from_env(cls, env=None) -> "Settings":
+        env = os.environ if env is None else env
+        return cls(interpret=_flag(env, "TRITON_INTERPRET", False), pdl=_flag(env, "MODEL_PDL", True))
+
+
+SETTINGS = Settings.from_env()
