@@ -269,8 +269,9 @@ class Decoder:
                 raise ValueError(f"row {r}: start position {s} given, but the row holds {held}: a prompt "
                                  f"continues the row at position {want} (or starts it over at 0)")
             if s + len(p) > self.max_seq:
-                raise ValueError(f"prompt {r} has {len(p)} tokens from position {s}: position "
-                                 f"{s + len(p) - 1} is outside the cache capacity max_seq={self.max_seq}")
+                at = f" from position {s}" if s else ""
+                raise ValueError(f"prompt {r} has {len(p)} tokens{at}: position {s + len(p) - 1} is outside "
+                                 f"the cache capacity max_seq={self.max_seq}")
         return prompts, starts
 
     # ---- the step -------------------------------------------------------------------------------

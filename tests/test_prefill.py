@@ -157,7 +157,7 @@ def test_padding_changes_no_state_and_no_logit(tiny):
 
 @pytest.mark.parametrize("bad, match", [
     ([[]], "prompt 0 is empty"),
-    ([[1] * 65], "65 tokens from position 0: position 64 is outside the cache capacity max_seq=64"),
+    ([[1] * 65], "prompt 0 has 65 tokens: position 64 is outside the cache capacity max_seq=64"),
     ([[1, 256]], "token id 256 outside the vocabulary"),
 ])
 def test_bad_prompts_name_the_value_and_write_nothing(tiny, bad, match):

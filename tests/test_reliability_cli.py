@@ -178,7 +178,8 @@ def test_every_import_is_declared():
     tools = runtime | _requirements(extras["tools"])
     assert {"tokenizers", "jinja2"} <= runtime and {"matplotlib", "transformers"} <= tools - runtime
     assert "cugraph_rt[tools]" in extras["test"]
-    for folder, declared in (("model", runtime | OPTIONAL), ("cugraph_rt", runtime), ("tools", tools)):
+    cupy = {"cupy"} if {"cupy-cuda12", "cupy-cuda13"} <= extras.keys() else set()   # the optional CuPy adapter
+    for folder, declared in (("model", runtime | OPTIONAL), ("cugraph_rt", runtime | cupy), ("tools", tools)):
         missing = {DIST.get(n, n) for n in _imports(folder)} - declared
         assert not missing, f"{folder}/ imports {sorted(missing)}, not declared in pyproject.toml"
 

@@ -178,7 +178,7 @@ def test_generator_step_checks_host_values_and_stays_usable(tiny):
 
 def test_generator_bad_requests_then_generates(tiny):
     gen = Generator(_dec(tiny, batch=2, max_seq=8), use_graph=False)
-    with pytest.raises(ValueError, match="prompt of 6 tokens \\+ 4 new tokens needs 9 cache positions; the decoder holds 8"):
+    with pytest.raises(ValueError, match="prompt 0 of 6 tokens \\+ 4 new tokens needs 9 cache positions; the decoder holds 8"):
         gen.generate([[1] * 6], 4)
     with pytest.raises(ValueError, match="3 prompts but the decoder was built for batch 2"):
         gen.generate([[1], [2], [3]], 2)

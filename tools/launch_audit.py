@@ -65,7 +65,7 @@ def decode_kernel_names() -> set[str]:
     names = set()
     for mod_name in DECODE_MODULES:
         mod = importlib.import_module(mod_name)
-        names |= {k for k, v in vars(mod).items() if k.endswith("_kernel") and hasattr(v, "fn")}
+        names |= {k for k, v in vars(mod).items() if k.endswith("_kernel") and "prefill" not in k and hasattr(v, "fn")}
     return names
 
 
