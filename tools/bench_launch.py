@@ -111,7 +111,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="1,100,1000", help="kernels per step, comma-separated")
     ap.add_argument("--calls", type=int, default=5000, help="timed calls per method and size")
     args = ap.parse_args(argv)
-    sizes = [int(v) for v in args.sizes.split(",") if v.strip()]
+    try:
+        sizes = [int(v) for v in args.sizes.split(",") if v.strip()]
+    except ValueError:
+        sizes = []
     if not sizes or min(sizes) < 1:
         ap.error(f"--sizes needs positive ints; got {args.sizes!r}")
     import cugraph_rt as cg
