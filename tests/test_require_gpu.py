@@ -44,11 +44,14 @@ def test_skip_is_a_failure_under_the_variable(monkeypatch):
     for value, fails in (("", False), ("0", False), ("1", True), ("yes", True)):
         monkeypatch.setenv(REQUIRE_ENV, value)
         assert required() is fails
-        with pytest.raises(pytest.fail.Exception if fails else pytest.skip.Exception, match="the reason"):
+        # both caught: a skip where a failure is due must fail this test, not skip it
+        with pytest.raises((pytest.fail.Exception, pytest.skip.Exception), match="the reason") as info:
             skip("the reason")
+        assert info.type is (pytest.fail.Exception if fails else pytest.skip.Exception), (value, info.type)
     monkeypatch.delenv(REQUIRE_ENV)
-    with pytest.raises(pytest.skip.Exception, match="needs no_such_module_for_cugraph_rt"):
+    with pytest.raises((pytest.fail.Exception, pytest.skip.Exception), match="needs no_such_module_for_cugraph_rt") as info:
         need_module("no_such_module_for_cugraph_rt")
+    assert info.type is pytest.skip.Exception
 
 
 def test_require_gpu_run_without_a_gpu_fails_naming_the_reasons(tmp_path):
