@@ -22,7 +22,11 @@ def skip(reason: str):
     """pytest.skip(reason) (also at module level), or pytest.fail under CUGRAPH_RT_REQUIRE_GPU=1."""
     if required():
         pytest.fail(f"{REQUIRE_ENV}=1 turns this skip into a failure: {reason}", pytrace=False)
-    pytest.skip(reason, allow_module_level=True)
+    try:   # -rs then names the skipped test's file and line rather than this one (pytest >= 7)
+        exc = pytest.skip.Exception(reason, allow_module_level=True, _use_item_location=True)
+    except TypeError:
+        exc = pytest.skip.Exception(reason, allow_module_level=True)
+    raise exc
 
 
 def need_module(name: str, why: str = ""):

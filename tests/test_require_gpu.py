@@ -27,13 +27,10 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def _probe(tmp_path, require):
+def _probe(tmp_path):
+    """PROBE run with the variable set, in a process that sees no GPU (also on a GPU machine)."""
     (tmp_path / "test_probe.py").write_text(PROBE)
-    env = {k: v for k, v in os.environ.items() if k != REQUIRE_ENV}
-    env["PYTHONPATH"] = str(ROOT)
-    env["CUDA_VISIBLE_DEVICES"] = ""     # no GPU visible, also on a GPU machine
-    if require is not None:
-        env[REQUIRE_ENV] = require
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="", **{REQUIRE_ENV: "1"})
     # the repository's conftest as a plugin: its gpu-marker hook runs on the probe
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-p", "tests.conftest",
            "--rootdir", str(tmp_path), "-o", "markers=gpu: probe", str(tmp_path / "test_probe.py")]
@@ -56,7 +53,7 @@ def test_skip_is_a_failure_under_the_variable(monkeypatch):
 
 def test_require_gpu_run_without_a_gpu_fails_naming_the_reasons(tmp_path):
     """End to end, through the repository's conftest: a gpu-marked test and a missing module."""
-    req = _probe(tmp_path, "1")
+    req = _probe(tmp_path)
     out = req.stdout + req.stderr
     assert req.returncode == 1, out
     # the GPU test fails in its setup (an error), the other in its body

@@ -13,7 +13,6 @@ def test_device_info_and_buffers():
     assert cg.is_available() is True     # tests/test_cugraph_errors.py: False without driver/device
     info = cg.device_info()
     assert info["name"] and info["total_memory"] > 0 and info["driver_version"] > 0
-    assert info["name"] == torch.cuda.get_device_name(info["device"])
     with cg.Stream() as s, cg.DeviceBuffer(4096) as d, cg.HostBuffer(4096) as h:
         a = h.numpy(np.float32, (1024,))
         a[:] = np.arange(1024, dtype=np.float32)
@@ -46,6 +45,7 @@ def test_async_buffer_and_event_timing():
         buf = cg.DeviceBuffer(1 << 20, stream=s)
         host.numpy(np.uint8)[:] = 0xAB
         buf.copy_from(host, stream=s)
+        s.synchronize()             # the host buffer is rewritten below
         e0, e1 = cg.Event(), cg.Event()
         e0.record(s)
         for _ in range(200):
@@ -173,6 +173,7 @@ def test_exec_update_in_place_and_reinstantiate_fallback():
         with cg.capture(s, allocator="forbid") as c3:
             torch.mul(x, 3, out=out)
             out.add_(1)
+
     def launched():
         """Poison, launch, read: the value comes from this launch, not from an earlier run (the
         eager call left x * 2 in `out`, and capture executes nothing)."""
