@@ -1,22 +1,13 @@
-"""Shared test setup: the `gpu` marker skips with a reason where no CUDA GPU is usable, and with no
-GPU every Triton kernel runs under Triton's CPU interpreter."""
+"""Shared test setup: a test marked `gpu` skips with a reason where no CUDA GPU is usable (a
+failure instead under CUGRAPH_RT_REQUIRE_GPU=1, see tests/needs.py), and with no GPU every Triton
+kernel runs under Triton's CPU interpreter."""
 import os
 
 import pytest
 
+from tests.needs import gpu_reason, skip
 
-def _gpu_reason():
-    """None when a CUDA GPU is usable through both torch and cuda-python, else why not."""
-    try:
-        import torch
-    except ImportError:
-        return "torch is not installed"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU visible to torch (needs an NVIDIA GPU and driver)"
-    return None
-
-
-GPU_SKIP_REASON = _gpu_reason()
+GPU_SKIP_REASON = gpu_reason()
 HAS_GPU = GPU_SKIP_REASON is None
 
 if not HAS_GPU:
@@ -24,13 +15,11 @@ if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def pytest_collection_modifyitems(config, items):
-    if HAS_GPU:
-        return
-    skip = pytest.mark.skip(reason=f"GPU test: {GPU_SKIP_REASON}")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # before any fixture: a GPU test without a GPU builds nothing
+    if not HAS_GPU and item.get_closest_marker("gpu") is not None:
+        skip(f"GPU test: {GPU_SKIP_REASON}")
 
 
 @pytest.fixture

@@ -1,51 +1,9 @@
-"""Shared by the reliability tests (CPU and GPU): GraphHandle's call path on a CPU stand-in, a
+"""Shared by the property tests (validate_call on the CPU, a real GraphHandle on the GPU): a
 row-wise step, its input specs, the acceptance oracle and (where hypothesis is installed) a
 strategy of mostly-valid calls."""
 import torch
 
-from cugraph_rt.buckets import normalize_buckets, pad_copy_geometry, pick_bucket
-from cugraph_rt.validation import InputSpec, as_spec, validate_call
-
-
-class CpuHandle:
-    """GraphHandle.__call__ without CUDA: the same validate_call, pick_bucket and
-    pad_copy_geometry; static CPU buffers stand in for the device ones, the step runs eagerly on
-    them (what a replay computes), outputs are cut back to n rows."""
-
-    def __init__(self, fn, inputs, buckets=None, bucket_dim=0):
-        self.fn = fn
-        self.specs = {k: as_spec(k, v) for k, v in inputs.items()}
-        self.buckets = normalize_buckets(buckets)
-        self.dim = bucket_dim
-        self.statics = {}
-        for b in (self.buckets or (None,)):
-            self.statics[b] = {}
-            for k, spec in self.specs.items():
-                shape = list(spec.shape)
-                if b is not None:
-                    shape[bucket_dim] = b
-                self.statics[b][k] = torch.zeros(shape, dtype=spec.dtype)
-
-    def __call__(self, **inputs):
-        n = validate_call(self.specs, inputs, device_index=0, buckets=self.buckets,
-                          bucket_dim=self.dim)
-        bucket = None if self.buckets is None else pick_bucket(self.buckets, n)
-        if self.buckets is not None and bucket is None:
-            return self.fn(**inputs)                       # eager above the largest bucket
-        for k, static in self.statics[bucket].items():
-            t = inputs[k]
-            if n is None:
-                static.copy_(t)
-                continue
-            g = pad_copy_geometry(static.shape, self.dim, n, static.element_size())
-            flat = static.view(torch.uint8).reshape(g.rows, g.dst_pitch)
-            src = t.contiguous().view(torch.uint8).reshape(g.rows, g.width)
-            flat[:, :g.width] = src
-            flat[:, g.width:] = 0
-        out = self.fn(**self.statics[bucket])
-        if n is not None and n != bucket:
-            out = out.narrow(self.dim, 0, n)
-        return out
+from cugraph_rt.validation import InputSpec
 
 
 def rowwise(x, tok):
@@ -78,7 +36,6 @@ def _acceptable(given, buckets):
         elif tuple(t.shape) != spec.shape:
             return False
     return len(sizes) <= 1
-
 
 
 try:

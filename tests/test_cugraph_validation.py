@@ -1,4 +1,5 @@
-"""GraphHandle's input validation and bucket logic, exercised without a GPU."""
+"""GraphHandle's input validation (cugraph_rt.validation.validate_call, the function the handle runs
+before copying a call's inputs) and bucket logic, tested under their own names without a GPU."""
 import pytest
 import torch
 
@@ -29,58 +30,59 @@ def test_valid_call_passes():
     assert validate_call(SPECS, good(), device_index=0) is None
 
 
-def test_names_missing_and_unexpected():
+def _with(**changes):
     given = good()
-    del given["tok"]
-    given["y"] = torch.zeros(1)
-    with pytest.raises(TypeError) as info:
+    for k, v in changes.items():
+        if v is None:
+            del given[k]
+        else:
+            given[k] = v
+    return given
+
+
+# The one owner of the refusal cases on the CPU: validate_call is what GraphHandle.__call__ runs
+# before copying anything (tests/gpu/test_reliability_handle.py refuses the same on a real handle,
+# in every phase, and checks the handle unchanged).
+@pytest.mark.parametrize("given,exc,needle", [
+    (_with(x=torch.zeros(4, 9)), cg.InputError, "input 'x': expected shape (4, 8); given (4, 9)"),
+    (_with(x=torch.zeros(4)), cg.InputError, "input 'x': expected shape (4, 8); given (4,)"),
+    (_with(x=torch.zeros(4, 8, dtype=torch.float64)), cg.InputTypeError,
+     "input 'x': expected dtype torch.float32; given torch.float64"),
+    (_with(tok=torch.zeros(1, dtype=torch.int32)), cg.InputTypeError,
+     "input 'tok': expected dtype torch.int64; given torch.int32"),
+    (_with(x=torch.zeros(8, 4).t()), cg.InputError,
+     "input 'x': expected a contiguous tensor; given strides (1, 4) for shape (4, 8)"),
+    (_with(x=torch.zeros(4, 8, device="meta")), cg.InputError,
+     "input 'x': expected a tensor on cpu or cuda:0; given one on meta"),
+    (_with(x=FakeCuda(torch.zeros(4, 8), 1)), cg.InputError, "expected a tensor on cpu or cuda:0; given one on cuda:1"),
+    (_with(tok=[1]), cg.InputTypeError, "input 'tok': expected a tensor; got list"),
+    (_with(tok=None), cg.InputTypeError, "missing ['tok'], unexpected []"),
+    (_with(z=torch.zeros(1)), cg.InputTypeError, "missing [], unexpected ['z']"),
+])
+def test_refused_calls_name_expected_and_given(given, exc, needle):
+    with pytest.raises(cg.InputError) as info:
         validate_call(SPECS, given, device_index=0)
+    assert type(info.value) is exc
+    assert needle in str(info.value), str(info.value)
+
+
+def test_names_missing_and_unexpected_together():
+    with pytest.raises(cg.InputTypeError) as info:
+        validate_call(SPECS, _with(tok=None, y=torch.zeros(1)), device_index=0)
     msg = str(info.value)
-    assert "missing ['tok']" in msg and "unexpected ['y']" in msg and "['tok', 'x']" in msg
+    assert "missing ['tok']" in msg and "unexpected ['y']" in msg and "expected exactly ['tok', 'x']" in msg
 
 
-def test_shape_names_expected_and_given():
-    given = good()
-    given["x"] = torch.zeros(4, 9)
-    with pytest.raises(ValueError, match=r"'x': expected shape \(4, 8\); given \(4, 9\)"):
-        validate_call(SPECS, given, device_index=0)
+def test_device_index_is_the_handles():
+    validate_call(SPECS, _with(x=FakeCuda(torch.zeros(4, 8), 0)), device_index=0)
+    validate_call(SPECS, _with(x=FakeCuda(torch.zeros(4, 8), 1)), device_index=1)
+    with pytest.raises(cg.InputError, match="cuda:1; given one on cuda:0"):
+        validate_call(SPECS, _with(x=FakeCuda(torch.zeros(4, 8), 0)), device_index=1)
 
 
-def test_dtype_names_expected_and_given():
-    given = good()
-    given["tok"] = torch.zeros(1, dtype=torch.int32)
-    with pytest.raises(TypeError, match="'tok': expected dtype torch.int64; given torch.int32"):
-        validate_call(SPECS, given, device_index=0)
-
-
-def test_device_other_gpu_rejected():
-    given = good()
-    given["x"] = FakeCuda(torch.zeros(4, 8), 1)
-    with pytest.raises(ValueError, match="cuda:0; given one on cuda:1"):
-        validate_call(SPECS, given, device_index=0)
-    given["x"] = FakeCuda(torch.zeros(4, 8), 0)
-    validate_call(SPECS, given, device_index=0)
-
-
-def test_meta_device_rejected():
-    given = good()
-    given["x"] = torch.zeros(4, 8, device="meta")
-    with pytest.raises(ValueError, match="meta"):
-        validate_call(SPECS, given, device_index=0)
-
-
-def test_non_contiguous_rejected():
-    given = good()
-    given["x"] = torch.zeros(8, 4).t()
-    with pytest.raises(ValueError, match="contiguous"):
-        validate_call(SPECS, given, device_index=0)
-
-
-def test_non_tensor_rejected():
-    given = good()
-    given["tok"] = [1]
-    with pytest.raises(TypeError, match="expected a tensor; got list"):
-        validate_call(SPECS, given, device_index=0)
+def test_error_types():
+    assert issubclass(cg.InputError, ValueError) and issubclass(cg.InputError, cg.CugraphRtError)
+    assert issubclass(cg.InputTypeError, TypeError) and issubclass(cg.InputTypeError, cg.InputError)
 
 
 def test_buckets_size_and_consistency():
@@ -131,11 +133,20 @@ def test_pad_geometry():
 
 def test_handle_argument_errors_come_before_cuda():
     # argument errors are raised before any CUDA call, so they show without a GPU too
+    x = {"x": torch.zeros(1)}
     with pytest.raises(TypeError, match="callable"):
-        cg.GraphHandle(3, {"x": torch.zeros(1)})
+        cg.GraphHandle(3, x)
     with pytest.raises(ValueError, match="allocator"):
-        cg.GraphHandle(lambda x: x, {"x": torch.zeros(1)}, allocator="malloc")
+        cg.GraphHandle(lambda x: x, x, allocator="malloc")
     with pytest.raises(ValueError, match="bucket_dim"):
         cg.GraphHandle(lambda x: x, {"x": torch.zeros(4)}, buckets=[2, 4], bucket_dim=1)
     with pytest.raises(ValueError, match="warmup"):
-        cg.GraphHandle(lambda x: x, {"x": torch.zeros(1)}, warmup=-1)
+        cg.GraphHandle(lambda x: x, x, warmup=-1)
+    with pytest.raises(ValueError, match=r"warmup must be an int >= 0 .*capture=False.*None"):
+        cg.GraphHandle(lambda x: x, x, warmup=None)
+    with pytest.raises(ValueError, match="capture mode"):
+        cg.GraphHandle(lambda x: x, x, capture_mode="sometimes")
+    with pytest.raises(TypeError, match="buckets"):
+        cg.GraphHandle(lambda x: x, x, buckets="big")
+    with pytest.raises(ValueError, match="InputSpec shape must be non-negative"):
+        InputSpec((-1, 4), torch.float32)

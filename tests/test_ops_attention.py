@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from model.ops import attention
+from tests.needs import need_module
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -95,7 +96,7 @@ def test_workspace_sizes():
 
 
 def test_references_match_transformers():
-    mod = pytest.importorskip("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
+    mod = need_module("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
     g = torch.Generator().manual_seed(11)
     b, nh, nkv, d, r, cap = 2, 4, 2, 16, 8, 12
     for dtype in DTYPES:

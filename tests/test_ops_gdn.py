@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from model.ops import conv, gated_delta, norm
+from tests.needs import need_module
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -31,7 +32,7 @@ def test_conv1d_update(device, dtype, b, c, w):
 
 
 def test_conv1d_reference_matches_transformers():
-    mod = pytest.importorskip("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
+    mod = need_module("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
     g = torch.Generator().manual_seed(1)
     for dtype in DTYPES:
         x = torch.randn(2, 24, generator=g).to(dtype)
@@ -81,7 +82,7 @@ def test_gated_delta_step(device, dtype, b, nk, nv, k, v, fused):
 
 
 def test_gated_delta_reference_matches_transformers():
-    mod = pytest.importorskip("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
+    mod = need_module("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
     g = torch.Generator().manual_seed(3)
     b, nk, nv, k, v = 2, 2, 4, 16, 8
     for dtype in DTYPES:

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from model.ops import norm
+from tests.needs import need_module
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -62,7 +63,7 @@ def test_gated_rmsnorm(device, dtype, b, nv, v):
 
 
 def test_references_match_transformers():
-    mod = pytest.importorskip("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
+    mod = need_module("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
     g = torch.Generator().manual_seed(0)
     for dtype in DTYPES:
         x = torch.randn(3, 48, generator=g).to(dtype)

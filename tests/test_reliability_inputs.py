@@ -1,10 +1,10 @@
-"""Reliability under bad input, on the CPU (docs/reliability.md lists every case).
+"""Reliability under bad input, on the CPU (docs/reliability.md lists every case): the decoder, the
+generator, the checkpoint loader and the command lines.
 
 Each bad input gets a clear exception type with the offending value in its message, and the
-object stays usable: the next valid call gives the right result. GraphHandle's call path is
-exercised through its validation layer (the same functions the handle calls) on a CPU stand-in
-(tests/reliability_cases.py; the hypothesis property test is tests/test_reliability_property.py);
-tests/gpu/test_reliability_*.py repeat it on a real handle.
+object stays usable: the next valid call gives the right result. GraphHandle's refusals are
+tested where they live: validate_call in tests/test_cugraph_validation.py (and its property test
+tests/test_reliability_property.py), a real handle in tests/gpu/test_reliability_*.py.
 """
 import json
 
@@ -12,62 +12,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import cugraph_rt as cg
-from cugraph_rt.validation import InputSpec
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.config import ConfigError, ModelConfig
 from model.decoder import Decoder
 from model.generation import Generator
 from model.weights import random_weights
-from tests.reliability_cases import SPEC, CpuHandle, rowwise
-
-
-@pytest.mark.parametrize("bad,exc,needle", [
-    ({"x": torch.zeros(8, 5), "tok": torch.zeros(8, dtype=torch.int64)}, cg.InputError,
-     "expected shape (8, 4); given (8, 5)"),
-    ({"x": torch.zeros(8, 4, dtype=torch.float64), "tok": torch.zeros(8, dtype=torch.int64)},
-     cg.InputTypeError, "expected dtype torch.float32; given torch.float64"),
-    ({"x": torch.zeros(4, 8).t(), "tok": torch.zeros(8, dtype=torch.int64)}, cg.InputError,
-     "contiguous"),
-    ({"x": torch.zeros(8, 4)}, cg.InputTypeError, "missing ['tok']"),
-    ({"x": torch.zeros(8, 4), "tok": torch.zeros(8, dtype=torch.int64), "z": torch.zeros(1)},
-     cg.InputTypeError, "unexpected ['z']"),
-    ({"x": torch.zeros(8, 4, device="meta"), "tok": torch.zeros(8, dtype=torch.int64)},
-     cg.InputError, "given one on meta"),
-    ({"x": [[0.0] * 4] * 8, "tok": torch.zeros(8, dtype=torch.int64)}, cg.InputTypeError,
-     "expected a tensor; got list"),
-])
-def test_handle_bad_inputs_name_the_value_and_change_nothing(bad, exc, needle):
-    h = CpuHandle(rowwise, SPEC)
-    with pytest.raises(exc) as info:
-        h(**bad)
-    assert needle in str(info.value)
-    assert isinstance(info.value, (TypeError if exc is cg.InputTypeError else ValueError))
-    assert all(not v.any() for v in h.statics[None].values())
-    good = {"x": torch.randn(8, 4), "tok": torch.arange(8)}
-    assert torch.equal(h(**good), rowwise(**good))
-
-
-def test_handle_construction_errors_come_before_cuda():
-    with pytest.raises(ValueError, match=r"warmup must be an int >= 0 .*capture=False.*None"):
-        cg.GraphHandle(rowwise, SPEC, warmup=None)
-    with pytest.raises(ValueError, match="capture mode"):
-        cg.GraphHandle(rowwise, SPEC, capture_mode="sometimes")
-    with pytest.raises(TypeError, match="buckets"):
-        cg.GraphHandle(rowwise, SPEC, buckets="big")
-    with pytest.raises(ValueError, match="InputSpec shape must be non-negative"):
-        InputSpec((-1, 4), torch.float32)
-
-
-@pytest.mark.skipif(cg.is_available(), reason="checks the no-driver behaviour")
-def test_handle_with_capture_disabled_needs_cuda_too():
-    with pytest.raises(cg.CudaUnavailableError, match="driver"):
-        cg.GraphHandle(rowwise, SPEC, capture=False)
-
-
-def test_error_types():
-    assert issubclass(cg.InputError, ValueError) and issubclass(cg.InputError, cg.CugraphRtError)
-    assert issubclass(cg.InputTypeError, TypeError) and issubclass(cg.InputTypeError, cg.InputError)
 
 
 # ---- decoder and generator ----------------------------------------------------------------------
@@ -117,9 +66,18 @@ def test_decoder_bad_step_values_refused_state_unchanged(tiny, tokens, positions
 
 
 def test_decoder_batch_and_prompt_limits(tiny):
+    cfg, w = tiny
     dec = _dec(tiny)
     with pytest.raises(ValueError, match="batch 3 outside 1..max_batch=2"):
         dec.decode_step(_T(1, 2, 3), _T(0, 0, 0))
+    with pytest.raises(ValueError, match="tokens must be a 1-D int64 tensor, got torch.int32"):
+        dec.decode_step(torch.tensor([1, 2], dtype=torch.int32), _T(0, 0))
+    with pytest.raises(ValueError, match="tokens has 2 rows, positions 1"):
+        dec.decode_step(_T(1, 2), _T(0))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Decoder(cfg, w, max_batch=1, max_seq=8, backend="cuda")
+    with pytest.raises(ValueError, match="different config"):
+        Decoder(ModelConfig.preset("35b-a3b"), w, max_batch=1, max_seq=8, backend="reference")
     with pytest.raises(ValueError, match="3 prompts; the decoder holds 1..2 rows"):
         dec.prefill([[1], [2], [3]])
     with pytest.raises(ValueError, match="prompt 1 has 9 tokens: position 8 is outside the cache capacity max_seq=8"):
@@ -174,19 +132,6 @@ def test_generator_step_checks_host_values_and_stays_usable(tiny):
     ref.step(_T(1, 2), _T(0, 0))
     assert torch.equal(gen.step(_T(1, 2), _T(1, 1)), ref.step(_T(1, 2), _T(1, 1)))
     assert torch.equal(dec.logits, ref.decoder.logits)
-
-
-def test_generator_bad_requests_then_generates(tiny):
-    gen = Generator(_dec(tiny, batch=2, max_seq=8), use_graph=False)
-    with pytest.raises(ValueError, match="prompt 0 of 6 tokens \\+ 4 new tokens needs 9 cache positions; the decoder holds 8"):
-        gen.generate([[1] * 6], 4)
-    with pytest.raises(ValueError, match="3 prompts but the decoder was built for batch 2"):
-        gen.generate([[1], [2], [3]], 2)
-    with pytest.raises(ValueError, match="prompt 0: token id -5 outside"):
-        gen.generate([[-5]], 2)
-    res = gen.generate([[1, 2]], 3)
-    again = Generator(_dec(tiny, batch=2, max_seq=8), use_graph=False).generate([[1, 2]], 3)
-    assert res.tokens == again.tokens
 
 
 def test_generator_graph_needs_cuda(tiny):
@@ -283,7 +228,8 @@ def test_unknown_config_field_is_an_error_naming_it(tiny, tmp_path):
     assert load_checkpoint(tmp_path / "b", device="cpu", verbose=False)[0] == cfg
 
 
-# ---- command lines (in process: argparse errors exit 2 with the value in the message) ----------
+# ---- command lines (in process: argparse errors exit 2 with the value in the message; the one owner
+# of these cases; tests/test_generation.py runs the entry points as processes) ------------------
 def _exit2(fn, argv, capsys):
     with pytest.raises(SystemExit) as info:
         fn(argv)
@@ -303,6 +249,12 @@ def _exit2(fn, argv, capsys):
     (["--prompt-ids", ""], "--prompt-ids is empty"),
     (["--preset", "tiny", "--checkpoint", "x"], "not allowed with argument"),
     (["--max-new-tokens", "2.5"], "expected a positive integer, got '2.5'"),
+    (["--max-new-tokens", "0"], "expected a positive integer, got 0"),
+    (["--prompt-ids", "1,x"], "--prompt-ids wants comma-separated integers, got '1,x'"),
+    (["--preset", "huge"], "invalid choice: 'huge'"),
+    (["--prompt", "hi"], "--prompt needs a tokenizer.json in --checkpoint"),
+    (["--top-p", "2"], "top_p must be in (0, 1], got 2.0"),
+    (["--checkpoint", "/nonexistent/dir"], "--checkpoint /nonexistent/dir: no such directory"),
 ])
 def test_generate_cli_bad_flags(argv, needle, capsys):
     from model.generate import main
@@ -324,6 +276,8 @@ def test_generate_cli_bad_checkpoint(tiny, tmp_path, capsys):
     ("capture_trace", ["--layers", "0"], "expected a positive integer, got 0"),
     ("capture_trace", ["--context", "0"], "--context must be >= 1, got 0"),
     ("capture_trace", ["--dtype", "int8"], "invalid choice"),
+    ("capture_trace", ["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
+    ("bench_decode", ["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
     ("bench_decode", ["--batches", "1,0"], "comma-separated positive integers, got '1,0'"),
     ("bench_decode", ["--batches", "a"], "got 'a'"),
     ("bench_decode", ["--hf-layers", "-1"], "--hf-layers must be >= 0 (0 skips transformers), got -1"),

@@ -10,6 +10,7 @@ pytestmark = pytest.mark.gpu
 
 
 def test_device_info_and_buffers():
+    assert cg.is_available() is True     # tests/test_cugraph_errors.py: False without driver/device
     info = cg.device_info()
     assert info["name"] and info["total_memory"] > 0 and info["driver_version"] > 0
     with cg.Stream() as s, cg.DeviceBuffer(4096) as d, cg.HostBuffer(4096) as h:
@@ -23,24 +24,39 @@ def test_device_info_and_buffers():
         d.copy_to(h2, stream=s)
         s.synchronize()
         assert np.array_equal(h2.numpy(np.float32), a * 2)
-        assert torch.equal(torch.as_tensor(d.view(np.float32, (1024,)), device="cuda"),
-                           t)
+        # the __cuda_array_interface__ view and as_tensor are the same memory, no copy; both hold
+        # what the torch op wrote (compared with the expected values, not with each other)
+        viewed = torch.as_tensor(d.view(np.float32, (1024,)), device="cuda")
+        assert viewed.data_ptr() == t.data_ptr() == d.ptr
+        expect = torch.arange(1024, dtype=torch.float32, device="cuda") * 2
+        assert torch.equal(viewed, expect) and torch.equal(t, expect)
         h2.close()
-    assert s.closed and d.closed
-    with pytest.raises(cg.ClosedError):
-        s.synchronize()
-    d.close()  # idempotent
+    assert s.closed and d.closed and h.closed
+    for use in (s.synchronize, d.view, lambda: h.numpy(np.float32)):
+        with pytest.raises(cg.ClosedError):
+            use()
+    d.close(), s.close()  # idempotent
 
 
 def test_async_buffer_and_event_timing():
-    with cg.Stream() as s:
+    """A stream-ordered buffer: fill_zero zeroes all of it (it held 0xAB bytes), and the events
+    around 200 launches of it time something (> 0, under a second)."""
+    with cg.Stream() as s, cg.HostBuffer(1 << 20) as host:
         buf = cg.DeviceBuffer(1 << 20, stream=s)
+        host.numpy(np.uint8)[:] = 0xAB
+        buf.copy_from(host, stream=s)
+        s.synchronize()             # the host buffer is rewritten below
         e0, e1 = cg.Event(), cg.Event()
         e0.record(s)
-        buf.fill_zero(stream=s)
+        for _ in range(200):
+            buf.fill_zero(stream=s)
         e1.record(s)
+        host.numpy(np.uint8)[:] = 0xCD
+        buf.copy_to(host, stream=s)
         e1.synchronize()
-        assert e0.elapsed_ms(e1) >= 0.0
+        s.synchronize()
+        assert (host.numpy(np.uint8) == 0).all()
+        assert 0.0 < e0.elapsed_ms(e1) < 1000.0
         buf.close()
         s.synchronize()
 
@@ -116,6 +132,7 @@ def test_sync_inside_capture_raises_and_stream_survives():
         z = (x * 2).sum()
         with cg.capture(s) as cap:
             w = x * 3
+        w.fill_(float("nan"))       # capture executed nothing; the launch must write all of w
     ex = cap.graph.instantiate()
     ex.launch(s)
     s.synchronize()
@@ -134,8 +151,13 @@ def test_forbid_allocator():
         with pytest.raises(cg.CaptureError, match="forbid"):
             with cg.capture(s, allocator="forbid"):
                 _ = x * 2
+        out.fill_(float("nan"))     # the eager call above wrote x * 2 already
     assert cap.graph.num_nodes == 1
-    cap.graph.close(), s.close()
+    ex = cap.graph.instantiate()
+    ex.launch(s)
+    s.synchronize()
+    assert torch.equal(out, x * 2)
+    ex.close(), cap.graph.close(), s.close()
 
 
 def test_exec_update_in_place_and_reinstantiate_fallback():
@@ -151,17 +173,21 @@ def test_exec_update_in_place_and_reinstantiate_fallback():
         with cg.capture(s, allocator="forbid") as c3:
             torch.mul(x, 3, out=out)
             out.add_(1)
+
+    def launched():
+        """Poison, launch, read: the value comes from this launch, not from an earlier run (the
+        eager call left x * 2 in `out`, and capture executes nothing)."""
+        with torch.cuda.stream(s.torch):
+            out.fill_(float("nan"))
+        ex.launch(s)
+        s.synchronize()
+        return out
+
     ex = c1.graph.instantiate()
-    ex.launch(s)
-    s.synchronize()
-    assert torch.equal(out, x * 2)
+    assert torch.equal(launched(), x * 2)
     assert ex.update(c2.graph) == "updated"
-    ex.launch(s)
-    s.synchronize()
-    assert torch.equal(out, x * 3)
+    assert torch.equal(launched(), x * 3)
     assert ex.update(c3.graph) == "reinstantiated"  # another topology: cannot update in place
-    ex.launch(s)
-    s.synchronize()
-    assert torch.equal(out, x * 3 + 1)
+    assert torch.equal(launched(), x * 3 + 1)
     for obj in (ex, c1.graph, c2.graph, c3.graph, s):
         obj.close()

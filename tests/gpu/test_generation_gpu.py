@@ -84,9 +84,22 @@ def test_generator_graph_generation_streams_and_stops():
     dec = Decoder(cfg, random_weights(cfg, device="cuda", dtype=torch.bfloat16, seed=0),
                   max_batch=2, max_seq=64, backend="triton")
     seen = []
-    eager = Generator(dec, use_graph=False).generate([[1, 2, 3], [4]], 20)
+    prompts = [[1, 2, 3], [4]]
+    eager = Generator(dec, use_graph=False).generate(prompts, 20)
     with Generator(dec, use_graph=True) as gen:
-        res = gen.generate([[1, 2, 3], [4]], 20, on_tokens=lambda s, t: seen.append(t))
-    assert res.tokens == eager.tokens
-    assert [len(t) for t in res.tokens] == [20, 20]
-    assert sum(t[0] is not None for t in seen) == 20
+        res = gen.generate(prompts, 20, on_tokens=lambda s, t: seen.append(t))
+        assert res.tokens == eager.tokens and res.stop_reasons == ["length", "length"]
+        assert [len(t) for t in res.tokens] == [20, 20]
+        assert sum(t[0] is not None for t in seen) == 20
+        # end of sequence, through the graph: row 0 stops at its 6th token (the first time that token
+        # comes), row 1 at the same token if it makes it, else at the length limit
+        eos = res.tokens[0][5]
+        cut = [t[:t.index(eos) + 1] if eos in t else t for t in res.tokens]
+        assert len(cut[0]) <= 6
+        seen.clear()
+        stopped = gen.generate(prompts, 20, eos_token_ids=[eos], on_tokens=lambda s, t: seen.append(t))
+        replays = gen.handle.stats.replays
+    assert stopped.tokens == cut
+    assert stopped.stop_reasons == ["eos" if eos in t else "length" for t in res.tokens]
+    assert sum(t[0] is not None for t in seen) == len(cut[0])
+    assert replays > 0            # the graph ran (not the eager fallback)

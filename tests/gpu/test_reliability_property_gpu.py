@@ -1,10 +1,14 @@
-"""Hypothesis property test on a real GraphHandle (with and without shape buckets): random
-shapes, dtypes, layouts, devices and names; every call gives the eager result bit for bit or raises
-our InputError, and the next valid call is right."""
+"""Hypothesis property test on a real GraphHandle (with and without shape buckets; its fast replay
+path included): random shapes, dtypes, layouts, devices and names; every call gives the eager
+result bit for bit or raises our InputError and changes nothing (phase, static inputs), and the
+next valid call is right. The owner of this property on a real handle; tests/test_reliability_property.py
+checks validate_call's acceptance on the CPU."""
 import pytest
 import torch
 
-hypothesis = pytest.importorskip("hypothesis", reason="the property tests need hypothesis (test extra)")
+from tests.needs import need_module
+
+need_module("hypothesis", "the property tests (test extra)")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -50,11 +54,16 @@ def test_property_real_handle_gives_eager_result_or_our_error(buckets, data):
     if on_device:
         given_ = {k: v.cuda() for k, v in given_.items()}
     phase = h.phase
+    torch.cuda.synchronize()
+    before = {b: {k: v.clone() for k, v in h.static_inputs(b).items()} for b in (buckets or (None,))}
     try:
         out = h(**given_)
     except cg.InputError as e:
         assert not _acceptable(given_, buckets), f"valid call refused: {e}"
         assert h.phase == phase
+        torch.cuda.synchronize()
+        for b, statics in before.items():    # a refused call copied nothing
+            assert all(torch.equal(h.static_inputs(b)[k], v) for k, v in statics.items()), b
     else:
         assert _acceptable(given_, buckets), "invalid call accepted"
         out = out.clone()

@@ -13,6 +13,7 @@ from cuda.bindings import runtime as rt
 
 import cugraph_rt as cg
 from _cugraph_steps import elementwise_step
+from tests.needs import need_free_gpu_memory
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 MiB = 1 << 20
@@ -219,10 +220,7 @@ def test_4096_token_generation_at_35b_a3b_shapes_graph_equals_eager():
     from model.weights import random_weights
 
     cfg = ModelConfig.preset("35b-a3b")
-    free, _ = torch.cuda.mem_get_info()
-    need = cfg.total_weight_bytes(2) + 3e9
-    if free < need:
-        pytest.skip(f"needs {need / 1e9:.0f} GB free on the GPU, {free / 1e9:.0f} GB free")
+    need_free_gpu_memory(cfg.total_weight_bytes(2) + 3e9, "35b-a3b in bf16 with a 4,099-position cache")
     prompt, new = [11, 2024, 7], 4096
     w = random_weights(cfg, "cuda", torch.bfloat16, seed=0)
     try:
