@@ -4,11 +4,13 @@ argument at a time made wrong; argument errors come before any CUDA call, so thi
 GPU: valid arguments there end in CudaUnavailableError)."""
 import numpy as np
 import pytest
+
+from tests.needs import need_module
 import torch
 
 import cugraph_rt as cg
 
-hypothesis = pytest.importorskip("hypothesis", reason="the property tests need hypothesis (test extra)")
+hypothesis = need_module("hypothesis", "the property tests need it (test extra)")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -156,13 +158,15 @@ def test_a_wrong_argument_is_refused_naming_it(name, data):
     raise AssertionError(f"{name}({arg}={value!r}) was accepted")
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+# GraphExec needs a captured Graph; the copy/memset cases' addresses and stream are made up, fit
+# only for a machine without a device (where the call stops at the missing driver)
+_VALID_CASES = sorted(n for n in CASES if n != "GraphExec"
+                      and not (n in ("copy_async", "memset_async") and cg.is_available()))
+
+
+@pytest.mark.parametrize("name", _VALID_CASES)
 def test_the_valid_arguments_pass_the_checks(name):
     fn, valid, _ = CASES[name]
-    if name == "GraphExec":
-        pytest.skip("needs a captured Graph")
-    if name in ("copy_async", "memset_async") and cg.is_available():
-        pytest.skip("the cases' addresses and stream are made up: not for a real device")
     try:
         _close(fn(**valid))
     except VALID_RESULTS:

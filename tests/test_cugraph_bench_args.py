@@ -21,7 +21,7 @@ def test_bad_sizes_exit_2_naming_them(sizes, capsys):
     with pytest.raises(SystemExit) as info:
         _load().main(["--sizes", sizes])
     assert info.value.code == 2
-    assert f"--sizes needs positive ints; got {sizes!r}" in capsys.readouterr().err
+    assert f"argument --sizes: expected comma-separated positive integers, got {sizes!r}" in capsys.readouterr().err
 
 
 def test_no_gpu_says_so(monkeypatch, capsys):

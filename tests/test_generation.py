@@ -69,7 +69,7 @@ def test_stops_at_end_of_sequence(tiny):
     ([[1, 10**9]], 4, "prompt 0: token id 1000000000 outside the vocabulary [0, 256)"),
     ([[-5]], 4, "prompt 0: token id -5 outside the vocabulary"),
     ([[1]] * 3, 4, "3 prompts but the decoder was built for batch 2"),
-    ([[1] * 40], 10, "prompt of 40 tokens + 10 new tokens needs 49 cache positions; the decoder holds 48"),
+    ([[1] * 40], 10, "prompt 0 of 40 tokens + 10 new tokens needs 49 cache positions; the decoder holds 48"),
 ])
 def test_bad_requests_are_refused_and_the_generator_still_works(tiny, prompts, max_new, match):
     gen = Generator(_decoder(tiny, batch=2), use_graph=False)
@@ -106,8 +106,8 @@ def test_generate_cli_prints_the_greedy_tokens(tiny):
     assert lines[0] == "prompt (3 tokens): [1, 2, 3]", r.stdout
     assert [int(t) for t in lines[1].split()] == want.tokens[0], r.stdout
     n = len(want.tokens[0])
-    assert f"eager on CPU, batch 1: prefill 3 tok in " in lines[2], r.stdout
-    assert f"decode {n} tok in " in lines[2] and f"stop: {want.stop_reasons[0]}" in lines[2], r.stdout
+    assert "eager on CPU, batch 1: time to first token " in lines[2] and "(prefill 3 tok, " in lines[2], r.stdout
+    assert f"decode {n} tok (" in lines[2] and f"stop: {want.stop_reasons[0]}" in lines[2], r.stdout
 
 
 @pytest.mark.parametrize("tool", ["tools/capture_trace.py", "tools/bench_decode.py"])

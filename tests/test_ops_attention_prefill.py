@@ -9,6 +9,8 @@ a bf16 kernel output are one ulp off the reference here, the decode kernels' inc
 they round as torch does). The GPU file checks bf16 at model shapes with tighter, averaged bounds.
 """
 import pytest
+
+from tests.needs import need_module
 import torch
 
 from model.ops import attention
@@ -191,7 +193,7 @@ def test_references_equal_decode_steps(dtype):
 def test_reference_matches_transformers_eager(dtype):
     """prefill_attention_reference == transformers' eager attention with its causal additive mask
     (queries at positions start.., keys 0..start+n-1), times sigmoid(gate)."""
-    mod = pytest.importorskip("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
+    mod = need_module("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
     n, t, start = 20, 24, 9
     qkv, _, _, _, kc, vc = _inputs(23, t, dtype, "cpu")
     q = torch.randn(t, NH, D, generator=torch.Generator().manual_seed(2)).to(dtype)

@@ -11,6 +11,8 @@ GPU 1e-5. The fp16 tests pin the rounding points instead (fp16 casts round in th
 at least 99% of the outputs bit-equal to the reference (a missing or extra rounding moves far more).
 """
 import pytest
+
+from tests.needs import need_module
 import torch
 
 from model.ops import conv, gated_delta
@@ -226,7 +228,7 @@ def test_gated_delta_chunk_reference_is_the_decode_step_per_token(dtype):
 
 def test_gated_delta_chunk_matches_transformers_chunked_rule(device):
     """Both forms against transformers' torch_chunk_gated_delta_rule (fp32, initial state)."""
-    mod = pytest.importorskip("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
+    mod = need_module("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
     nk, nv, k, v, n = 2, 4, 16, 16, 150
     g = torch.Generator().manual_seed(12)
     qkv, a, bb, A_log, dt_bias, state = _gdn_inputs(g, n, n, 1, nk, nv, k, v, torch.float32, "cpu")

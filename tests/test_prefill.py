@@ -9,8 +9,9 @@ from model.decoder import Decoder
 from model.weights import random_weights
 
 from tests.hf_reference import hf_greedy, hf_model, ours_greedy
+from tests.needs import need_module
 
-pytest.importorskip("transformers")
+need_module("transformers")
 
 LENGTHS = (1, 63, 64, 65, 200)
 REL_TOL = 1e-4

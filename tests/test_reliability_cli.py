@@ -112,9 +112,10 @@ def test_tools_layers_and_checkpoint_errors_exit_2(tmp_path, capsys):
 
 
 # ---- demo -----------------------------------------------------------------------------------------
-@pytest.mark.skipif(ON_GPU, reason="checks the CPU demo's messages")
-def test_cpu_demo_says_weights_are_random_and_why_no_gpu_once(capsys):
+def test_cpu_demo_says_weights_are_random_and_why_no_gpu_once(capsys, monkeypatch):
     from model.demo import main
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # the CPU demo, also on a GPU machine
 
     assert main(["--max-new-tokens", "2"]) == 0
     out = capsys.readouterr().out

@@ -149,8 +149,8 @@ def test_generate_prompt_ids_show_text_and_one_token_prompt_has_no_nan(ckpt, tok
     assert "nan" not in res.out and "time to first token" in lines[-1] and "(prefill 1 tok," in lines[-1]
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU path's note")
-def test_generate_cpu_says_bfloat16_is_not_used(capsys):
+def test_generate_cpu_says_bfloat16_is_not_used(capsys, monkeypatch):
+    monkeypatch.setattr(__import__("torch").cuda, "is_available", lambda: False)   # the CPU path's note
     err = _run(["--prompt-ids", "1,2", "--max-new-tokens", "1", "--dtype", "bfloat16"], capsys).err
     assert "in float32 (--dtype bfloat16 is not used there)" in err
     assert "random weights: its tokens mean nothing" in err

@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.needs import need_module
+
 import cugraph_rt as cg
 
 pytestmark = pytest.mark.gpu
-cp = pytest.importorskip("cupy", reason="CuPy is not installed")
+cp = need_module("cupy", "CuPy is optional; the GPU machine has it")
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -41,8 +41,7 @@ def test_free_memory_is_cudamemgetinfo():
 
 def test_generate_refuses_a_preset_larger_than_the_gpu():
     total = torch.cuda.mem_get_info()[1]
-    if total > 400 * 10 ** 9:
-        pytest.skip("a GPU with more than 400 GB holds 122b-a10b in bf16")
+    assert total < 400 * 10 ** 9, "this test needs a GPU too small for 122b-a10b in bf16 (every GPU today)"
     r = subprocess.run([sys.executable, "-m", "model.generate", "--preset", "122b-a10b"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr

@@ -11,6 +11,8 @@ error at 2048 tokens (interpreter with tf32-rounded operands) was 6e-5 abs on ou
 atol 1e-3 / rtol 2e-2 and the state atol 3e-3 / rtol 1e-2 plus a 1e-3 relative Frobenius bound;
 with "ieee" products the bf16 state must meet 1e-4."""
 import pytest
+
+from tests.needs import need_module
 import torch
 
 from model.ops import conv, gated_delta
@@ -115,7 +117,7 @@ def test_gated_delta_chunk_bf16_precisions_and_splits(precision, block_v):
 
 
 def test_gated_delta_chunk_matches_transformers_chunked_rule():
-    mod = pytest.importorskip("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
+    mod = need_module("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
     n = 1000
     qkv, a, b, A_log, dt_bias, state = _gdn_inputs(n, n, torch.float32, seed=11)
     # transformers repeats the key heads up to the value heads before its kernel
