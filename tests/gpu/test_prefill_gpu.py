@@ -195,3 +195,24 @@ def test_generation_through_prefill_graphs_equals_eager_generation(tiny32):
         assert res.prefill_tokens == 97 and all(len(t) == 12 for t in res.tokens)
         assert res.ttft_s > 0
     assert out[True].tokens == out[False].tokens
+
+
+def test_generator_continues_a_row_through_the_prefill_graphs(tiny32):
+    """A chat's second turn through Generator.generate(start_positions=...): graphs (prefill at
+    start > 0, decode) give the tokens of one eager prefill of the whole history, then decode."""
+    from model.generation import Generator, SamplingParams
+
+    cfg, w = tiny32
+    first, second = ids(40, cfg.vocab_size, 30), ids(21, cfg.vocab_size, 31)
+    dec = Decoder(cfg, w, max_batch=1, max_seq=128, backend="triton")
+    with Generator(dec, SamplingParams(), use_graph=True, prefill_chunk=32) as gen:
+        r1 = gen.generate([first], 5)
+        at = dec.next_positions[0]
+        assert at == len(first) + 4           # the 5th new token was never fed
+        r2 = gen.generate([[r1.tokens[0][-1]] + second], 6, start_positions=[at])
+        assert gen._prefill_graphs.handle.stats.replays >= 2
+    history = first + r1.tokens[0] + second
+    ref = Decoder(cfg, w, max_batch=1, max_seq=128, backend="triton")
+    with Generator(ref, SamplingParams(), use_graph=False) as eager:
+        want = eager.generate([history], 6)
+    assert r2.tokens == want.tokens
