@@ -10,11 +10,15 @@ import contextlib
 import cupy
 import numpy as np
 
+from cuda.bindings import runtime as _rt
+
+from .errors import check
 from .framework import Adapter, ArrayDesc
 
 __all__ = ["CupyAdapter", "PrivatePool"]
 
 _ndarray = cupy.ndarray
+_RELAXED = _rt.cudaStreamCaptureMode.cudaStreamCaptureModeRelaxed
 
 
 def _external(stream):
@@ -76,7 +80,16 @@ class _Routing:
 
     def _malloc(self, nbytes):
         self._count += 1
-        return self.pool.pool.malloc(nbytes)
+        # A new block is a cudaMalloc, which a thread-local or global capture refuses
+        # (cudaErrorStreamCaptureUnsupported). It is not stream-ordered, so it is safe to make it
+        # in relaxed mode for this thread, as torch's caching allocator does; the pool keeps the
+        # block for the graphs that use it.
+        err, previous = _rt.cudaThreadExchangeStreamCaptureMode(_RELAXED)
+        check((err,), "cudaThreadExchangeStreamCaptureMode")
+        try:
+            return self.pool.pool.malloc(nbytes)
+        finally:
+            check(_rt.cudaThreadExchangeStreamCaptureMode(previous)[:1], "cudaThreadExchangeStreamCaptureMode")
 
     def begin(self) -> None:
         if _allocator_backend() == "cudaMallocAsync":

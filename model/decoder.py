@@ -229,11 +229,12 @@ class Decoder:
 
     def prefill_step(self, chunk: int | None = None):
         """The chunked prefill step over this decoder (created on first use; `chunk` tokens per
-        step, default model.prefill.DEFAULT_CHUNK; a different chunk makes a new step)."""
+        step, default model.prefill.DEFAULT_CHUNK, never more than the cache holds; a different
+        chunk makes a new step)."""
         from .prefill import DEFAULT_CHUNK, PrefillStep
 
-        want = DEFAULT_CHUNK if chunk is None else chunk
-        if self._prefill is None or (chunk is not None and self._prefill.chunk != chunk):
+        want = min(DEFAULT_CHUNK, self.max_seq) if chunk is None else min(chunk, self.max_seq)
+        if self._prefill is None or (chunk is not None and self._prefill.chunk != want):
             self._prefill = PrefillStep(self, want)
         return self._prefill
 

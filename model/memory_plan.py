@@ -32,11 +32,23 @@ def fmt_bytes(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / (1 << 20):.1f} MiB"
 
 
+def _prefill_bytes(cfg, max_seq, dtype_bytes, backend, chunk) -> int:
+    import torch
+
+    from .prefill import DEFAULT_CHUNK, PrefillStep
+
+    dtype = {2: torch.bfloat16, 4: torch.float32}.get(dtype_bytes, torch.bfloat16)
+    chunk = min(DEFAULT_CHUNK if chunk is None else chunk, max_seq)
+    return PrefillStep.workspace_bytes(cfg, chunk, dtype, backend)
+
+
 def decode_memory(cfg, *, batch: int, max_seq: int, dtype_bytes: int, backend: str = "triton",
-                  extra: dict | None = None) -> dict:
+                  extra: dict | None = None, prefill_chunk: int | None = None) -> dict:
     """Bytes by part for a decoder of `batch` rows and `max_seq` cache positions in a dtype of
-    `dtype_bytes` bytes: weights, KV cache, GDN states, step workspaces, sampler, and (backend
-    "reference") the temporaries of the plain-torch ops; then `extra` (name -> bytes)."""
+    `dtype_bytes` bytes: weights, KV cache, GDN states, step workspaces, the chunked prefill
+    step's workspaces (`prefill_chunk` tokens, default model.prefill.DEFAULT_CHUNK, at most
+    max_seq), sampler, and (backend "reference") the temporaries of the plain-torch ops; then
+    `extra` (name -> bytes)."""
     for name, v in (("batch", batch), ("max_seq", max_seq), ("dtype_bytes", dtype_bytes)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -64,6 +76,7 @@ def decode_memory(cfg, *, batch: int, max_seq: int, dtype_bytes: int, backend: s
         "GDN states": n_lin * B * (cfg.conv_dim * cfg.linear_conv_kernel_dim * db
                                    + NV * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4),
         "step workspaces": workspaces,
+        "prefill workspaces": _prefill_bytes(cfg, max_seq, dtype_bytes, backend, prefill_chunk),
         "sampler": B * 8 + B * 3 * 4 + 16 + sample_workspace_numel(B, V) * 4,
     }
     if backend == "reference":

@@ -46,10 +46,20 @@ class PrefillStep:
         self.decoder = decoder
         self.chunk = check_chunk(chunk)
         self.cfg, self.ops = decoder.cfg, decoder.ops
-        self._alloc()
+        self._alloc(decoder.device, decoder.dtype)
 
-    def _alloc(self):
-        cfg, C, dev, dt = self.cfg, self.chunk, self.decoder.device, self.decoder.dtype
+    @classmethod
+    def workspace_bytes(cls, cfg, chunk: int, dtype, backend: str = "triton") -> int:
+        """nbytes() of a step of `chunk` tokens, from shapes alone (meta tensors: nothing allocated)."""
+        from . import ops
+
+        plan = cls.__new__(cls)
+        plan.cfg, plan.chunk, plan.ops = cfg, check_chunk(chunk), ops.backend(backend)
+        plan._alloc("meta", dtype)
+        return plan.nbytes()
+
+    def _alloc(self, dev, dt):
+        cfg, C = self.cfg, self.chunk
 
         def buf(*shape, dtype=dt):
             return torch.zeros(shape, device=dev, dtype=dtype)
@@ -79,7 +89,9 @@ class PrefillStep:
     def nbytes(self) -> int:
         """Workspace bytes: the memory a prefill adds to the decoder's (cuBLAS's own aside)."""
         found = []
-        for v in vars(self).values():
+        for name, v in vars(self).items():
+            if name in ("decoder", "cfg", "ops"):
+                continue
             found += [v] if isinstance(v, torch.Tensor) else \
                 [t for t in getattr(v, "__dict__", {}).values() if isinstance(t, torch.Tensor)]
         return sum(t.numel() * t.element_size() for t in found)

@@ -100,7 +100,7 @@ def test_generate_refuses_35b_on_a_23_gb_machine(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # the CPU path, also on a GPU machine
     _small_machine(monkeypatch)
     err = _exit2(main, ["--preset", "35b-a3b"], capsys)
-    assert "not enough memory: the 35b-a3b preset (batch 1, 36 positions) needs 129.19 GiB (weights 129.12 GiB" in err
+    assert "not enough memory: the 35b-a3b preset (batch 1, 36 positions) needs 129.20 GiB (weights 129.12 GiB" in err
     assert "but only 21.42 GiB of host memory is free; try --layers 5 (the first 5 of 40 layers fit)" in err
     assert "a smaller preset (--preset tiny)" in err and "nothing was allocated" in err
     assert "--max-new-tokens, --max-seq or --batch" not in err     # the weights are the problem here
@@ -120,7 +120,7 @@ def test_demo_refuses_what_does_not_fit(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     _small_machine(monkeypatch)
     err = _exit2(main, ["--preset", "122b-a10b"], capsys)
-    assert "the 122b-a10b preset (48 layers) needs 455.06 GiB (weights 454.90 GiB" in err
+    assert "the 122b-a10b preset (48 layers) needs 455.08 GiB (weights 454.90 GiB" in err
     assert "only 21.42 GiB of host memory is free; try --layers 1 (the first 1 of 48 layers fit), or --preset tiny" in err
 
 
@@ -132,5 +132,5 @@ def test_tools_refuse_what_does_not_fit(monkeypatch, capsys):
         common.build_model(args, "cpu", batch=8, max_seq=1024 + 16 + 8)
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "error: not enough memory: 122b-a10b (48 layers, batch 8, 1048 positions) needs 228.82 GiB" in err
+    assert "error: not enough memory: 122b-a10b (48 layers, batch 8, 1048 positions) needs 229.10 GiB" in err
     assert "but only 74.51 GiB of host memory is free; try --layers 14 (the first 14 of 48 layers fit)" in err

@@ -50,12 +50,16 @@ def parse_args(argv=None):
     p.add_argument("--check-tokens", type=common.positive_int, default=300)
     p.add_argument("--check-chunk", type=common.positive_int, default=128)
     p.add_argument("--check-layers", type=common.positive_int, default=4)
+    p.add_argument("--profile-tokens", type=int, default=4096,
+                   help="per-kernel GPU time of one prefill of this many tokens (0 = skip)")
     p.add_argument("--hf-layers", type=int, default=8, help="layers for transformers' prefill (0 = skip)")
     p.add_argument("--hf-max-len", type=common.positive_int, default=4096, help="longest prompt given to transformers")
     p.add_argument("--out", type=Path, default=Path("out/prefill"))
     args = p.parse_args(argv)
     if args.hf_layers < 0:
         p.error(f"--hf-layers must be >= 0 (0 skips transformers), got {args.hf_layers}")
+    if args.profile_tokens < 0:
+        p.error(f"--profile-tokens must be >= 0 (0 skips the profile), got {args.profile_tokens}")
     return args
 
 
@@ -73,6 +77,12 @@ def prefill_flops(cfg, tokens: int) -> float:
     per_token = sum(v for k, v in act.items() if k not in ("lm_head", "embedding_row"))
     attn = len(cfg.attn_layers) * 2 * 2 * cfg.num_attention_heads * cfg.head_dim * tokens * (tokens + 1) / 2
     return 2 * per_token * tokens + 2 * cfg.vocab_size * cfg.hidden_size + attn
+
+
+def weight_floor_ms(cfg, tokens: int, bandwidth_gbs: float) -> float:
+    """Reading every weight the prompt touches once (experts: those its tokens are expected to
+    pick, uniform routing): at few tokens prefill is bound by this, not by the FLOPs."""
+    return cfg.bytes_per_token(2, batch=tokens) / (bandwidth_gbs * 1e9) * 1e3
 
 
 def rel(a, b) -> float:
@@ -164,7 +174,16 @@ def bench_ours(cfg, weights, lengths, mixed, args, torch) -> dict:
         rows.append({"tokens": n, "ttft_ms": ms, "tok_s": n / ms * 1e3})
     ps = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in mixed]
     mixed_ms = time_prefill(dec, graphs, ps, args.reps, torch)
-    out = {"startup_s": startup_s, "chunk": graphs.step.chunk, "buckets": list(graphs.buckets),
+    profile = None
+    if getattr(args, "profile_tokens", 0) and args.profile_tokens <= longest and args.out is not None:
+        from tools import kernel_profile
+
+        p = torch.randint(0, cfg.vocab_size, (args.profile_tokens,), generator=g).tolist()
+        prof = kernel_profile.profile_replays(lambda: dec.prefill([p], chunk_runner=graphs), 1,
+                                              args.out / "prefill-trace.json")
+        profile = kernel_profile.format_profile(prof, top=16)
+        (args.out / "prefill-kernels.txt").write_text(profile + "\n")
+    out = {"profile": profile, "startup_s": startup_s, "chunk": graphs.step.chunk, "buckets": list(graphs.buckets),
            "workspace_MB": graphs.step.nbytes() / 1e6, "graph_mem_MB": graphs.handle.refresh_stats().graph_mem_bytes / 1e6,
            "rows": rows, "mixed": {"lengths": mixed, "ms": mixed_ms, "tok_s": sum(mixed) / mixed_ms * 1e3}}
     graphs.close()
@@ -214,14 +233,17 @@ def main(argv=None) -> int:
         print(f"check: {checked[-1]}", file=sys.stderr)
     cfg, weights = common.build_model(args)
     ours = bench_ours(cfg, weights, args.lengths, args.mixed, args, torch)
+    bw = common.copy_bandwidth_gbs()
     for r in ours["rows"]:
         r["floor_ms"] = prefill_flops(cfg, r["tokens"]) / (tflops * 1e12) * 1e3
+        r["weight_floor_ms"] = weight_floor_ms(cfg, r["tokens"], bw)
     hf = None
     if args.hf_layers:
         layers = min(args.hf_layers, cfg.num_layers)
         hf_lengths = [n for n in args.lengths if n <= args.hf_max_len]
         cut = dataclasses.replace(cfg, num_layers=layers)
-        ours_cut = bench_ours(cut, weights.first_layers(layers), hf_lengths, [hf_lengths[0]], args, torch)
+        cut_args = argparse.Namespace(**{**vars(args), "profile_tokens": 0})
+        ours_cut = bench_ours(cut, weights.first_layers(layers), hf_lengths, [hf_lengths[0]], cut_args, torch)
         del weights
         gc.collect()
         torch.cuda.empty_cache()
@@ -230,7 +252,7 @@ def main(argv=None) -> int:
                                           "speedup": t["ms"] / o["ttft_ms"]}
                                          for t, o in zip(theirs, ours_cut["rows"])]}
     result = {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "preset": args.preset or args.default_preset,
-              "layers": cfg.num_layers, "dtype": args.dtype, "dense_bf16_TFLOPs": tflops, "check": checked,
+              "layers": cfg.num_layers, "dtype": args.dtype, "dense_bf16_TFLOPs": tflops, "copy_bandwidth_GBs": bw, "check": checked,
               "ours": ours, "transformers": hf, "argv": sys.argv}
     (args.out / "bench_prefill.json").write_text(json.dumps(result, indent=1))
     print(f"\n{gpu}, {result['preset']} ({cfg.num_layers} layers), {args.dtype}, batch 1, chunk {ours['chunk']}, "
@@ -241,10 +263,16 @@ def main(argv=None) -> int:
               f"{c['chunk']}), relative error max / norm: " + ", ".join(
                   f"{k} {c[k + '_max']:.1e} / {c[k + '_fro']:.1e}" for k in ("logits", "kv", "conv", "recurrent"))
               + f"; top-1 equal {c['top1_equal']}")
-    print(f"{'tokens':>7} {'TTFT ms':>9} {'tok/s':>9} {'floor ms':>9} {'x floor':>8}")
+    print(f"floors: compute = 2 x active parameters x tokens (+ attention) at {tflops:.0f} TFLOP/s; weights = "
+          f"each weight the prompt touches read once at {bw:.0f} GB/s; the figure is against the larger")
+    print(f"{'tokens':>7} {'TTFT ms':>9} {'tok/s':>9} {'compute ms':>11} {'weights ms':>11} {'x floor':>8}")
     for r in ours["rows"]:
-        print(f"{r['tokens']:>7} {r['ttft_ms']:>9.1f} {r['tok_s']:>9.0f} {r['floor_ms']:>9.1f} "
-              f"{r['ttft_ms'] / r['floor_ms']:>8.2f}")
+        floor = max(r["floor_ms"], r["weight_floor_ms"])
+        print(f"{r['tokens']:>7} {r['ttft_ms']:>9.1f} {r['tok_s']:>9.0f} {r['floor_ms']:>11.1f} "
+              f"{r['weight_floor_ms']:>11.1f} {r['ttft_ms'] / floor:>8.2f}")
+    if ours["profile"]:
+        print(f"where the time of one {args.profile_tokens}-token prefill goes (kernel records of the graph replays):")
+        print(ours["profile"])
     m = ours["mixed"]
     print(f"mixed rows {m['lengths']} in one call: {m['ms']:.1f} ms ({m['tok_s']:.0f} tok/s)")
     if hf:
