@@ -4,7 +4,7 @@
 # everything bulky is packed into OUTDIR/artifacts.tar.gz (few files come back from the device).
 set -uo pipefail
 out="${1:?usage: tools/gpu_session.sh OUTDIR [what...]}"; shift
-what="${*:-tests trace bench launch}"
+what="${*:-tests trace bench prefill launch}"
 mkdir -p "$out/work"
 export PYTHONUNBUFFERED=1
 # every test skip (no GPU visible, CPU-only torch, a missing package, too little free memory) is a
@@ -22,6 +22,7 @@ for step in $what; do
     bench)  timeout 300 $py tools/bench_decode.py --preset 35b-a3b --batches 1,2,4,8 --out "$out/work/bench" > "$out/bench-decode.log" 2>&1; echo "bench decode rc=$?" ;;
     demo)   timeout 120 $py -m model.demo > "$out/demo.log" 2>&1; echo "demo rc=$?"
             timeout 120 $py -m model.generate --preset tiny --prompt-ids 1,2,3 --max-new-tokens 24 > "$out/generate.log" 2>&1; echo "generate rc=$?" ;;
+    prefill) timeout 300 $py -m tools.bench_prefill --preset 35b-a3b --out "$out/work/prefill" > "$out/bench-prefill.log" 2>&1; echo "bench prefill rc=$?" ;;
     launch) $py tools/bench_launch.py --out "$out/work/launch" > "$out/bench-launch.log" 2>&1; echo "bench launch rc=$?" ;;
   esac
 done
