@@ -87,7 +87,10 @@ def moe_workspace(batch, top_k, intermediate, dtype, device) -> torch.Tensor:
     return torch.empty(moe_workspace_numel(batch, top_k, intermediate), dtype=dtype, device=device)
 
 
-def _check_moe(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_down, shared_gate_logit, act_ws, out):
+def check_expert_args(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_down, shared_gate_logit,
+                      out):
+    """The routed and shared experts' arguments, shared by the decode and the grouped (prefill) ops:
+    (rows, H, E, I, k, Is)."""
     b, h = x.shape
     check_rows("x", x, b, h)
     if gate_up_proj.dim() != 3 or not gate_up_proj.is_contiguous() or gate_up_proj.shape[2] != h \
@@ -96,6 +99,8 @@ def _check_moe(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_
     e, i2, _ = gate_up_proj.shape
     i = i2 // 2
     check_contiguous("down_proj", down_proj, (e, h, i))
+    if ids.dim() != 2:
+        raise ValueError(f"ids must be [{b}, k], got shape {tuple(ids.shape)}")
     k = ids.shape[1]
     check_contiguous("ids", ids, (b, k))
     check_contiguous("weights", weights, (b, k))
@@ -105,13 +110,19 @@ def _check_moe(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_
         raise ValueError(f"shared_down must be a contiguous [{h}, Is], got {tuple(shared_down.shape)}")
     i_s = shared_down.shape[1]
     check_rows("shared_gate_up", shared_gate_up, b, 2 * i_s)
-    if shared_gate_logit.shape[0] != b or shared_gate_logit.numel() != b:
+    if shared_gate_logit.dim() not in (1, 2) or shared_gate_logit.shape[0] != b or shared_gate_logit.numel() != b:
         raise ValueError(f"shared_gate_logit must hold one logit per row ([{b}] or [{b}, 1]), "
                          f"got {tuple(shared_gate_logit.shape)}")
+    check_rows("out", out, b, h)
+    return b, h, e, i, k, i_s
+
+
+def _check_moe(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_down, shared_gate_logit, act_ws, out):
+    b, h, e, i, k, i_s = check_expert_args(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_down,
+                                           shared_gate_logit, out)
     if act_ws.numel() < b * k * i or act_ws.dtype != x.dtype:
         raise ValueError(f"act_ws must be {x.dtype} with >= {b * k * i} elements (moe_workspace_numel), "
                          f"got {act_ws.dtype} {act_ws.numel()}")
-    check_rows("out", out, b, h)
     return b, h, e, i, k, i_s
 
 

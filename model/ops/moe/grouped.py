@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .._util import INTERPRET, MODEL_DTYPES, check_contiguous, check_rows, next_pow2, pdl, pdl_wait
+from .decode import check_expert_args
 from .grouping import group_pairs, max_blocks, pair_chunk
 
 __all__ = ["MoeGroupedLaunch", "MoeGroupedWorkspace", "moe_grouped_launch_config", "moe_grouped_workspace",
@@ -109,27 +110,8 @@ def _check_grouped(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, sha
                     ("shared_down", shared_down), ("out", out)):
         if v.dtype != x.dtype:   # the tensor-core dots take one operand dtype
             raise TypeError(f"{name} must be {x.dtype} like x, got {v.dtype}")
-    if gate_up_proj.dim() != 3 or not gate_up_proj.is_contiguous() or gate_up_proj.shape[2] != h \
-            or gate_up_proj.shape[1] % 2:
-        raise ValueError(f"gate_up_proj must be a contiguous [E, 2I, {h}], got {tuple(gate_up_proj.shape)}")
-    e, i2, _ = gate_up_proj.shape
-    i = i2 // 2
-    check_contiguous("down_proj", down_proj, (e, h, i))
-    if ids.dim() != 2:
-        raise ValueError(f"ids must be [{t}, k], got shape {tuple(ids.shape)}")
-    k = ids.shape[1]
-    check_contiguous("ids", ids, (t, k))
-    check_contiguous("weights", weights, (t, k))
-    if ids.dtype != torch.int32:
-        raise TypeError(f"ids must be int32, got {ids.dtype}")
-    if shared_down.dim() != 2 or shared_down.shape[0] != h or not shared_down.is_contiguous():
-        raise ValueError(f"shared_down must be a contiguous [{h}, Is], got {tuple(shared_down.shape)}")
-    i_s = shared_down.shape[1]
-    check_rows("shared_gate_up", shared_gate_up, t, 2 * i_s)
-    if shared_gate_logit.dim() not in (1, 2) or shared_gate_logit.shape[0] != t or shared_gate_logit.numel() != t:
-        raise ValueError(f"shared_gate_logit must hold one logit per token ([{t}] or [{t}, 1]), "
-                         f"got {tuple(shared_gate_logit.shape)}")
-    check_rows("out", out, t, h)
+    t, h, e, i, k, i_s = check_expert_args(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_down,
+                                           shared_gate_logit, out)
     if not isinstance(workspace, MoeGroupedWorkspace):
         raise TypeError(f"workspace must be a MoeGroupedWorkspace (moe_grouped_workspace), got {type(workspace)}")
     if workspace.tokens * workspace.top_k < t * k or workspace.num_experts != e or workspace.top_k != k \
