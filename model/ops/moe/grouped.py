@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._util import INTERPRET, MODEL_DTYPES, check_contiguous, check_rows, next_pow2, pdl, pdl_wait
+from .._util import INTERPRET, MODEL_DTYPES, check_rows, next_pow2, pdl, pdl_wait
 from .decode import check_expert_args
 from .grouping import group_pairs, max_blocks, pair_chunk
 
