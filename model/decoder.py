@@ -5,6 +5,8 @@ logits into the static buffer `decoder.logits` [max_batch, V], returning its [b,
 intermediate lives in a workspace allocated once here, and the state (KV cache, GDN conv and
 recurrent states) is updated in place, so with the Triton backend a step allocates nothing and
 can be captured in a CUDA graph. The same code runs on the torch references (backend="reference").
+Prompts go through `prefill` (model/prefill.py: T tokens of one row per step, on tensor cores),
+which leaves the state exactly as decode steps would.
 
 Per layer (ops in `model.ops`, fused weights in `model.weights`):
   GDN:        norm_gemv(in_proj) -> conv1d_update -> gated_delta_step (+ gated RMSNorm) -> gemv(out_proj)
