@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.chat_template import ChatTemplateError
-from model.cli_args import finite_float, nonnegative_int, positive_int, seed
+from model.cli_args import finite_float, nonnegative_int, positive_int, sampling_params, seed
 
 DEFAULT_MAX_SEQ = 4096
 MIN_PROMPT_ROOM = 64        # cache positions a turn's prompt gets at least, beside the reply budget
@@ -260,12 +260,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     error = parser.error
-    from model.generation import SamplingParams
-
-    try:
-        sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-    except ValueError as e:
-        error(str(e))
+    sampling = sampling_params(args, error)
     cfg, tokenizer, template, eos = _text_files(args, error)
     if args.top_k > cfg.vocab_size:
         error(f"--top-k {args.top_k} is larger than the vocabulary ({cfg.vocab_size}); 0 turns top-k off")

@@ -70,3 +70,14 @@ def finite_float(lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool =
 
     parse.__name__ = "number"   # argparse names the type in some messages
     return parse
+
+
+def sampling_params(args, error):
+    """SamplingParams from --temperature/--top-k/--top-p/--seed; error(message) (argparse's: exit 2)
+    names the bad value."""
+    from model.generation import SamplingParams
+
+    try:
+        return SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    except ValueError as e:
+        error(str(e))

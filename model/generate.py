@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import math
 import sys
 from pathlib import Path
 
-from model.cli_args import PRESETS, positive_int, seed
+from model.cli_args import PRESETS, positive_int, sampling_params, seed
 
 CPU_MAX_BATCH = 256   # the reference path runs attention and experts row by row in Python
 
@@ -186,14 +185,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     error = parser.error
-    from model.generation import SamplingParams
-
-    try:
-        sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-    except ValueError as e:
-        error(str(e))
-    if not math.isfinite(args.temperature):
-        error(f"--temperature must be a finite number >= 0 (0 is greedy), got {args.temperature}")
+    sampling = sampling_params(args, error)
     if args.checkpoint is not None and not args.checkpoint.is_dir():
         error(f"--checkpoint {args.checkpoint}: no such directory")
     if args.chat and args.prompt is None:

@@ -37,7 +37,7 @@ def _exit2(fn, argv, capsys):
                                f"in a signed 64-bit integer), got {2 ** 64}"),
     (["--seed", "-1"], "argument --seed: expected a seed in [0, 2**63 - 1"),
     (["--seed", "1e3"], "argument --seed: expected an integer seed"),
-    (["--temperature", "inf"], "--temperature must be a finite number >= 0 (0 is greedy), got inf"),
+    (["--temperature", "inf"], "temperature must be a finite number >= 0 (0 is greedy), got inf"),
     (["--top-k", "1000"], "--top-k 1000 is larger than the vocabulary (256); 0 turns top-k off"),
     (["--layers", "5"], "--layers 5: the tiny preset has 4 layers"),
     (["--layers", "0"], "argument --layers: expected a positive integer, got 0"),
