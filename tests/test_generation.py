@@ -80,7 +80,8 @@ def test_bad_requests_are_refused_and_the_generator_still_works(tiny, prompts, m
     assert gen.generate([[1, 2]], 3).tokens == again.tokens
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)])
+@pytest.mark.parametrize("kw", [dict(temperature=-1.0), dict(temperature=float("inf")), dict(top_k=-2), dict(top_p=0.0),
+                                dict(top_p=1.5)])
 def test_bad_sampling_params_name_the_value(kw):
     with pytest.raises(ValueError, match=repr(next(iter(kw.values())))):
         SamplingParams(**kw)
