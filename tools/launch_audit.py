@@ -2,9 +2,14 @@
 runs on meta tensors (shapes only) with each Triton kernel replaced by a recorder, under the
 device profile given (model/ops/hardware.py); each launch is checked (grid, warps, power-of-two
 blocks, PDL only where the profile has it), and with --compile also compiled offline by Triton for
-the profile's architecture, its shared memory checked against the profile's limit.
+the profile's architecture, its shared memory checked against the profile's limit. --prefill T,...
+audits the chunked prefill step's kernels at those chunk sizes instead.
 
     python -m tools.launch_audit --profile l4 --preset 35b-a3b --batch 1,8 [--compile] [--json out.json]
+    python -m tools.launch_audit --profile h200 --prefill 16,2048 --compile
+
+Compiling offline with the Triton version of the GPU machine catches its front-end errors and
+shared-memory overflows before any device time is spent.
 
 Exit status 1 when any launch breaks a rule. tests/test_ops_launch_profiles.py runs the same.
 """
@@ -22,6 +27,9 @@ from dataclasses import dataclass, field
 DECODE_MODULES = ("model.ops.norm", "model.ops.conv", "model.ops.sampling",
                   "model.ops.attention.decode", "model.ops.gated_delta.step",
                   "model.ops.linear.gemv", "model.ops.moe.decode")
+PREFILL_MODULES = ("model.ops.norm", "model.ops.conv", "model.ops.gated_delta.chunk",
+                   "model.ops.attention.prefill", "model.ops.moe.decode", "model.ops.moe.grouped",
+                   "model.ops.moe.grouping", "model.ops.linear.gemv")
 _WARPS = (1, 2, 4, 8, 16, 32)
 _OPTIONS = ("num_warps", "num_stages", "launch_pdl", "num_ctas", "maxnreg")
 
@@ -69,11 +77,19 @@ def decode_kernel_names() -> set[str]:
     return names
 
 
+def prefill_kernel_names() -> set[str]:
+    names = set()
+    for mod_name in PREFILL_MODULES[2:4] + PREFILL_MODULES[5:7]:
+        mod = importlib.import_module(mod_name)
+        names |= {k for k, v in vars(mod).items() if k.endswith("_kernel") and hasattr(v, "fn")}
+    return names | {"_conv1d_prefill_kernel"}
+
+
 @contextlib.contextmanager
-def recording():
-    """Every decode kernel replaced by a recorder; yields the list the launches go to."""
+def recording(modules=DECODE_MODULES):
+    """Every kernel of these modules replaced by a recorder; yields the list the launches go to."""
     log, saved = [], []
-    for mod_name in DECODE_MODULES:
+    for mod_name in modules:
         mod = importlib.import_module(mod_name)
         for k, v in list(vars(mod).items()):
             if k.endswith("_kernel") and hasattr(v, "fn"):
@@ -117,6 +133,33 @@ def run_decode_step(preset: str, batch: int, dtype, max_seq: int = 4096) -> None
     vocab = cfg.vocab_size
     t.sample(e(batch, vocab), e(batch, 3, dt=torch.float32), e(2, dt=torch.int64),
              e(batch, dt=torch.int64), e(t.sample_workspace_numel(batch, vocab), dt=torch.float32))
+
+
+def run_prefill_step(preset: str, tokens: int, dtype) -> None:
+    """One chunk of `tokens` tokens through the prefill step of ``preset`` on meta tensors."""
+    import torch
+
+    from model.config import ModelConfig
+    from model.decoder import Decoder
+    from model.weights import empty_weights
+
+    cfg = ModelConfig.preset(preset)
+    dev = torch.device("meta")
+    dec = Decoder(cfg, empty_weights(cfg, dev, dtype), max_batch=1, max_seq=max(tokens, 16), backend="triton")
+    step = dec.prefill_step(tokens)
+    step.forward(torch.zeros(tokens, dtype=torch.int64, device=dev), torch.zeros(3, dtype=torch.int64, device=dev))
+
+
+def record_prefill(profile, preset: str = "35b-a3b", chunks=(16, 2048), dtype=None) -> list[Launch]:
+    """The launches of the prefill step at these chunk sizes under ``profile``."""
+    import torch
+
+    from model.ops.hardware import use_profile
+    dtype = torch.bfloat16 if dtype is None else dtype
+    with use_profile(profile), recording(PREFILL_MODULES) as log:
+        for t in chunks:
+            run_prefill_step(preset, t, dtype)
+    return log
 
 
 def record(profile, preset: str = "35b-a3b", batches=(1, 8), dtype=None) -> list[Launch]:
@@ -212,6 +255,7 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="35b-a3b", help="model preset")
     ap.add_argument("--batch", default="1,8", help="batches, comma-separated")
     ap.add_argument("--compile", action="store_true", help="also compile each launch (offline)")
+    ap.add_argument("--prefill", default=None, help="audit the prefill step at these chunk sizes (comma-separated)")
     ap.add_argument("--json", default=None, help="write the launches here")
     args = ap.parse_args(argv)
     try:
@@ -227,7 +271,18 @@ def main(argv=None) -> int:
     if args.compile and SETTINGS.interpret:
         ap.error("--compile needs TRITON_INTERPRET unset (interpreted kernels cannot be compiled)")
     profile = PRESETS[args.profile]
-    launches = unique(record(profile, args.preset, batches))
+    if args.prefill is not None:
+        try:
+            chunks = tuple(int(t) for t in args.prefill.split(","))
+        except ValueError:
+            chunks = ()
+        if not chunks or min(chunks) < 1:
+            ap.error(f"--prefill needs comma-separated positive ints; got {args.prefill!r}")
+        launches = unique(record_prefill(profile, args.preset, chunks))
+        expected = prefill_kernel_names()
+    else:
+        launches = unique(record(profile, args.preset, batches))
+        expected = decode_kernel_names()
     bad = 0
     print(f"{profile.name}: sm_{profile.capability[0]}{profile.capability[1]}, {profile.sm_count} SMs, "
           f"{profile.smem_per_block} B shared per block, PDL {'yes' if profile.supports_pdl else 'no'}")
@@ -240,7 +295,7 @@ def main(argv=None) -> int:
         extra = f" shared={L.compiled['shared']}" if L.compiled else ""
         print(f"{'BAD ' if issues else 'ok  '}{L.kernel:28s} grid={L.grid} {L.options} {blocks}{extra}"
               + ("".join(f"\n      {p}" for p in issues)))
-    missing = decode_kernel_names() - {L.kernel for L in launches}
+    missing = expected - {L.kernel for L in launches}
     if missing:
         print(f"never launched: {sorted(missing)}")
         bad += 1
