@@ -199,19 +199,25 @@ def set_condition(handle, flag, stream) -> None:
     launch_set_condition(value, ptr, sh)
 
 
+def _add_node_takes_edges() -> bool:
+    """cuda-bindings 13 takes (graph, deps, edge data, count, params); 12 (graph, deps, count,
+    params)."""
+    doc = (_rt.cudaGraphAddNode.__doc__ or "").split("\n", 1)[0]
+    return "dependencyData" in doc
+
+
 def _add_conditional_node(graph: int, deps: list, kind: str, handle: int) -> tuple[int, int]:
-    """Add a conditional node to ``graph`` after ``deps``: (node, body graph)."""
+    """Add a conditional node to ``graph`` after ``deps``: (node object, body graph handle)."""
     p = _rt.cudaGraphNodeParams()
     p.type = _rt.cudaGraphNodeType.cudaGraphNodeTypeConditional
     p.conditional.handle = handle
     p.conditional.type = getattr(_rt.cudaGraphConditionalNodeType, _KIND_ENUM[kind])
     p.conditional.size = 1
-    deps = deps or None
-    n = len(deps) if deps else 0
-    try:   # CUDA 13: (graph, deps, edge data, count, params); plain edges for a conditional node
-        node = call(_rt.cudaGraphAddNode, graph, deps, None, n, p)
-    except TypeError:   # CUDA 12 bindings: (graph, deps, count, params)
-        node = call(_rt.cudaGraphAddNode, graph, deps, n, p)
+    n = len(deps)
+    if _add_node_takes_edges():   # plain (full) edges: a conditional node waits for all before it
+        node = call(_rt.cudaGraphAddNode, graph, deps or None, None, n, p)
+    else:
+        node = call(_rt.cudaGraphAddNode, graph, deps or None, n, p)
     body = int(p.conditional.phGraph_out[0])
     if not body:
         raise CaptureError("cudaGraphAddNode gave the conditional node no body graph",
@@ -220,6 +226,8 @@ def _add_conditional_node(graph: int, deps: list, kind: str, handle: int) -> tup
 
 
 def _begin_to_graph(sh: int, graph: int, deps: list, mode: str) -> None:
+    """Capture on ``sh`` into ``graph`` after ``deps`` (cudaGraphNode_t objects: the bindings
+    refuse plain ints in a dependency list)."""
     n = len(deps)
     call(_rt.cudaStreamBeginCaptureToGraph, sh, graph, deps or None, None, n, CAPTURE_MODES[mode])
 
@@ -228,6 +236,16 @@ def _abandon(sh: int, mode: str) -> None:
     """Leave the stream in a fresh, empty capture so that the enclosing capture ends normally."""
     _rt.cudaGetLastError()
     _rt.cudaStreamBeginCapture(sh, CAPTURE_MODES[mode])
+
+
+def _is_body_refusal(exc) -> bool:
+    """A CUDA call refused inside a body (e.g. cudaMallocAsync, or a torch op hitting it): a
+    capture problem of the body, reported as CaptureError."""
+    from .errors import CudaError
+    if isinstance(exc, CudaError) or _is_capture_refusal(exc):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("cuda error" in text or "cudaerror" in text)
 
 
 def _node_type(node) -> str:
@@ -313,6 +331,7 @@ class conditional_node:
             _begin_to_graph(sh, graph, [node], self.mode)   # give the outer capture back
             raise
         self.node, self.body_graph, self.parent_graph = int(node), body, graph
+        self._node_obj = node
         register_conditional(node, ConditionalInfo(kind=self.kind, handle=self.handle.value,
                                                    bodies=(body,), default=self.handle.default))
         self._active = True
@@ -354,12 +373,14 @@ class conditional_node:
                 why = _body_problem(self.body_graph)
                 if why:
                     problem = f"a conditional body cannot hold {why}"
-        _begin_to_graph(sh, self.parent_graph, [self.node], self.mode)
+        _begin_to_graph(sh, self.parent_graph, [self._node_obj], self.mode)
         if exc_type is not None:
-            if isinstance(exc, CaptureError) or not _is_capture_refusal(exc):
-                return False
+            if isinstance(exc, CaptureError) or not _is_body_refusal(exc):
+                return False   # the body failed on its own account: re-raise it as it is
             raise CaptureError(f"{self.kind} body: the captured code raised {exc_type.__name__}: "
-                               f"{exc}. {CAPTURE_HINT}") from exc
+                               f"{exc}. A conditional body holds kernels, memcpy and memset only "
+                               f"(no allocation, host sync or host callback). {CAPTURE_HINT}",
+                               call=getattr(exc, "call", None)) from exc
         if problem:
             raise CaptureError(f"{self.kind} body refused: {problem}")
         return False
