@@ -174,9 +174,8 @@ def condition_kernel(device: int | None = None):
         device = check_int(device, "device", minimum=0)
     from .device import require_cuda
     require_cuda()
-    dev = int(call(_rt.cudaGetDevice)) if device is None else device
-    if device is not None and device != int(call(_rt.cudaGetDevice)):
-        call(_rt.cudaSetDevice, device)   # the module loads into this device's primary context
+    current = int(call(_rt.cudaGetDevice))
+    dev = current if device is None else device
     A = _rt.cudaDeviceAttr
     major = int(call(_rt.cudaDeviceGetAttribute, A.cudaDevAttrComputeCapabilityMajor, dev))
     minor = int(call(_rt.cudaDeviceGetAttribute, A.cudaDevAttrComputeCapabilityMinor, dev))
@@ -186,16 +185,22 @@ def condition_kernel(device: int | None = None):
         hit = _functions.get(key)
     if hit is not None:
         return hit[1]
-    kind, image = compile_condition_kernel(arch)
-    call(_rt.cudaFree, 0)   # make the primary context current for the driver API
+    kind, image = compile_condition_kernel(arch)   # host work only
+    # the module load may count as an unsafe call during a capture: relax this thread's checks
     with _relaxed_capture_mode():
+        # cudaSetDevice (CUDA 12+) makes the device's primary context current for the driver API
+        call(_rt.cudaSetDevice, dev)
         try:
-            module = _drv(_dr.cuModuleLoadData(image), "cuModuleLoadData")
-        except CudaError as exc:
-            raise CudaError(f"{exc} (loading the condition kernel's {kind} for sm_{arch}; "
-                            f"{unavailable_reason()})", call="cuModuleLoadData") from exc
-        func = _drv(_dr.cuModuleGetFunction(module, CONDITION_KERNEL_NAME.encode()),
-                    "cuModuleGetFunction")
+            try:
+                module = _drv(_dr.cuModuleLoadData(image), "cuModuleLoadData")
+            except CudaError as exc:
+                raise CudaError(f"{exc} (loading the condition kernel's {kind} for sm_{arch}; "
+                                f"{unavailable_reason()})", call="cuModuleLoadData") from exc
+            func = _drv(_dr.cuModuleGetFunction(module, CONDITION_KERNEL_NAME.encode()),
+                        "cuModuleGetFunction")
+        finally:
+            if dev != current:
+                call(_rt.cudaSetDevice, current)
     with _lock:
         _functions.setdefault(key, (module, func))
         return _functions[key][1]
