@@ -358,3 +358,70 @@ def test_nested_capture_inside_a_body_is_a_capture_error():
         after()
     """)
     assert "REFUSED CaptureError" in out and "STREAM-OK" in out, out
+
+
+def test_body_allocations_come_from_the_capture_pool(stream):
+    """torch allocations inside a body are routed to the capture's private pool (routing is per
+    stream, and the body is captured on the capturing stream): after the capture, eager
+    allocations never get the body's memory while the graph lives; allocator='forbid' sees them."""
+    counter, flag = _i32(0), _i32(1)
+    seen = []
+    with torch.cuda.stream(stream.torch):
+        with cg.capture(stream) as cap:
+            counter.zero_()
+            with cg.if_then(flag, stream):
+                t = counter.float() * 2.0          # allocates inside the body
+                seen.append(t.data_ptr())
+                counter.add_(t.to(torch.int32) + 1)
+                del t
+        eager = [torch.empty(1, device="cuda") for _ in range(64)]
+        assert seen[0] not in {e.data_ptr() for e in eager}
+        with pytest.raises(cg.CaptureError, match="allocator='forbid'"):
+            with cg.capture(stream, allocator="forbid"):
+                counter.zero_()
+                with cg.if_then(flag, stream):
+                    counter.add_(counter * 2)      # a temporary: an allocation in the body
+    with cap.graph.instantiate() as ex:
+        ex.launch(stream)
+        stream.synchronize()
+    assert counter.item() == 1
+
+
+def test_global_mode_capture(stream):
+    counter, limit, flag = _i32(0), _i32(4), _i32(0)
+    tmp = torch.empty(1, dtype=torch.bool, device="cuda")
+    with torch.cuda.stream(stream.torch):
+        with cg.capture(stream, mode="global") as cap:
+            counter.zero_()
+            torch.lt(counter, limit, out=tmp)
+            flag.copy_(tmp)
+            with cg.while_loop(flag, stream, mode="global"):
+                counter.add_(1)
+                torch.lt(counter, limit, out=tmp)
+                flag.copy_(tmp)
+    with cap.graph.instantiate() as ex:
+        ex.launch(stream)
+        stream.synchronize()
+    assert counter.item() == 4
+
+
+def test_first_use_of_the_condition_kernel_inside_a_capture():
+    """NVRTC compile and module load happen inside the capture (nothing warmed up first): the
+    capture must survive them."""
+    out = _run("""
+        from cugraph_rt import nvrtc_kernels
+        assert not nvrtc_kernels._functions
+        n, f = torch.zeros(1, dtype=torch.int32, device="cuda"), torch.zeros(1, dtype=torch.int32, device="cuda")
+        lim = torch.full((1,), 9, dtype=torch.int32, device="cuda")
+        b = torch.empty(1, dtype=torch.bool, device="cuda")
+        with torch.cuda.stream(s.torch):
+            with cg.capture(s) as cap:
+                n.zero_(); torch.lt(n, lim, out=b); f.copy_(b)
+                with cg.while_loop(f, s):
+                    n.add_(1); torch.lt(n, lim, out=b); f.copy_(b)
+        with cap.graph.instantiate() as ex:
+            ex.launch(s); s.synchronize()
+        print("COUNT", n.item())
+        after()
+    """)
+    assert "COUNT 9" in out and "STREAM-OK" in out, out
