@@ -340,11 +340,12 @@ class conditional_node:
     def __exit__(self, exc_type, exc, tb):
         self._active = False
         sh = self._sh
+        raised_here = False   # an error of _after_body: not propagating yet, so raise it below
         if exc_type is None:
             try:
                 self._after_body(sh)
             except BaseException as e:  # noqa: BLE001 - reported below like a body error
-                exc_type, exc = type(e), e
+                exc_type, exc, raised_here = type(e), e, True
         err, got = _rt.cudaStreamEndCapture(sh)
         got = int(got) if got is not None else 0
         if exc is not None and getattr(exc, POISON_ATTR, False):
@@ -376,6 +377,8 @@ class conditional_node:
         _begin_to_graph(sh, self.parent_graph, [self._node_obj], self.mode)
         if exc_type is not None:
             if isinstance(exc, CaptureError) or not _is_body_refusal(exc):
+                if raised_here:
+                    raise exc
                 return False   # the body failed on its own account: re-raise it as it is
             raise CaptureError(f"{self.kind} body: the captured code raised {exc_type.__name__}: "
                                f"{exc}. A conditional body holds kernels, memcpy and memset only "

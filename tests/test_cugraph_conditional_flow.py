@@ -276,3 +276,32 @@ def test_reentering_is_refused(rt):
         rt.op(name="k")
         with pytest.raises(RuntimeError, match="already entered"):
             node.__enter__()
+
+
+def test_error_at_the_end_of_a_body_is_raised(rt, monkeypatch):
+    """The loop's re-test is recorded after the block: if that fails, the failure is raised
+    (not swallowed because the block itself ended normally), and the outer capture resumes."""
+    calls = []
+
+    def launch(h, ptr, sh):
+        calls.append(h)
+        if len(calls) == 2:
+            raise cg.CudaError("cuLaunchKernel failed: CUDA_ERROR_INVALID_HANDLE",
+                               call="cuLaunchKernel")
+        rt.op(name="set")
+    monkeypatch.setattr(nk, "launch_set_condition", launch)
+    with pytest.raises(cg.CaptureError, match="while body: the captured code raised CudaError"):
+        with cg.while_loop(FLAG, S):
+            rt.op(name="k")
+    assert len(calls) == 2 and rt.capture["graph"] == rt.outer
+
+    def launch_plain(h, ptr, sh):
+        calls.append(h)
+        if len(calls) == 4:
+            raise ZeroDivisionError("not a CUDA error")
+        rt.op(name="set")
+    monkeypatch.setattr(nk, "launch_set_condition", launch_plain)
+    with pytest.raises(ZeroDivisionError):
+        with cg.while_loop(FLAG, S):
+            rt.op(name="k")
+    assert rt.capture["graph"] == rt.outer
