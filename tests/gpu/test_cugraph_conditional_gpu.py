@@ -11,10 +11,13 @@ import textwrap
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import cugraph_rt as cg
 from _cugraph_steps import sin_axpy
 from cugraph_rt import conditional, conditional_records, nvrtc_kernels
+from model.ops._util import pdl, pdl_wait
 
 pytestmark = pytest.mark.gpu
 
@@ -425,3 +428,44 @@ def test_first_use_of_the_condition_kernel_inside_a_capture():
         after()
     """)
     assert "COUNT 9" in out and "STREAM-OK" in out, out
+
+
+@triton.jit
+def _pdl_add_kernel(x_ptr, n, USE_GDC: tl.constexpr, BLOCK: tl.constexpr):
+    pdl_wait(USE_GDC)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=mask) + 1.0, mask=mask)
+
+
+def _pdl_add(x):
+    _pdl_add_kernel[(triton.cdiv(x.numel(), 128),)](x, x.numel(), BLOCK=128, **pdl(x))
+
+
+def test_pdl_triton_kernels_around_and_inside_a_loop(stream):
+    """Kernels launched with programmatic dependent launch (as the model's are) just before the
+    loop, first in its body, and just after it: edges to and from a conditional node."""
+    x = torch.zeros(300, device="cuda")
+    counter, limit, flag = _i32(0), _i32(0), _i32(0)
+    tmp = torch.empty(1, dtype=torch.bool, device="cuda")
+    with torch.cuda.stream(stream.torch):
+        _pdl_add(x)                                 # compile outside the capture
+        with cg.capture(stream) as cap:
+            counter.zero_()
+            torch.lt(counter, limit, out=tmp)
+            flag.copy_(tmp)
+            _pdl_add(x)
+            with cg.while_loop(flag, stream):
+                _pdl_add(x)
+                counter.add_(1)
+                torch.lt(counter, limit, out=tmp)
+                flag.copy_(tmp)
+            _pdl_add(x)
+    with cap.graph.instantiate() as ex:
+        for n in (0, 5, 2):
+            x.zero_()
+            limit.fill_(n)
+            torch.cuda.synchronize()
+            ex.launch(stream)
+            stream.synchronize()
+            assert torch.equal(x, torch.full_like(x, n + 2.0)), n
