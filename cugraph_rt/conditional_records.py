@@ -88,9 +88,15 @@ def conditional_info(node) -> ConditionalInfo | None:
 def node_tree(graph, *, _depth: int = 0) -> list[NodeRecord]:
     """The records of ``graph`` (a cugraph_rt.Graph or a cudaGraph_t handle), each conditional
     node a ConditionalRecord holding its bodies' records, recursively."""
-    handle = getattr(graph, "handle", graph)
-    if hasattr(graph, "_check_open"):
+    from .graph import Graph
+    if isinstance(graph, Graph):
         graph._check_open()
+        handle = graph.handle
+    elif isinstance(graph, bool) or not hasattr(graph, "__index__") and not hasattr(graph, "getPtr"):
+        raise TypeError(f"graph must be a cugraph_rt.Graph or a cudaGraph_t handle; got "
+                        f"{type(graph).__name__}")
+    else:
+        handle = int(graph)
     if _depth > 16:
         raise RecursionError("conditional bodies nested more than 16 deep")
     flat = node_records(int(handle))
@@ -125,6 +131,8 @@ def _label(rec: NodeRecord) -> str:
 
 def tree_lines(records, indent: int = 0) -> list[str]:
     """A text outline of a record tree: one line per node, each body indented under its node."""
+    from ._args import check_int
+    indent = check_int(indent, "indent", minimum=0)
     lines = []
     pad = "  " * indent
     for rec in records:

@@ -281,3 +281,12 @@ def test_write_tree_dot(monkeypatch, tmp_path):
     assert "WHILE handle=11" in text and 'digraph "loop.dot"' in text
     with pytest.raises(TypeError, match="path must be a str"):
         recs.write_tree_dot(100, 5)
+
+
+def test_tree_argument_checks():
+    with pytest.raises(TypeError, match="graph must be a cugraph_rt.Graph or a cudaGraph_t handle; got str"):
+        cg.node_tree("g")
+    with pytest.raises(TypeError, match="got bool"):
+        cg.node_tree(True)
+    with pytest.raises(ValueError, match="indent must be >= 0; got -1"):
+        recs.tree_lines([], indent=-1)
