@@ -290,3 +290,23 @@ def test_tree_argument_checks():
         cg.node_tree(True)
     with pytest.raises(ValueError, match="indent must be >= 0; got -1"):
         recs.tree_lines([], indent=-1)
+
+
+def test_real_bindings_accept_our_argument_types():
+    """Without a driver every runtime call returns cudaErrorInsufficientDriver, but only after the
+    bindings have checked the argument types: so reaching CudaUnavailableError (not TypeError)
+    shows the installed cuda-bindings take the arguments the conditional code passes."""
+    from cuda.bindings import runtime as rt
+    node = rt.cudaGraphNode_t(0x123)
+    with pytest.raises(cg.CudaUnavailableError):
+        cond._add_conditional_node(0x77, [node], "while", 5)
+    with pytest.raises(cg.CudaUnavailableError):
+        cond._add_conditional_node(0x77, [], "if", 5)
+    with pytest.raises(cg.CudaUnavailableError):
+        cond._begin_to_graph(STREAM, 0x77, [node], "thread_local")
+    with pytest.raises(cg.CudaUnavailableError):
+        cond._begin_to_graph(STREAM, 0x77, [], "global")
+    with pytest.raises(TypeError):   # plain ints in a dependency list are refused by the bindings
+        cond._begin_to_graph(STREAM, 0x77, [0x123], "relaxed")
+    res = rt.cudaStreamGetCaptureInfo(STREAM)
+    assert len(res) in (6, 7)            # (err, status, id, graph, deps[, edge data], count)
