@@ -6,6 +6,9 @@ CuPy in ``cugraph_rt.cupy_interop``, each imported only when its arrays or strea
 """
 from .buckets import normalize_buckets, pick_bucket
 from .capture import capture
+from .conditional import (ConditionalHandle, conditional_handle, conditional_node, if_then,
+                          set_condition, while_loop)
+from .conditional_records import ConditionalRecord, node_tree
 from .device import device_attributes, device_info, is_available, mem_get_info
 from .errors import (CaptureError, ClosedError, CudaError, CudaUnavailableError, CugraphRtError,
                      InputError, InputTypeError, check)
@@ -27,4 +30,6 @@ __all__ = [
     "DeviceBuffer", "HostBuffer", "copy_async", "live_allocations", "memset_async", "capture", "Graph", "GraphExec",
     "graph_memory", "NodeRecord", "GraphHandle", "HandleStats", "InputSpec",
     "normalize_buckets", "pick_bucket", "ReplayPlan", "idle_streams", "Adapter", "get_adapter",
+    "ConditionalHandle", "conditional_handle", "conditional_node", "if_then", "set_condition",
+    "while_loop", "ConditionalRecord", "node_tree",
 ]
