@@ -6,3 +6,5 @@ from .qconfig import QuantizationConfig, is_linear  # noqa: F401
 from .quantizers import METHODS, quantize, relative_error  # noqa: F401
 from .reader import load_int4_checkpoint, read_int4, read_quantization_config  # noqa: F401
 from .writer import quantize_checkpoint, quantize_rows  # noqa: F401
+from .layout import (dequantize_weights, int4_fields, is_int4_field, load_int4_weights, map_weights,  # noqa: F401
+                     quantize_weights)

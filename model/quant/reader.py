@@ -121,18 +121,40 @@ def _plan_int4(cfg, qcfg, ckpt_dir, h: _Handles):
     return plan, stems, names
 
 
-@torch.no_grad()
-def read_int4(ckpt_dir, *, strict_config: bool = True):
-    """(cfg, qcfg, {checkpoint weight name: QuantizedLinear or tensor}) on the CPU, every check run
-    first. Names are the checkpoint's (per-expert or fused), int4 ones under their weight name."""
+def open_int4(ckpt_dir, *, strict_config: bool = True):
+    """(cfg, qcfg, plan, model dtype, items) with every check run; items() yields
+    (checkpoint name, canonical name, expert index or None, expert part or None, QuantizedLinear or
+    tensor), one tensor read at a time."""
     ckpt_dir = os.fspath(ckpt_dir)
     cfg, qcfg = _configs(ckpt_dir, strict_config)
     h = _Handles()
     plan, stems, names = _plan_int4(cfg, qcfg, ckpt_dir, h)
-    out = {}
-    for name, path, *_ in plan.assign:
-        out[name] = _get(h, name, path, stems, names, qcfg)
-    return cfg, qcfg, out
+    model_dtype = next(d for _, _, c, _, _, d in plan.assign if c == "embed_tokens.weight")
+
+    def items():
+        for name, path, canon, e, part, _ in plan.assign:
+            yield name, canon, e, part, _get(h, name, path, stems, names, qcfg)
+
+    return cfg, qcfg, plan, model_dtype, items
+
+
+def target_view(targets: dict, canon: str, e, part, moe_intermediate: int):
+    """The view of our layout (hf_targets) that a checkpoint tensor fills; per-expert tensors land
+    in the fused expert tensors (gate rows first)."""
+    if e is None:
+        return targets[canon]
+    if part == "down_proj":
+        return targets[canon + ".down_proj"][e]
+    gu = targets[canon + ".gate_up_proj"][e]
+    return gu[:moe_intermediate] if part == "gate_proj" else gu[moe_intermediate:]
+
+
+@torch.no_grad()
+def read_int4(ckpt_dir, *, strict_config: bool = True):
+    """(cfg, qcfg, {checkpoint weight name: QuantizedLinear or tensor}) on the CPU, every check run
+    first. Names are the checkpoint's (per-expert or fused), int4 ones under their weight name."""
+    cfg, qcfg, _, _, items = open_int4(ckpt_dir, strict_config=strict_config)
+    return cfg, qcfg, {name: t for name, _, _, _, t in items()}
 
 
 def _configs(ckpt_dir, strict_config):
@@ -159,29 +181,16 @@ def load_int4_checkpoint(ckpt_dir, device="cpu", dtype=None, *, verbose: bool = 
     """(cfg, qcfg, weights): an int4 checkpoint dequantized into our bf16 layout (w = (q - z) * s,
     rounded to the model dtype) — the reference the int4 kernels are held to. dtype=None: the
     embedding's dtype."""
-    ckpt_dir = os.fspath(ckpt_dir)
-    cfg, qcfg = _configs(ckpt_dir, strict_config)
-    h = _Handles()
-    plan, stems, names = _plan_int4(cfg, qcfg, ckpt_dir, h)
-    if dtype is None:
-        dtype = next(d for n, _, c, _, _, d in plan.assign if c == "embed_tokens.weight")
+    cfg, qcfg, plan, model_dtype, items = open_int4(ckpt_dir, strict_config=strict_config)
+    dtype = dtype or model_dtype
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     w = empty_weights(cfg, torch.device(device), dtype)
     targets = hf_targets(w)
-    I = cfg.moe_intermediate_size
-    for name, path, canon, e, part, _ in plan.assign:
-        t = _get(h, name, path, stems, names, qcfg)
+    for _, canon, e, part, t in items():
         if isinstance(t, QuantizedLinear):
             t = t.dequantize(dtype)
-        if e is None:
-            dst = targets[canon]
-        elif part == "down_proj":
-            dst = targets[canon + ".down_proj"][e]
-        else:
-            gu = targets[canon + ".gate_up_proj"][e]
-            dst = gu[:I] if part == "gate_proj" else gu[I:]
-        dst.copy_(t)
+        target_view(targets, canon, e, part, cfg.moe_intermediate_size).copy_(t)
     if verbose and plan.skipped:
         print(f"load_int4_checkpoint: skipped {dict(plan.skipped)} (known extra groups: {SKIPPED_PREFIXES})",
               file=sys.stderr)
