@@ -148,6 +148,8 @@ def _set(d, k, v):
      r"lm_head\.weight is stored unquantized, but quantization_config \(lm_head='int4'\) says it is int4"),
     (None, lambda q: _set(q, "bits", 8), ConfigError, r"quantization_config\.bits is 8"),
     (None, lambda q: _set(q, "zero_point", True), ConfigError, r"unknown quantization_config field\(s\) \['zero_point'\]"),
+    (None, lambda q: q.update(quant_method="gptq", desc_act=False), ConfigError,
+     r"quant_method is 'gptq'; this decoder reads only its own int4 format .*python -m model\.quantize"),
 ])
 def test_disagreeing_checkpoint_is_refused_naming_the_tensor(ckpts, tmp_path, edit_tensors, edit_qcfg, err, match):
     bad = _tampered(ckpts[3], tmp_path, edit_tensors, edit_qcfg)

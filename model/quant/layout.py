@@ -71,7 +71,7 @@ def quantize_weights(w: ModelWeights, group_size: int = 128, method: str = "hqq"
     def fn(n, t):
         if not is_int4_field(n, lm_head):
             return t
-        return quantize_rows(t, group_size, method, scale_dtype or t.dtype, n, t.device).to(t.device)
+        return quantize_rows(t, group_size, method, scale_dtype or t.dtype, n, t.device, out_device=t.device)
 
     return map_weights(w, fn)
 

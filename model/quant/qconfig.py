@@ -74,6 +74,11 @@ class QuantizationConfig:
     def from_dict(cls, d, where: str = "config.json") -> "QuantizationConfig":
         if not isinstance(d, dict):
             raise ConfigError(f"{where}: quantization_config must be an object, got {type(d).__name__}")
+        qm = d.get("quant_method")
+        if qm != QUANT_METHOD:   # first: a foreign quantized checkpoint (gptq, fp8, ...) says so plainly
+            raise ConfigError(f"{where}: quantization_config.quant_method is {qm!r}; this decoder reads only its "
+                              f"own int4 format ({QUANT_METHOD!r}): start from the bf16 checkpoint and run "
+                              f"python -m model.quantize")
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(d) - known)
         if unknown:

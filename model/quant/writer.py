@@ -29,9 +29,9 @@ CHUNK_ELEMS = 1 << 26   # weights quantized at once (fp32 temporaries are a few 
 
 
 def quantize_rows(w: torch.Tensor, group_size: int, method: str, scale_dtype, name: str, device,
-                  chunk_elems: int = CHUNK_ELEMS) -> QuantizedLinear:
-    """quantize() over row chunks of w [..., N, K] on `device`; results on the CPU. Groups lie within
-    rows, so this equals quantizing the whole tensor at once."""
+                  chunk_elems: int = CHUNK_ELEMS, out_device="cpu") -> QuantizedLinear:
+    """quantize() over row chunks of w [..., N, K] on `device`; results on `out_device`. Groups lie
+    within rows, so this equals quantizing the whole tensor at once."""
     K = w.shape[-1]
     check_groupable(tuple(w.shape), group_size, name)
     rows = w.reshape(-1, K)
@@ -39,7 +39,7 @@ def quantize_rows(w: torch.Tensor, group_size: int, method: str, scale_dtype, na
     parts = [quantize(rows[i:i + step].to(device), group_size, method, scale_dtype=scale_dtype, name=name)
              for i in range(0, rows.shape[0], step)]
     lead = tuple(w.shape[:-1])
-    cat = [torch.cat([getattr(p, a).cpu() for p in parts]).reshape(*lead, -1) for a in ("qweight", "scales", "zeros")]
+    cat = [torch.cat([getattr(p, a).to(out_device) for p in parts]).reshape(*lead, -1) for a in ("qweight", "scales", "zeros")]
     return QuantizedLinear(*cat, group_size, tuple(w.shape), name)
 
 
