@@ -27,9 +27,9 @@ def test_tool_on_the_tiny_preset(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "r.json"
-    assert main(["--preset", "tiny", "--steps", "3", "--group-size", "32", "--json", str(out)]) == 0
+    assert main(["--preset", "tiny", "--layers", "2", "--steps", "3", "--group-size", "32", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert len(r["tensors"]) == 6 * 4
+    assert len(r["tensors"]) == 6 * 2
     assert all(t["hqq"] <= t["rtn"] for t in r["tensors"])
     for m in ("rtn", "hqq"):
         x = r[f"logits_{m}"]
