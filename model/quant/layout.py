@@ -18,7 +18,7 @@ import torch
 
 from ..weights import LayerWeights, ModelWeights, empty_weights, hf_targets
 from .format import CODES_PER_WORD, QuantizedLinear, check_groupable
-from .qconfig import LM_HEAD_CHOICES, QuantizationConfig
+from .qconfig import LM_HEAD_CHOICES
 from .reader import open_int4, target_view
 from .writer import quantize_rows
 
