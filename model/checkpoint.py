@@ -186,6 +186,11 @@ def load_checkpoint(ckpt_dir, device="cuda", dtype=None, *, verbose: bool = True
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist")
     cfg = ModelConfig.from_hf(ckpt_dir, strict=strict_config)
+    from .quant.reader import read_quantization_config  # here: model.quant imports this module
+
+    if read_quantization_config(ckpt_dir) is not None:
+        raise CheckpointError(f"{ckpt_dir} is an int4 checkpoint (config.json has quantization_config): "
+                              f"load it with model.quant.load_int4_checkpoint")
     names = _files(ckpt_dir)
 
     handles = {}

@@ -58,7 +58,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-graph", action="store_true", help="decode eagerly instead of replaying a graph")
     p.add_argument("--prefill-chunk", type=positive_int, default=None,
                    help="prompt tokens per prefill step (default 2048; longer prompts run as several chunks)")
+    p.add_argument("--quant", choices=("none", "int4"), default="none",
+                   help="int4: quantize the weights (group-wise HQQ, docs/int4.md) and decode their "
+                        "dequantized values (the int4 reference math; a checkpoint with a "
+                        "quantization_config is int4 already)")
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=128,
+                   help="int4 group size for --quant int4 (default %(default)s)")
     return p
+
+
+def _load_weights(args, error, cfg, device, dtype):
+    """(cfg, weights): the checkpoint's (an int4 one dequantized) or seeded random ones, quantized
+    to int4 and dequantized where --quant int4 asks."""
+    if args.checkpoint is not None:
+        from model.checkpoint import load_checkpoint
+        from model.quant import load_int4_checkpoint, read_quantization_config
+
+        try:
+            qcfg = read_quantization_config(args.checkpoint)
+            if qcfg is not None:
+                print(f"note: int4 checkpoint ({qcfg.method}, group {qcfg.group_size}): decoding its "
+                      f"dequantized weights (the int4 reference math, at {dtype} size)", file=sys.stderr)
+                cfg, _, weights = load_int4_checkpoint(args.checkpoint, device=device, dtype=dtype)
+                return cfg, weights
+            cfg, weights = load_checkpoint(args.checkpoint, device=device, dtype=dtype)
+        except (ValueError, OSError) as e:   # CheckpointError, ConfigError, missing files
+            error(f"--checkpoint {args.checkpoint}: {e}")
+    else:
+        from model.weights import random_weights
+
+        weights = random_weights(cfg, device=device, dtype=dtype, seed=args.seed)
+    if args.quant == "int4":
+        from model.quant import dequantize_weights, quantize_weights
+
+        try:
+            weights = dequantize_weights(quantize_weights(weights, args.group_size, "hqq"))
+        except ValueError as e:
+            error(f"--quant int4: {e}")
+        print(f"note: --quant int4: decoding the dequantized int4 weights (hqq, group {args.group_size}; the "
+              f"int4 reference math at {dtype} size)", file=sys.stderr)
+    return cfg, weights
 
 
 def _model_files(args, error):
@@ -228,17 +267,7 @@ def main(argv=None) -> int:
     from model.generation import Generator
     from model.streaming import TokenPrinter
 
-    if args.checkpoint is not None:
-        from model.checkpoint import load_checkpoint
-
-        try:
-            cfg, weights = load_checkpoint(args.checkpoint, device=device, dtype=dtype)
-        except (ValueError, OSError) as e:   # CheckpointError, ConfigError, missing files
-            error(f"--checkpoint {args.checkpoint}: {e}")
-    else:
-        from model.weights import random_weights
-
-        weights = random_weights(cfg, device=device, dtype=dtype, seed=args.seed)
+    cfg, weights = _load_weights(args, error, cfg, device, dtype)
     try:
         decoder = Decoder(cfg, weights, max_batch=args.batch, max_seq=max_seq, backend=backend)
     except ValueError as e:

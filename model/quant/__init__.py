@@ -1,0 +1,10 @@
+"""int4 weights: the format (format.py, docs/int4.md), the quantizers (quantizers.py), the
+checkpoint's quantization_config (qconfig.py), reading (reader.py) and writing (writer.py)."""
+from .format import (BITS, CODES_PER_WORD, DEFAULT_GROUP_SIZE, GROUP_SIZES, QMAX, SCALE_DTYPES,  # noqa: F401
+                     QuantizedLinear, check_group_size, check_groupable, pack_int4, unpack_int4)
+from .qconfig import QuantizationConfig, is_linear  # noqa: F401
+from .quantizers import METHODS, quantize, relative_error  # noqa: F401
+from .reader import load_int4_checkpoint, read_int4, read_quantization_config  # noqa: F401
+from .writer import quantize_checkpoint, quantize_rows  # noqa: F401
+from .layout import (dequantize_weights, int4_fields, is_int4_field, load_int4_weights, map_weights,  # noqa: F401
+                     quantize_weights)

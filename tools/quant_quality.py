@@ -1,0 +1,111 @@
+"""int4 quality report: per-tensor relative reconstruction error (RTN vs HQQ) and the int4 model's
+logits against the bf16 model's (relative error, KL, top-1 / top-5 agreement), teacher-forced over
+--steps decode steps. Runs on the reference backend (CPU or GPU).
+
+    python -m tools.quant_quality --preset tiny --steps 256 --group-size 32
+    python -m tools.quant_quality --checkpoint DIR --steps 256 [--json out.json]
+
+--preset tiny is widened to expert widths of 32 (its 16 and 24 do not group); preset linears are
+and embedding redrawn from N(0, --init-std^2) (default 0.02, transformers' init; 0 keeps random_weights' init,
+the chaotic regime).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from model.cli_args import PRESETS, positive_int, seed
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m tools.quant_quality", description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", choices=PRESETS, default=None, help="random weights (default tiny)")
+    src.add_argument("--checkpoint", help="bf16 safetensors checkpoint directory")
+    p.add_argument("--layers", type=positive_int, default=None, help="keep only the first N layers")
+    p.add_argument("--steps", type=positive_int, default=256)
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=128)
+    p.add_argument("--lm-head", choices=("bf16", "int4"), default="bf16")
+    p.add_argument("--init-std", type=float, default=0.02)
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--prompt-ids", default="1,2,3,4")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32",
+                   help="dtype the logits are computed in (weights are quantized from bf16 either way)")
+    p.add_argument("--json", default=None, help="also write the report here")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from model.config import ModelConfig
+    from model.decoder import Decoder
+    from model.quant import dequantize_weights, map_weights, quantize_weights
+    from model.quant.quality import logit_metrics, teacher_forced_logits, tensor_errors, with_init_std
+
+    try:
+        prompt = [int(t) for t in args.prompt_ids.split(",")]
+    except ValueError:
+        print(f"error: --prompt-ids wants comma-separated integers, got {args.prompt_ids!r}", file=sys.stderr)
+        return 2
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype)
+    try:
+        if args.checkpoint:
+            from model.checkpoint import load_checkpoint
+
+            cfg, w = load_checkpoint(args.checkpoint, device=device, dtype=torch.bfloat16)
+            source = f"checkpoint {args.checkpoint}"
+        else:
+            from model.weights import random_weights
+
+            cfg = ModelConfig.preset(args.preset or "tiny")
+            if cfg.name == "tiny":
+                cfg = dataclasses.replace(cfg, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+            if args.layers:
+                cfg = dataclasses.replace(cfg, num_layers=min(args.layers, cfg.num_layers))
+            w = random_weights(cfg, device, torch.bfloat16, seed=args.seed)
+            if args.init_std > 0:
+                w = with_init_std(w, args.init_std, args.seed)
+            source = f"preset {cfg.name} ({cfg.num_layers} layers), embedding and linears N(0, {args.init_std}^2)"
+        if args.layers and args.checkpoint:
+            w = w.first_layers(min(args.layers, cfg.num_layers))
+            cfg = w.cfg
+        bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
+        rows = tensor_errors(w, args.group_size, args.lm_head)
+        report = {"source": source, "group_size": args.group_size, "lm_head": args.lm_head, "steps": args.steps,
+                  "device": torch.cuda.get_device_name() if device == "cuda" else "CPU", "tensors": rows}
+        ref_w = map_weights(w, lambda n, t: t.to(dtype))
+        max_seq = len(prompt) + args.steps + 1
+        ref = Decoder(cfg, ref_w, max_batch=1, max_seq=max_seq, backend="reference")
+        for method in ("rtn", "hqq"):
+            wq = dequantize_weights(quantize_weights(w, args.group_size, method, lm_head=args.lm_head), dtype)
+            ref.reset()
+            dq = Decoder(cfg, wq, max_batch=1, max_seq=max_seq, backend="reference")
+            a, b = teacher_forced_logits(ref, dq, prompt, args.steps)
+            report[f"logits_{method}"] = logit_metrics(b, a)
+            del dq, wq
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"int4 quality, {source}, group {args.group_size}, lm_head {args.lm_head}, {report['device']}")
+    print(f"{'tensor':40s} {'shape':>18s} {'RTN':>8s} {'HQQ':>8s}")
+    for r in rows:
+        print(f"{r['name']:40s} {str(r['shape']):>18s} {r['rtn']:8.4f} {r['hqq']:8.4f}")
+    for m in ("rtn", "hqq"):
+        x = report[f"logits_{m}"]
+        print(f"logits {m.upper()} vs bf16 over {args.steps} teacher-forced steps: rel err {x['rel_err']:.4f}, "
+              f"KL {x['kl']:.2e}, top-1 {100 * x['top1']:.1f} %, top-5 overlap {100 * x['top5']:.1f} %")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
