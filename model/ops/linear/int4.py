@@ -1,0 +1,232 @@
+"""int4 GEMV for the projections: out[B, N] = x[B, K] @ dequant(w)[N, K]^T, w a QuantizedLinear.
+
+The weight is read as it is stored (docs/int4.md): int32 words of eight 4-bit codes along K, low
+nibble first, and one scale and zero per row and group. Each program unpacks a
+[BLOCK_N, BLOCK_K // 8] tile of words in registers, dequantizes it exactly as
+QuantizedLinear.dequantize does ((q - z) * s in fp32, rounded to the model dtype) and then does the
+bf16 GEMV's math (gemv.py): x and the rounded weight in fp32, fp32 products accumulated over K,
+one rounding to out's dtype. So a kernel equals its reference (dequantize, then gemv_reference)
+up to the fp32 summation order. The model dtype is the input rows' dtype (x, or the residual for
+norm_gemv_int4).
+
+One kernel serves B = 1 .. 16 on the CUDA cores (no tensor-core path yet for B >= 2). Launch
+configuration is a pure function of the shape, so a launch is safe inside a graph capture.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ...quant.format import CODES_PER_WORD, QuantizedLinear
+from .._util import MODEL_DTYPES, check_rows, next_pow2, pdl, pdl_wait
+from ..hardware import DeviceProfile, current_profile, profile_for
+from .gemv import MAX_BATCH, _check_norm_gemv, _h_tile, _input_tile, _inv_rms, gemv_reference, norm_gemv_reference
+
+
+# ----------------------------------------------------------------------------- argument checks
+def _check_qw(w) -> tuple[int, int]:
+    """w: a 2-D QuantizedLinear whose three tensors have contiguous rows; returns (N, K)."""
+    if not isinstance(w, QuantizedLinear):
+        raise TypeError(f"w must be a QuantizedLinear, got {type(w).__name__}")
+    if len(w.shape) != 2:
+        raise ValueError(f"{w.name}: the int4 GEMV takes an [N, K] weight, got shape {list(w.shape)}")
+    n, k = w.shape
+    if k % w.group_size:   # QuantizedLinear refuses this too; a mutated one must not reach a kernel
+        raise ValueError(f"{w.name}: K={k} is not a multiple of group_size={w.group_size}")
+    for attr in ("qweight", "scales", "zeros"):
+        t = getattr(w, attr)
+        if t.stride(1) != 1:
+            raise ValueError(f"{w.name}.{attr} must have contiguous rows, got strides {t.stride()}")
+    return n, k
+
+
+def _check_model_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in MODEL_DTYPES:
+        raise TypeError(f"{name} must be one of {[str(d) for d in MODEL_DTYPES]} (the model dtype the weight "
+                        f"is dequantized to), got {t.dtype}")
+
+
+def _check(x, w, out):
+    n, k = _check_qw(w)
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be [B, {k}], got shape {tuple(getattr(x, 'shape', ()))}")
+    b = x.shape[0]
+    check_rows("x", x, b, k)
+    check_rows("out", out, b, n)
+    _check_model_dtype("x", x)
+    if x.device != w.device or out.device != w.device:
+        raise ValueError(f"x ({x.device}), out ({out.device}) and {w.name} ({w.device}) must be on one device")
+    return b, n, k
+
+
+# ----------------------------------------------------------------------------- references
+def gemv_int4_reference(x: torch.Tensor, w: QuantizedLinear, out: torch.Tensor) -> None:
+    """out = x @ dequant(w).T: w dequantized to x's dtype, then exactly gemv_reference."""
+    _check(x, w, out)
+    gemv_reference(x, w.dequantize(x.dtype), out)
+
+
+def norm_gemv_int4_reference(x, residual, norm_weight, eps, w: QuantizedLinear, out, *, residual_out=None,
+                             normed_out=None) -> None:
+    """norm_gemv_reference with w dequantized to the residual's dtype."""
+    _check_norm_int4(x, residual, norm_weight, w, out, residual_out, normed_out)
+    norm_gemv_reference(x, residual, norm_weight, eps, w.dequantize(residual.dtype), out,
+                        residual_out=residual_out, normed_out=normed_out)
+
+
+# ----------------------------------------------------------------------------- kernel
+@triton.jit
+def _dequant_tile(q_rows, s_rows, z_rows, offs_w, mask_n, K, stride_sn,
+                  GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr):
+    """The weight tile [BLOCK_N, BLOCK_K] at words offs_w (BLOCK_K // 8 of them): codes unpacked low
+    nibble first, (q - z) * s in fp32, rounded to DT (the model dtype), as QuantizedLinear.dequantize."""
+    mw = offs_w < K // 8
+    m2 = mask_n[:, None] & mw[None, :]
+    words = tl.load(q_rows + offs_w[None, :], mask=m2, other=0)
+    # every word lies in one group; the repeated scale/zero addresses are served from cache
+    grp = offs_w // (GROUP // 8)
+    s = tl.load(s_rows + grp[None, :], mask=m2, other=0.0).to(tl.float32)
+    z = tl.load(z_rows + grp[None, :], mask=m2, other=0.0).to(tl.float32)
+    shifts = tl.arange(0, 8) * 4
+    q = ((words[:, :, None] >> shifts[None, None, :]) & 0xF).to(tl.float32)
+    wd = ((q - z[:, :, None]) * s[:, :, None]).to(DT)
+    return tl.reshape(wd, (BLOCK_N, BLOCK_K))   # [n, word, nibble] -> [n, 8 * word + nibble]
+
+
+@triton.jit
+def _gemv_int4_kernel(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, q_ptr, s_ptr, z_ptr, out_ptr, B, N, K, eps,
+                      stride_xb, stride_rb, stride_rob, stride_nob, stride_qn, stride_sn, stride_ob,
+                      GROUP: tl.constexpr, NORM: tl.constexpr, ADD: tl.constexpr, WRITE_R: tl.constexpr,
+                      WRITE_N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr, USE_GDC: tl.constexpr):
+    """_gemv_kernel's loop (CUDA-core FMAs into a [BLOCK_B, BLOCK_N, BLOCK_K] fp32 accumulator,
+    optional RMSNorm prologue) over int4 weight tiles dequantized in registers. BLOCK_K is a
+    multiple of GROUP, so a tile holds whole groups."""
+    pdl_wait(USE_GDC)
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = tl.arange(0, BLOCK_B)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    mask_n = offs_n < N
+    mask_b = offs_b < B
+    rows64 = offs_n.to(tl.int64)[:, None]
+    q_rows = q_ptr + rows64 * stride_qn
+    s_rows = s_ptr + rows64 * stride_sn
+    z_rows = z_ptr + rows64 * stride_sn
+    DT = r_ptr.dtype.element_ty   # the model dtype: the input rows' (x when not NORM)
+    h1 = tl.zeros([BLOCK_B, BLOCK_K], dtype=DT)
+    if NORM:
+        if ONE_TILE:   # the rows are loaded once, for the rms and for the product
+            h1 = _h_tile(x_ptr, r_ptr, offs_b, offs_k, mask_b[:, None] & (offs_k < K)[None, :], stride_xb,
+                         stride_rb, ADD)
+            hf = h1.to(tl.float32)
+            inv_rms = tl.math.rsqrt(tl.sum(hf * hf, axis=1) / K + eps)
+        else:
+            inv_rms = _inv_rms(x_ptr, r_ptr, offs_b, offs_k, mask_b, K, eps, stride_xb, stride_rb, ADD,
+                               BLOCK_B, BLOCK_K)
+    else:
+        inv_rms = tl.zeros([BLOCK_B], tl.float32)
+    acc = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        mk = kk < K
+        w = _dequant_tile(q_rows, s_rows, z_rows, k0 // 8 + offs_w, mask_n, K, stride_sn, GROUP, BLOCK_N,
+                          BLOCK_K, DT)
+        xt = _input_tile(h1, x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, offs_b, kk, mask_b, mk, inv_rms, pid,
+                         stride_xb, stride_rb, stride_rob, stride_nob, NORM, ADD, WRITE_R, WRITE_N, ONE_TILE)
+        acc += xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    res = tl.sum(acc, axis=2)
+    out_ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :]
+    tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_n[None, :])
+
+
+# ----------------------------------------------------------------------------- launch
+@dataclass(frozen=True)
+class GemvInt4Launch:
+    """Launch configuration of _gemv_int4_kernel; a pure function of the shape."""
+    block_b: int
+    block_n: int      # weight rows per program
+    block_k: int      # columns per loop iteration (a multiple of the group size)
+    warps: int
+    stages: int
+
+
+def gemv_int4_config(b: int, n: int, k: int, group_size: int, *, norm: bool = False,
+                     profile: DeviceProfile | None = None) -> GemvInt4Launch:
+    """Like gemv_config's bf16 CUDA-core path (same fp32 accumulator budget per program), with the
+    K tile narrowed as the batch grows (the accumulator is B x N x K) and never below one group.
+    Not yet tuned on a GPU."""
+    profile = current_profile() if profile is None else profile
+    block_b = next_pow2(b)
+    budget = 8192 if block_b == 1 else 4096
+    widest = (1024 if norm else 2048) if block_b == 1 else max(128, budget // block_b)
+    block_k = max(group_size, min(next_pow2(k), widest))
+    block_n = max(1, min(16, budget // (block_b * block_k)))
+    while block_n > 1 and triton.cdiv(n, block_n) < profile.stream_programs // 2:
+        block_n //= 2
+    return GemvInt4Launch(block_b, block_n, block_k, 4, 3)
+
+
+def _launch(x, residual, norm_weight, residual_out, normed_out, eps, w: QuantizedLinear, out, b, n, k, launch):
+    if b > MAX_BATCH:
+        raise ValueError(f"gemv_int4 handles batches up to {MAX_BATCH}, got B={b}")
+    norm = residual is not None
+    rows = residual if norm else x
+    dummy = rows
+    cfg = launch or gemv_int4_config(b, n, k, w.group_size, norm=norm, profile=profile_for(out))
+    if cfg.block_b < b:
+        raise ValueError(f"launch.block_b={cfg.block_b} is smaller than the batch {b}")
+    if cfg.block_k % w.group_size or cfg.block_k & (cfg.block_k - 1):
+        raise ValueError(f"launch.block_k={cfg.block_k} must be a power of two holding whole groups of "
+                         f"{w.group_size}")
+    _gemv_int4_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x if x is not None else dummy, residual if norm else dummy, norm_weight if norm else dummy,
+        residual_out if residual_out is not None else dummy, normed_out if normed_out is not None else dummy,
+        w.qweight, w.scales, w.zeros, out, b, n, k, float(eps),
+        x.stride(0) if x is not None else 0, rows.stride(0),
+        residual_out.stride(0) if residual_out is not None else 0,
+        normed_out.stride(0) if normed_out is not None else 0,
+        w.qweight.stride(0), w.scales.stride(0), out.stride(0),
+        GROUP=w.group_size, NORM=norm, ADD=norm and x is not None, WRITE_R=residual_out is not None,
+        WRITE_N=normed_out is not None, BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        ONE_TILE=k <= cfg.block_k, num_warps=cfg.warps, num_stages=cfg.stages, **pdl(out))
+
+
+def gemv_int4_triton(x: torch.Tensor, w: QuantizedLinear, out: torch.Tensor, *,
+                     launch: GemvInt4Launch | None = None) -> None:
+    """out = x @ dequant(w).T, the weight read as int4 (B <= 16); `launch` overrides the configuration."""
+    b, n, k = _check(x, w, out)
+    if w.scales.stride(0) != w.zeros.stride(0):
+        raise ValueError(f"{w.name}: scales and zeros must have the same row stride, got "
+                         f"{w.scales.stride(0)} and {w.zeros.stride(0)}")
+    _launch(x, None, None, None, None, 0.0, w, out, b, n, k, launch)
+
+
+# ----------------------------------------------------------------------------- RMSNorm + GEMV
+def _check_norm_int4(x, residual, norm_weight, w, out, residual_out, normed_out):
+    n, k = _check_qw(w)
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual must be a torch.Tensor, got {type(residual).__name__}")
+    _check_model_dtype("residual", residual)
+    # the bf16 checks on a stand-in of the weight's logical shape (they read only its shape)
+    stand_in = torch.empty((n, k), device="meta")
+    b, n, k = _check_norm_gemv(x, residual, norm_weight, stand_in, out, residual_out, normed_out)
+    for name, t in (("residual", residual), ("out", out)):
+        if t.device != w.device:
+            raise ValueError(f"{name} ({t.device}) and {w.name} ({w.device}) must be on one device")
+    return b, n, k
+
+
+def norm_gemv_int4_triton(x, residual, norm_weight, eps, w: QuantizedLinear, out, *, residual_out=None,
+                          normed_out=None, launch: GemvInt4Launch | None = None) -> None:
+    """norm_gemv_triton's fused prologue (residual add + RMSNorm in every program, program 0 storing
+    residual_out and normed_out) before the int4 GEMV, at every batch size."""
+    b, n, k = _check_norm_int4(x, residual, norm_weight, w, out, residual_out, normed_out)
+    if w.scales.stride(0) != w.zeros.stride(0):
+        raise ValueError(f"{w.name}: scales and zeros must have the same row stride, got "
+                         f"{w.scales.stride(0)} and {w.zeros.stride(0)}")
+    _launch(x, residual, norm_weight, residual_out, normed_out, eps, w, out, b, n, k, launch)

@@ -1,0 +1,100 @@
+"""Compile the int4 decode kernels offline for a GPU that need not be here, at a preset's shapes.
+
+Every 2-D int4 linear of the preset's layout (one linear-attention and one full-attention layer,
+and the lm_head) goes through gemv_int4_triton and norm_gemv_int4_triton on meta tensors at each
+batch, under the device profile given; each distinct launch is checked (tools/launch_audit's rules)
+and compiled by the installed Triton for the profile's architecture, with its shared memory.
+
+    python -m tools.int4_compile --profile h200 --preset 35b-a3b --batch 1,3,8,16 [--group-size 128]
+
+Run without TRITON_INTERPRET (the kernels must be defined for the compiler). Exit status 1 when a
+launch breaks a rule or fails to compile.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _linear_shapes(preset: str) -> dict:
+    """name -> (N, K) of every 2-D int4 field of one layer of each kind and the lm_head."""
+    import torch
+
+    from model.config import ModelConfig
+    from model.quant.layout import is_int4_field
+    from model.weights import empty_weights
+
+    cfg = ModelConfig.preset(preset)
+    w = empty_weights(cfg, torch.device("meta"), torch.bfloat16)
+    shapes, kinds = {}, set()
+    for name, t in w.tensors():
+        parts = name.split(".")
+        if name == "lm_head" or is_int4_field(name, "bf16"):
+            if name != "lm_head":
+                kind = w.layers[int(parts[1])].kind
+                if (kind, parts[3]) in kinds:
+                    continue
+                kinds.add((kind, parts[3]))
+            if t.dim() == 2:
+                shapes[name] = tuple(t.shape)
+    return shapes
+
+
+def record(profile, preset: str, batches, group_size: int):
+    import torch
+
+    from model.ops.hardware import use_profile
+    from model.ops.linear import int4
+    from model.quant.format import QuantizedLinear
+    from tools.launch_audit import recording
+
+    dev = torch.device("meta")
+    with use_profile(profile), recording(("model.ops.linear.int4",)) as log:
+        for name, (n, k) in _linear_shapes(preset).items():
+            if k % group_size:
+                continue
+            w = QuantizedLinear(torch.empty(n, k // 8, dtype=torch.int32, device=dev),
+                                torch.empty(n, k // group_size, dtype=torch.bfloat16, device=dev),
+                                torch.empty(n, k // group_size, dtype=torch.bfloat16, device=dev),
+                                group_size, (n, k), name)
+            for b in batches:
+                def e(*shape):
+                    return torch.empty(shape, dtype=torch.bfloat16, device=dev)
+                int4.gemv_int4_triton(e(b, k), w, e(b, n))
+                int4.norm_gemv_int4_triton(e(b, k), e(b, k), e(k), 1e-6, w, e(b, n), residual_out=e(b, k),
+                                           normed_out=e(b, k))
+    return log
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="h200")
+    ap.add_argument("--preset", default="35b-a3b")
+    ap.add_argument("--batch", default="1,3,8,16")
+    ap.add_argument("--group-size", type=int, default=128)
+    args = ap.parse_args(argv)
+    from model.ops.hardware import DeviceProfile
+    from tools.launch_audit import compile_launch, problems, unique
+
+    profile = DeviceProfile.preset(args.profile)
+    log = record(profile, args.preset, tuple(int(b) for b in args.batch.split(",")), args.group_size)
+    bad = 0
+    for L in unique(log):
+        try:
+            compile_launch(L, profile)
+        except Exception as exc:  # noqa: BLE001 - report every failing launch, then fail
+            L.compiled = None
+            print(f"{L.kernel} {L.constexprs} COMPILE ERROR: {type(exc).__name__}: {exc}")
+            bad += 1
+            continue
+        p = problems(L, profile)
+        bad += bool(p)
+        cx = {k: v for k, v in L.constexprs.items() if k.startswith(("BLOCK", "GROUP", "NORM", "ONE"))}
+        print(f"{L.kernel} grid={L.grid} {cx} warps={L.options.get('num_warps')} "
+              f"shared={L.compiled['shared']} B regs={L.compiled['registers']} {'; '.join(p) or 'ok'}")
+    print(f"{len(unique(log))} distinct launches, {bad} with problems")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
