@@ -1,0 +1,121 @@
+"""int4 MoE decode experts: the Triton kernels vs their reference (dequantize the experts, then
+moe_experts_reference), zero experts, group sizes 32/64/128, and the argument checks. Small shapes
+(CPU interpreter); tests/gpu/test_ops_int4_gpu.py runs the 35b-a3b shapes."""
+import pytest
+import torch
+
+from model.ops import moe
+from model.ops.moe import int4 as moe4
+from model.quant import QuantizedLinear, quantize
+
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+def _inputs(seed, b, h, e, i, i_s, k, group_size, dtype):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, h, generator=g).to(dtype)
+    gu = quantize((torch.randn(e, 2 * i, h, generator=g) / h ** 0.5).to(dtype), group_size, "rtn")
+    dn = quantize((torch.randn(e, h, i, generator=g) / i ** 0.5).to(dtype), group_size, "rtn")
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(b)]).to(torch.int32)
+    w = torch.softmax(torch.randn(b, k, generator=g), -1).to(dtype)
+    fused = torch.randn(b, 2 * i_s + 3, generator=g).to(dtype)     # shared g/u | gate logit, a strided slice
+    sgu, sgl = fused[:, :2 * i_s], fused[:, 2 * i_s:2 * i_s + 1]
+    sdn = quantize((torch.randn(h, i_s, generator=g) / i_s ** 0.5).to(dtype), group_size, "rtn")
+    return x, gu, dn, ids, w, sgu, sdn, sgl
+
+
+def _run(fn, args, b, h, k, i, dtype, **kw):
+    ws = moe.moe_workspace(b, k, i, dtype, "cpu").fill_(float("nan"))
+    out = torch.full((b, h), float("nan"), dtype=dtype)
+    fn(*args[:7], args[7], ws, out, **kw)
+    return out, ws[:b * k * i]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,h,e,i,i_s,k,group_size", [(1, 64, 6, 32, 64, 2, 32), (2, 128, 4, 64, 64, 2, 64),
+                                                      (3, 128, 4, 128, 128, 2, 128)])
+def test_moe_experts_int4_matches_reference(dtype, b, h, e, i, i_s, k, group_size):
+    """The reference is moe_experts_reference on the dequantized experts, exactly; the kernels
+    match it (and their act workspace matches the reference's)."""
+    args = _inputs(h + e + i + b, b, h, e, i, i_s, k, group_size, dtype)
+    x, gu, dn, ids, w, sgu, sdn, sgl = args
+    ref, ref_ws = _run(moe4.moe_experts_int4_reference, args, b, h, k, i, dtype)
+    deq = (x, gu.dequantize(dtype), dn.dequantize(dtype), ids, w, sgu, sdn.dequantize(dtype), sgl)
+    ref2, _ = _run(moe.moe_experts_reference, deq, b, h, k, i, dtype)
+    assert torch.equal(ref, ref2)
+    launches = [None]
+    if h > group_size and dtype == torch.float32:   # one group per K tile: the gate/up loop over H advances the scales
+        launches.append(moe.MoeLaunch(4, group_size, 4, 3, 4, group_size, 4, 3))
+    for launch in launches:
+        out, _ = _run(moe4.moe_experts_int4_triton, args, b, h, k, i, dtype, launch=launch)
+        assert not torch.isnan(out).any()
+        torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
+
+
+def test_moe_int4_act_workspace_matches_the_bf16_kernel_on_dequantized_experts():
+    """Kernel 1 alone: the int4 gate/up kernel writes the same act rows as the bf16 one given the
+    dequantized experts (fp32: same products, same sums up to order)."""
+    b, h, e, i, i_s, k, G = 2, 64, 5, 32, 32, 3, 32
+    x, gu, dn, ids, w, sgu, sdn, sgl = _inputs(11, b, h, e, i, i_s, k, G, torch.float32)
+    cfg = moe4.moe_int4_launch_config(b, h, i, k, i_s, G)
+    ws4 = torch.full((b * k * i,), float("nan"))
+    ws = ws4.clone()
+    moe4.launch_moe_gate_up_int4(x, gu, ids, ws4, cfg)
+    moe.launch_moe_gate_up(x, gu.dequantize(torch.float32), ids, ws, cfg)
+    torch.testing.assert_close(ws4, ws, atol=1e-6, rtol=1e-5)
+
+
+def test_moe_int4_zero_experts_and_zero_shared():
+    """All-zero experts and shared expert quantize exactly (zero scale never reached as NaN):
+    the output is exactly zero."""
+    b, h, e, i, i_s, k, G = 2, 64, 4, 32, 32, 2, 32
+    x, gu, dn, ids, w, sgu, sdn, sgl = _inputs(3, b, h, e, i, i_s, k, G, torch.bfloat16)
+    z = {n: quantize(torch.zeros(s, dtype=torch.bfloat16), G, "rtn") for n, s in
+         (("gu", (e, 2 * i, h)), ("dn", (e, h, i)), ("sd", (h, i_s)))}
+    args = (x, z["gu"], z["dn"], ids, w, sgu, z["sd"], sgl)
+    out, ws = _run(moe4.moe_experts_int4_triton, args, b, h, k, i, torch.bfloat16)
+    assert torch.equal(out, torch.zeros(b, h, dtype=torch.bfloat16)) and torch.equal(ws, torch.zeros_like(ws))
+
+
+def test_moe_int4_refusals_are_named():
+    b, h, e, i, i_s, k, G = 1, 64, 4, 32, 32, 2, 32
+    x, gu, dn, ids, w, sgu, sdn, sgl = _inputs(5, b, h, e, i, i_s, k, G, torch.float32)
+    ws, out = moe.moe_workspace(b, k, i, torch.float32, "cpu"), torch.empty(b, h)
+    with pytest.raises(ValueError, match=r"K=48 \(shape \[64, 48\]\) is not a multiple of group_size=32"):
+        quantize(torch.zeros(h, 48), G, "rtn")
+    for fn in (moe4.moe_experts_int4_triton, moe4.moe_experts_int4_reference):
+        with pytest.raises(TypeError, match="down_proj must be a QuantizedLinear, got Tensor"):
+            fn(x, gu, dn.dequantize(), ids, w, sgu, sdn, sgl, ws, out)
+        with pytest.raises(ValueError, match="shared_down must be a 2-D int4 weight"):
+            fn(x, gu, dn, ids, w, sgu, dn, sgl, ws, out)
+        with pytest.raises(ValueError, match=r"down_proj must have shape \(4, 64, 32\), got \(4, 64, 64\)"):   # decode.py's
+            fn(x, gu, sdn_as(dn, (e, h, 64)), ids, w, sgu, sdn, sgl, ws, out)
+        with pytest.raises(TypeError, match="x must be a tensor of one of"):
+            fn(x.int(), gu, dn, ids, w, sgu, sdn, sgl, ws, out)
+    sd64 = quantize(torch.zeros(h, 64), 64, "rtn")
+    big_ws = moe.moe_workspace(b, k, i, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="share one group size, got 32, 32, 64"):
+        moe4.moe_experts_int4_triton(x, gu, dn, ids, w, torch.zeros(b, 128), sd64, sgl, big_ws, out)
+    with pytest.raises(ValueError, match="down_block_i=16 must be a power of two holding whole groups of 32"):
+        moe4.moe_experts_int4_triton(x, gu, dn, ids, w, sgu, sdn, sgl, ws, out,
+                                     launch=moe.MoeLaunch(4, 64, 4, 3, 4, 16, 4, 3))
+
+
+def sdn_as(q: QuantizedLinear, shape) -> QuantizedLinear:
+    """A zero int4 weight of another shape and q's group size."""
+    return quantize(torch.zeros(shape), q.group_size, "rtn")
+
+
+def test_moe_int4_launch_config_holds_whole_groups():
+    from model.ops.hardware import DeviceProfile
+    h200 = DeviceProfile.preset("h200")
+    for b in (1, 3, 8, 16):
+        for G in (32, 64, 128):
+            for h, i, k, i_s in ((2048, 512, 8, 512), (3072, 1024, 8, 1024), (64, 32, 2, 32)):
+                if h % G or i % G or i_s % G:
+                    continue
+                c = moe4.moe_int4_launch_config(b, h, i, k, i_s, G, h200)
+                for v in (c.gate_up_block_h, c.down_block_i):
+                    assert v % G == 0 and v & (v - 1) == 0
+                assert c.gate_up_block_i * c.gate_up_block_h <= 4096
+                assert c.down_block_ho * 8 * c.down_block_i <= 8192
