@@ -32,7 +32,7 @@ def _run(fn, args, b, h, k, i, dtype, **kw):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("b,h,e,i,i_s,k,group_size", [(1, 64, 6, 32, 64, 2, 32), (2, 128, 4, 64, 64, 2, 64),
+@pytest.mark.parametrize("b,h,e,i,i_s,k,group_size", [(1, 64, 6, 96, 64, 2, 32), (2, 128, 4, 64, 64, 2, 64),
                                                       (3, 128, 4, 128, 128, 2, 128)])
 def test_moe_experts_int4_matches_reference(dtype, b, h, e, i, i_s, k, group_size):
     """The reference is moe_experts_reference on the dequantized experts, exactly; the kernels

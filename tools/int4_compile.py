@@ -1,8 +1,8 @@
 """Compile the int4 decode kernels offline for a GPU that need not be here, at a preset's shapes.
 
 Every 2-D int4 linear of the preset's layout (one linear-attention and one full-attention layer,
-and the lm_head) goes through gemv_int4_triton and norm_gemv_int4_triton on meta tensors at each
-batch, under the device profile given; each distinct launch is checked (tools/launch_audit's rules)
+and the lm_head) goes through gemv_int4_triton and norm_gemv_int4_triton, and the preset's experts
+through moe_experts_int4_triton, on meta tensors at each batch, under the device profile given; each distinct launch is checked (tools/launch_audit's rules)
 and compiled by the installed Triton for the profile's architecture, with its shared memory.
 
     python -m tools.int4_compile --profile h200 --preset 35b-a3b --batch 1,3,8,16 [--group-size 128]
@@ -49,7 +49,7 @@ def record(profile, preset: str, batches, group_size: int):
     from tools.launch_audit import recording
 
     dev = torch.device("meta")
-    with use_profile(profile), recording(("model.ops.linear.int4",)) as log:
+    with use_profile(profile), recording(("model.ops.linear.int4", "model.ops.moe.int4")) as log:
         for name, (n, k) in _linear_shapes(preset).items():
             if k % group_size:
                 continue
@@ -63,7 +63,35 @@ def record(profile, preset: str, batches, group_size: int):
                 int4.gemv_int4_triton(e(b, k), w, e(b, n))
                 int4.norm_gemv_int4_triton(e(b, k), e(b, k), e(k), 1e-6, w, e(b, n), residual_out=e(b, k),
                                            normed_out=e(b, k))
+        _record_moe(preset, batches, group_size)
     return log
+
+
+def _record_moe(preset: str, batches, group_size: int) -> None:
+    """The int4 expert kernels at the preset's expert shapes."""
+    import torch
+
+    from model.config import ModelConfig
+    from model.ops.moe import int4 as moe4
+    from model.quant.format import QuantizedLinear
+
+    cfg = ModelConfig.preset(preset)
+    H, I, IS = cfg.hidden_size, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
+    E, K = cfg.num_experts, cfg.num_experts_per_tok
+    dev, G = torch.device("meta"), group_size
+
+    def q(*shape):
+        return QuantizedLinear(torch.empty(*shape[:-1], shape[-1] // 8, dtype=torch.int32, device=dev),
+                               torch.empty(*shape[:-1], shape[-1] // G, dtype=torch.bfloat16, device=dev),
+                               torch.empty(*shape[:-1], shape[-1] // G, dtype=torch.bfloat16, device=dev),
+                               G, shape)
+
+    gu, dn, sd = q(E, 2 * I, H), q(E, H, I), q(H, IS)
+    for b in batches:
+        def e(*shape, dt=torch.bfloat16):
+            return torch.empty(shape, dtype=dt, device=dev)
+        moe4.moe_experts_int4_triton(e(b, H), gu, dn, e(b, K, dt=torch.int32), e(b, K), e(b, 2 * IS), sd, e(b, 1),
+                                     e(b * K * I), e(b, H))
 
 
 def main(argv=None) -> int:
