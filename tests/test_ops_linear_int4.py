@@ -26,8 +26,9 @@ def _nan(*shape, dtype):
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("b", [1, 3])
 def test_gemv_int4_matches_reference(dtype, group_size, b):
-    """K = 3 groups (K not a power of two: a masked tail), N odd; once with the default launch (one
-    K tile) and once with one group per K tile (the loop over K, scales advancing per tile)."""
+    """K = 3 groups (K not a power of two: a masked tail), N odd; once with the default launch (bf16
+    at B = 3: the tensor-core kernel; else the CUDA-core one, one K tile) and once with the CUDA-core
+    kernel at one group per K tile (the loop over K, scales advancing per tile)."""
     n, k = 19, 3 * group_size
     w = _qw(n, k, group_size, dtype, seed=group_size + b)
     x = torch.randn(b, k, generator=torch.Generator().manual_seed(b)).to(dtype)
@@ -138,7 +139,8 @@ def test_gemv_int4_config_holds_whole_groups():
 def test_norm_gemv_int4_matches_reference(dtype, b, group_size, one_tile, add):
     """The fused prologue + int4 GEMV equals norm_gemv_reference on the dequantized weight (which
     is norm_gemv_int4_reference); residual_out and normed_out come out; the inputs are untouched.
-    one_tile False: K spans two tiles (the rms is a loop of its own)."""
+    one_tile False: the CUDA-core kernel with K over two tiles (the rms a loop of its own); bf16 at
+    B = 3 with the default launch: the norm kernel, then the tensor-core kernel."""
     n, k = 13, 2 * group_size
     g = torch.Generator().manual_seed(b + group_size)
     x = torch.randn(b, k, generator=g).to(dtype) if add else None

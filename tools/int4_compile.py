@@ -49,7 +49,7 @@ def record(profile, preset: str, batches, group_size: int):
     from tools.launch_audit import recording
 
     dev = torch.device("meta")
-    with use_profile(profile), recording(("model.ops.linear.int4", "model.ops.moe.int4")) as log:
+    with use_profile(profile), recording(("model.ops.linear.int4", "model.ops.moe.int4", "model.ops.norm")) as log:
         for name, (n, k) in _linear_shapes(preset).items():
             if k % group_size:
                 continue

@@ -9,8 +9,10 @@ one rounding to out's dtype. So a kernel equals its reference (dequantize, then 
 up to the fp32 summation order. The model dtype is the input rows' dtype (x, or the residual for
 norm_gemv_int4).
 
-One kernel serves B = 1 .. 16 on the CUDA cores (no tensor-core path yet for B >= 2). Launch
-configuration is a pure function of the shape, so a launch is safe inside a graph capture.
+As in gemv.py: B = 1 (or fp32 rows) runs on the CUDA cores, the norm fused into the prologue;
+B >= 2 with bf16/fp16 rows multiplies the dequantized tile by x^T on the tensor cores (batch padded
+to 16), the norm then a kernel of its own. Launch configuration is a pure function of the shape,
+so a launch is safe inside a graph capture.
 """
 from __future__ import annotations
 
@@ -21,9 +23,10 @@ import triton
 import triton.language as tl
 
 from ...quant.format import CODES_PER_WORD, QuantizedLinear
-from .._util import MODEL_DTYPES, check_rows, next_pow2, pdl, pdl_wait
+from .._util import INTERPRET, MODEL_DTYPES, check_rows, next_pow2, pdl, pdl_wait
 from ..hardware import DeviceProfile, current_profile, profile_for
-from .gemv import MAX_BATCH, _check_norm_gemv, _h_tile, _input_tile, _inv_rms, gemv_reference, norm_gemv_reference
+from .gemv import (MAX_BATCH, _check_norm_gemv, _h_tile, _input_tile, _inv_rms, gemv_dot_block_n, gemv_reference,
+                   norm_gemv_reference)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -144,6 +147,38 @@ def _gemv_int4_kernel(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, q_ptr, s_ptr, z_
     tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _gemv_int4_dot_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, B, N, K, stride_xb, stride_qn, stride_sn, stride_ob,
+                          GROUP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          DOT_FP32: tl.constexpr, USE_GDC: tl.constexpr):
+    """_gemv_dot_kernel (B >= 2: the weight tile times x^T on the tensor cores, fp32 accumulation)
+    over int4 weight tiles dequantized in registers to x's dtype."""
+    pdl_wait(USE_GDC)
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = tl.arange(0, BLOCK_B)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    mask_n = offs_n < N
+    mask_b = offs_b < B
+    rows64 = offs_n.to(tl.int64)[:, None]
+    x_cols = x_ptr + offs_b[None, :] * stride_xb
+    dt = x_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        mk = kk < K
+        w = _dequant_tile(q_ptr + rows64 * stride_qn, s_ptr + rows64 * stride_sn, z_ptr + rows64 * stride_sn,
+                          k0 // 8 + offs_w, mask_n, K, stride_sn, GROUP, BLOCK_N, BLOCK_K, dt)
+        xt = tl.load(x_cols + kk[:, None], mask=mk[:, None] & mask_b[None, :], other=0.0)
+        if DOT_FP32:
+            acc += tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(w, xt)
+    out_ptrs = out_ptr + offs_b[None, :] * stride_ob + offs_n[:, None]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_b[None, :])
+
+
 # ----------------------------------------------------------------------------- launch
 @dataclass(frozen=True)
 class GemvInt4Launch:
@@ -177,6 +212,21 @@ def _launch(x, residual, norm_weight, residual_out, normed_out, eps, w: Quantize
     norm = residual is not None
     rows = residual if norm else x
     dummy = rows
+    if launch is None and b >= 2 and rows.dtype in (torch.bfloat16, torch.float16):
+        if norm:   # as gemv.py: on the tensor-core path the norm is a kernel of its own
+            from ..norm import launch_rmsnorm
+
+            if normed_out is None:
+                normed_out = torch.empty_like(residual)
+            launch_rmsnorm(x, residual, norm_weight, eps, normed_out, residual_out)
+            x = normed_out
+        block_n = gemv_dot_block_n(n, profile_for(out))
+        block_k = max(w.group_size, min(256, next_pow2(k)))   # whole groups
+        _gemv_int4_dot_kernel[(triton.cdiv(n, block_n),)](
+            x, w.qweight, w.scales, w.zeros, out, b, n, k, x.stride(0), w.qweight.stride(0), w.scales.stride(0),
+            out.stride(0), GROUP=w.group_size, BLOCK_B=max(16, next_pow2(b)), BLOCK_N=block_n, BLOCK_K=block_k,
+            DOT_FP32=INTERPRET, num_warps=4, num_stages=4, **pdl(out))
+        return
     cfg = launch or gemv_int4_config(b, n, k, w.group_size, norm=norm, profile=profile_for(out))
     if cfg.block_b < b:
         raise ValueError(f"launch.block_b={cfg.block_b} is smaller than the batch {b}")
@@ -198,7 +248,8 @@ def _launch(x, residual, norm_weight, residual_out, normed_out, eps, w: Quantize
 
 def gemv_int4_triton(x: torch.Tensor, w: QuantizedLinear, out: torch.Tensor, *,
                      launch: GemvInt4Launch | None = None) -> None:
-    """out = x @ dequant(w).T, the weight read as int4 (B <= 16); `launch` overrides the configuration."""
+    """out = x @ dequant(w).T, the weight read as int4 (B <= 16); `launch` forces the CUDA-core
+    kernel with that configuration."""
     b, n, k = _check(x, w, out)
     if w.scales.stride(0) != w.zeros.stride(0):
         raise ValueError(f"{w.name}: scales and zeros must have the same row stride, got "
@@ -224,7 +275,9 @@ def _check_norm_int4(x, residual, norm_weight, w, out, residual_out, normed_out)
 def norm_gemv_int4_triton(x, residual, norm_weight, eps, w: QuantizedLinear, out, *, residual_out=None,
                           normed_out=None, launch: GemvInt4Launch | None = None) -> None:
     """norm_gemv_triton's fused prologue (residual add + RMSNorm in every program, program 0 storing
-    residual_out and normed_out) before the int4 GEMV, at every batch size."""
+    residual_out and normed_out) before the int4 GEMV. On the tensor-core path (B >= 2, bf16/fp16)
+    the norm runs as its own kernel first, into normed_out (a temporary when not given: pass it for
+    a step that must not allocate)."""
     b, n, k = _check_norm_int4(x, residual, norm_weight, w, out, residual_out, normed_out)
     if w.scales.stride(0) != w.zeros.stride(0):
         raise ValueError(f"{w.name}: scales and zeros must have the same row stride, got "
