@@ -181,3 +181,39 @@ def test_norm_gemv_int4_bad_arguments_are_named():
             fn(None, residual.long(), nw, 1e-6, w, out)
         with pytest.raises(TypeError, match="w must be a QuantizedLinear"):
             fn(x, residual, nw, 1e-6, torch.zeros(8, 64), out)
+
+
+@pytest.mark.parametrize("b", [1, 3])
+def test_gemv_int4_rounds_the_weight_to_the_model_dtype(b):
+    """fp16 rows (the interpreter rounds fp16 as the GPU does), fp32 out, one-hot x: each output is
+    one dequantized weight, which must be the fp16-rounded (q - z) * s, not the fp32 value.
+    B = 1: the CUDA-core kernel; B = 3: the tensor-core one."""
+    n, k = 9, 64
+    w = quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(9)).half(), 32, "hqq")
+    cols = torch.tensor([5, 40, 63])[:b]
+    x = torch.eye(k, dtype=torch.float16)[cols]
+    out = _nan(b, n, dtype=torch.float32)
+    int4.gemv_int4_triton(x, w, out)
+    exact = w.dequantize(torch.float32)[:, cols].T
+    assert torch.equal(out, w.dequantize(torch.float16)[:, cols].T.float())
+    assert not torch.equal(out, exact)   # the rounding is visible at these points
+
+
+def test_int4_launches_at_35b_shapes_are_valid():
+    """tools/int4_compile's launches of every int4 kernel (H200 profile, 35b-a3b, B 1 and 8),
+    recorded on meta tensors, break none of launch_audit's rules (the offline compile itself
+    needs Triton without the interpreter: python -m tools.int4_compile)."""
+    from model.ops import _util
+    from model.ops.hardware import DeviceProfile
+    from tools import int4_compile, launch_audit
+
+    h200 = DeviceProfile.preset("h200")
+    log = int4_compile.record(h200, "35b-a3b", (1, 8), 128)
+    kernels = {L.kernel for L in log}
+    assert {"_gemv_int4_kernel", "_gemv_int4_dot_kernel", "_moe_gate_up_int4_kernel",
+            "_moe_down_int4_kernel"} <= kernels
+    for L in log:
+        assert not launch_audit.problems(L, h200, pdl_enabled=_util.HAVE_GDC), L
+        for k in ("BLOCK_K", "BLOCK_H"):
+            if k in L.constexprs and "GROUP" in L.constexprs and L.kernel != "_moe_down_int4_kernel":
+                assert L.constexprs[k] % L.constexprs["GROUP"] == 0
