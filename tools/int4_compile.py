@@ -3,7 +3,9 @@
 Every 2-D int4 linear of the preset's layout (one linear-attention and one full-attention layer,
 and the lm_head) goes through gemv_int4_triton and norm_gemv_int4_triton, and the preset's experts
 through moe_experts_int4_triton, on meta tensors at each batch, under the device profile given; each distinct launch is checked (tools/launch_audit's rules)
-and compiled by the installed Triton for the profile's architecture, with its shared memory.
+and compiled by the installed Triton for the profile's architecture, twice: as launch_audit does
+(no alignment assumed) and with the runtime's divisibility-by-16 specialisation (the build the
+device runs: vectorised word loads), with the shared memory of each.
 
     python -m tools.int4_compile --profile h200 --preset 35b-a3b --batch 1,3,8,16 [--group-size 128]
 
@@ -94,6 +96,34 @@ def _record_moe(preset: str, batches, group_size: int) -> None:
                                      e(b * K * I), e(b, H))
 
 
+def compile_aligned(launch, profile) -> dict:
+    """launch_audit.compile_launch with Triton's runtime specialisation applied: pointers and the
+    integer arguments that are multiples of 16 marked divisible by 16 (as the launcher marks them),
+    so the word loads vectorise as they will on the device. Shared memory and load widths."""
+    import inspect
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from tools.launch_audit import _sig
+
+    names = list(inspect.signature(launch.jit.fn).parameters)
+    sig = {k: ("constexpr" if k in launch.constexprs else _sig(launch.args[k])) for k in names}
+    attrs = {}
+    for i, k in enumerate(names):
+        v = launch.args.get(k)
+        if hasattr(v, "dtype") or (isinstance(v, int) and not isinstance(v, bool) and v and v % 16 == 0):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = triton.compiler.ASTSource(fn=launch.jit, signature=sig, constexprs=dict(launch.constexprs), attrs=attrs)
+    cc = profile.capability[0] * 10 + profile.capability[1]
+    opts = {k: v for k, v in launch.options.items() if k in ("num_warps", "num_stages")}
+    kernel = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=opts)
+    ptx = kernel.asm["ptx"]
+    return {"shared": int(kernel.metadata.shared), "v4_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)),
+            "cp_async": ptx.count("cp.async.cg") + ptx.count("cp.async.ca")}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="h200")
@@ -109,6 +139,7 @@ def main(argv=None) -> int:
     bad = 0
     for L in unique(log):
         try:
+            aligned = compile_aligned(L, profile)
             compile_launch(L, profile)
         except Exception as exc:  # noqa: BLE001 - report every failing launch, then fail
             L.compiled = None
@@ -119,7 +150,11 @@ def main(argv=None) -> int:
         bad += bool(p)
         cx = {k: v for k, v in L.constexprs.items() if k.startswith(("BLOCK", "GROUP", "NORM", "ONE"))}
         print(f"{L.kernel} grid={L.grid} {cx} warps={L.options.get('num_warps')} "
-              f"shared={L.compiled['shared']} B regs={L.compiled['registers']} {'; '.join(p) or 'ok'}")
+              f"shared={L.compiled['shared']} B (aligned: {aligned['shared']} B, {aligned['v4_loads']} v4 loads, "
+              f"{aligned['cp_async']} cp.async) {'; '.join(p) or 'ok'}")
+        if aligned["shared"] > profile.smem_per_block:
+            print(f"  aligned build: shared memory {aligned['shared']} B > {profile.smem_per_block} B per block")
+            bad += 1
     print(f"{len(unique(log))} distinct launches, {bad} with problems")
     return 1 if bad else 0
 
