@@ -1,6 +1,6 @@
 """GraphHandle through the CuPy adapter: CuPy arrays in and out, CuPy's own kernels in the step
 (CuPy refuses cuBLAS during a stream capture: NotImplementedError "calling cuBLAS API during stream
-capture is currently unsupported", CuPy 13 on an H200), replays equal to eager, host (numpy) inputs and pinned outputs, buckets, ordering after
+capture is currently unsupported", cupy-cuda13x on an H200), replays equal to eager, host (numpy) inputs and pinned outputs, buckets, ordering after
 CuPy's current stream, the private pool keeping graph memory from eager code, and a process that
 never imports torch."""
 import subprocess

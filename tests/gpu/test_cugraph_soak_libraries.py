@@ -122,7 +122,7 @@ def test_triton_step_with_host_io_keeps_no_memory_per_handle():
 
 def test_cupy_kernel_step_keeps_no_memory_per_handle():
     # CuPy refuses cuBLAS inside a stream capture (NotImplementedError "calling cuBLAS API during
-    # stream capture is currently unsupported", CuPy 13 on an H200): the product is made by CuPy's
+    # stream capture is currently unsupported", cupy-cuda13x on an H200): the product is made by CuPy's
     # own elementwise and reduction kernels, which allocate from the capture's private pool
     cp = need_module("cupy", "CuPy is optional; the GPU machine has it")
     x = cp.random.rand(8, 64, dtype=cp.float32)
