@@ -203,3 +203,16 @@ def test_triton_kernels_equal_the_reference_path(tiny, device):
     assert rel_err(lt, lr) <= REL_TOL
     for x, y in zip(states(tri), states(ref)):
         assert float((x - y).abs().max()) <= 1e-4 * max(1.0, float(y.abs().max()))
+
+
+def test_an_all_padding_chunk_changes_nothing(tiny, device):
+    """n_valid = 0 (what a graph bucket no call reached is warmed up with: zeroed static inputs)
+    runs without error and leaves every state as it was (Triton kernels; interpreter on CPU)."""
+    cfg = tiny[0]
+    w = random_weights(cfg, device, torch.float32, seed=1)
+    dec = Decoder(cfg, w, max_batch=2, max_seq=64, backend="triton")
+    dec.prefill([prompt(5, seed=13), prompt(7, seed=14)])
+    before = states(dec)
+    dec.prefill_step(16).forward(torch.tensor(prompt(16, seed=15), device=device),
+                                 torch.tensor([1, 7, 0], device=device))
+    assert all(torch.equal(x, y) for x, y in zip(states(dec), before))
