@@ -32,6 +32,20 @@ def test_router_topk(device, dtype, b, e, k):
     torch.testing.assert_close(w_t, w_r, **_tol(dtype))
 
 
+def test_router_ties_go_to_the_lowest_expert_id_in_both_backends(device):
+    """Tied logits (bf16 makes them common): both backends pick the lowest ids among equals."""
+    logits = torch.tensor([[0.0, 1.0, 1.0, 1.0, 1.0, 0.5, 1.0, 0.5],
+                           [2.0, 2.0, 0.0, 0.0, 2.0, 2.0, 2.0, 0.0]], dtype=torch.bfloat16, device=device)
+    want = torch.tensor([[1, 2, 3, 4, 6], [0, 1, 4, 5, 6]], dtype=torch.int32)
+    for fn in (moe.router_topk_reference, moe.router_topk_triton):
+        ids = torch.full((2, 5), -1, dtype=torch.int32, device=device)
+        fn(logits, 5, torch.empty(2, 5, dtype=torch.bfloat16, device=device), ids)
+        assert torch.equal(ids.cpu(), want), fn.__name__
+    ids = torch.full((2, 3), -1, dtype=torch.int32, device=device)
+    moe.router_topk_reference(logits, 3, torch.empty(2, 3, dtype=torch.bfloat16, device=device), ids)
+    assert torch.equal(ids.cpu(), want[:, :3])
+
+
 def _moe_inputs(g, b, h, e, i, i_s, k, dtype, device):
     x = torch.randn(b, h, generator=g).to(dtype).to(device)
     gu = (torch.randn(e, 2 * i, h, generator=g) / h ** 0.5).to(dtype).to(device)

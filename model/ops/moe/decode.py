@@ -35,10 +35,13 @@ def _check_router(logits, top_k, weights_out, ids_out):
 
 
 def router_topk_reference(logits, top_k, weights_out, ids_out) -> None:
-    """softmax (fp32) -> top-k (descending) -> renormalise -> rounded to the logits dtype."""
+    """softmax (fp32) -> top-k (descending; ties to the lowest expert id, as the kernel breaks
+    them: torch.topk leaves their order unspecified, and bf16 logits tie often) -> renormalise ->
+    rounded to the logits dtype."""
     _check_router(logits, top_k, weights_out, ids_out)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    val, idx = torch.topk(probs, top_k, dim=-1)
+    val, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
+    val, idx = val[:, :top_k], idx[:, :top_k]
     val = val / val.sum(dim=-1, keepdim=True)
     weights_out.copy_(val.to(logits.dtype))
     ids_out.copy_(idx.to(torch.int32))
