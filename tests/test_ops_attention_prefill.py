@@ -219,7 +219,7 @@ def test_argument_checks():
     q = torch.zeros(t, NH, D)
     out = torch.zeros(t, NH * D)
     err = torch.zeros(1, dtype=torch.int32)
-    with pytest.raises(ValueError, match="info must be an int64"):
+    with pytest.raises(TypeError, match="info must be an int64"):
         attention.prefill_attention_triton(q, kc, vc, torch.zeros(3, dtype=torch.int32), qkv, SCALE, out)
     with pytest.raises(ValueError, match="info must be an int64"):
         attention.qk_norm_rope_store_prefill_triton(qkv, qw, kw, torch.zeros(2, dtype=torch.int64), inv_freq,

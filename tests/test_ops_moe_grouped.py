@@ -186,8 +186,10 @@ def test_argument_checks(device):
             fn(*args, _workspace(t, k, e, torch.bfloat16, device), out)
         with pytest.raises(ValueError, match="does not fit"):
             fn(*args, _workspace(t - 1, k, e, torch.float32, device), out)
-        with pytest.raises(ValueError, match="info"):
+        with pytest.raises(TypeError, match="info"):
             fn(*args, ws, out, torch.tensor([0, 0, 4], dtype=torch.int32, device=device))
+        with pytest.raises(ValueError, match="info"):
+            fn(*args, ws, out, torch.tensor([0, 4], dtype=torch.int64, device=device))
         with pytest.raises(ValueError, match="out"):
             fn(*args, ws, out[:, :-1])
     cfg = moe.moe_grouped_launch_config(t, H, I, k, e, IS)

@@ -46,6 +46,18 @@ def check_contiguous(name: str, t: torch.Tensor, shape: tuple) -> None:
         raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
 
 
+def check_info(info, device) -> None:
+    """The prefill ops' chunk descriptor: an int64 tensor [3] = (row, start, n_valid) on the ops'
+    device (the kernels read it there; its values are checked by the references only)."""
+    if not isinstance(info, torch.Tensor) or info.dtype != torch.int64:
+        raise TypeError(f"info must be an int64 tensor [3] = (row, start, n_valid), got "
+                        f"{getattr(info, 'dtype', type(info).__name__)}")
+    if tuple(info.shape) != (3,):
+        raise ValueError(f"info must be an int64 tensor [3] = (row, start, n_valid), got shape {tuple(info.shape)}")
+    if info.device != torch.device(device):
+        raise ValueError(f"info must be on {device} (the kernels read it there), got {info.device}")
+
+
 def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Round an fp32 tensor through `dtype` and back (a model-dtype rounding point)."""
     return x.to(dtype).to(torch.float32)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import check_contiguous, check_rows, next_pow2, pdl, pdl_wait
+from ._util import check_contiguous, check_info, check_rows, next_pow2, pdl, pdl_wait
 
 
 def _check(x, conv_state, weight, out):
@@ -77,14 +77,6 @@ def conv1d_update_triton(x, conv_state, weight, out) -> None:
 
 # ---- prefill: a chunk of tokens of one sequence ------------------------------------------------
 
-def _check_info(info, device):
-    if not isinstance(info, torch.Tensor) or info.dtype != torch.int64 or tuple(info.shape) != (3,):
-        raise TypeError(f"info must be an int64 tensor [3] = (row, start, n_valid), got "
-                        f"{getattr(info, 'dtype', type(info))} {tuple(getattr(info, 'shape', ()))}")
-    if info.device != device:
-        raise ValueError(f"info must be on {device}, got {info.device}")
-
-
 def _check_prefill(x, conv_state, weight, out, info):
     if conv_state.dim() != 3:
         raise ValueError(f"conv_state must be [B, C, W], got shape {tuple(conv_state.shape)}")
@@ -96,7 +88,7 @@ def _check_prefill(x, conv_state, weight, out, info):
     check_rows("out", out, t, c)
     check_contiguous("conv_state", conv_state, (b, c, w))
     check_contiguous("weight", weight, (c, w))
-    _check_info(info, x.device)
+    check_info(info, x.device)
     return t, c, w
 
 

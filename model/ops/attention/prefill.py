@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._util import INTERPRET as _INTERPRET, check_rows, next_pow2, pdl, pdl_wait
+from .._util import INTERPRET as _INTERPRET, check_info, check_rows, next_pow2, pdl, pdl_wait
 from .decode import _check_cache, _norm_rope_ref
 
 __all__ = ["qk_norm_rope_store_prefill_reference", "qk_norm_rope_store_prefill_triton",
@@ -34,16 +34,6 @@ __all__ = ["qk_norm_rope_store_prefill_reference", "qk_norm_rope_store_prefill_t
 
 
 # ----------------------------------------------------------------------------- argument checks
-def _check_info(info, device):
-    if not isinstance(info, torch.Tensor):
-        raise TypeError(f"info must be a torch.Tensor (row, start, n_valid), got {type(info).__name__}")
-    if info.dtype != torch.int64 or tuple(info.shape) != (3,):
-        raise ValueError(f"info must be an int64 tensor [3] (row, start, n_valid), got {info.dtype} "
-                         f"{tuple(info.shape)}")
-    if info.device != device:
-        raise ValueError(f"info must be on {device} (the kernels read it there), got {info.device}")
-
-
 def _read_info(info, t, b):
     """Host copy of info for the references (the Triton ops never do this)."""
     row, start, n = (int(v) for v in info.tolist())
@@ -57,7 +47,7 @@ def _read_info(info, t, b):
 def _check_store(qkv, q_norm_w, k_norm_w, info, inv_freq, k_cache, v_cache, q_out, err, NH, NKV, D):
     t = qkv.shape[0]
     check_rows("qkv", qkv, t, NH * 2 * D + 2 * NKV * D)
-    _check_info(info, qkv.device)
+    check_info(info, qkv.device)
     _check_cache("k_cache", k_cache, 1, NKV, D)
     _check_cache("v_cache", v_cache, 1, NKV, D)
     if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
@@ -90,7 +80,7 @@ def _check_attention(q, k_cache, v_cache, info, qkv, out):
         raise ValueError(f"query heads ({nh}) must be a multiple of kv heads ({nkv})")
     check_rows("qkv", qkv, t, nh * 2 * d + 2 * nkv * d)
     check_rows("out", out, t, nh * d)
-    _check_info(info, q.device)
+    check_info(info, q.device)
     for name, x in (("k_cache", k_cache), ("v_cache", v_cache), ("qkv", qkv), ("out", out)):
         if x.dtype != q.dtype:
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._util import FILL_PROGRAMS, as_rows, check_contiguous, check_rows, next_pow2, pdl, pdl_wait
+from .._util import FILL_PROGRAMS, as_rows, check_contiguous, check_info, check_rows, next_pow2, pdl, pdl_wait
 
 __all__ = ["CHUNK", "gated_delta_chunk_workspace", "gated_delta_chunk_workspace_numel",
            "gated_delta_chunk_reference", "gated_delta_chunk_triton"]
@@ -73,12 +73,9 @@ def _check(qkv, a, b, A_log, dt_bias, state, out, info, NK, K, V):
     for name, p in (("A_log", A_log), ("dt_bias", dt_bias)):
         if p.numel() != nv or not p.is_contiguous():
             raise ValueError(f"{name} must be contiguous with {nv} elements, got shape {tuple(p.shape)}")
-    if not isinstance(info, torch.Tensor) or info.dtype != torch.int64 or tuple(info.shape) != (3,):
-        raise TypeError(f"info must be an int64 tensor [3] = (row, start, n_valid), got "
-                        f"{getattr(info, 'dtype', type(info))} {tuple(getattr(info, 'shape', ()))}")
-    for name, x in (("state", state), ("info", info)):
-        if x.device != qkv.device:
-            raise ValueError(f"{name} must be on {qkv.device}, got {x.device}")
+    check_info(info, qkv.device)
+    if state.device != qkv.device:
+        raise ValueError(f"state must be on {qkv.device}, got {state.device}")
     return t, nv, out2
 
 

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._util import INTERPRET, MODEL_DTYPES, check_rows, next_pow2, pdl, pdl_wait
+from .._util import INTERPRET, MODEL_DTYPES, check_info, check_rows, next_pow2, pdl, pdl_wait
 from .decode import check_expert_args
 from .grouping import group_pairs, max_blocks, pair_chunk
 
@@ -120,9 +120,8 @@ def _check_grouped(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, sha
         raise ValueError(f"workspace (tokens={workspace.tokens}, top_k={workspace.top_k}, "
                          f"experts={workspace.num_experts}, act {tuple(workspace.act.shape)} {workspace.act.dtype}) "
                          f"does not fit T={t}, k={k}, E={e}, I={i}, H={h}, {x.dtype}")
-    if info is not None and (info.dtype != torch.int64 or info.numel() != 3 or info.device != x.device):
-        raise ValueError(f"info must be an int64 (row, start, n_valid) tensor on {x.device}, "
-                         f"got {info.dtype} {tuple(info.shape)} on {info.device}")
+    if info is not None:
+        check_info(info, x.device)
     return t, h, e, i, k, i_s
 
 
