@@ -91,12 +91,12 @@ class Generator:
             }
             self._handle = GraphHandle(self._step, example, warmup=warmup)
         # the chunked prefill step; with graphs, captured per chunk-size bucket now (start-up)
-        self._prefill_step = decoder.prefill_step(prefill_chunk)
+        step = decoder.prefill_step(prefill_chunk)
         self._prefill_graphs = None
         if self.use_graph:
             from .prefill import PrefillGraphs
 
-            self._prefill_graphs = PrefillGraphs(self._prefill_step)
+            self._prefill_graphs = PrefillGraphs(step)
             self._prefill_graphs.prepare(row=0)
             decoder.reset()
 

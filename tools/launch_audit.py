@@ -27,9 +27,12 @@ from dataclasses import dataclass, field
 DECODE_MODULES = ("model.ops.norm", "model.ops.conv", "model.ops.sampling",
                   "model.ops.attention.decode", "model.ops.gated_delta.step",
                   "model.ops.linear.gemv", "model.ops.moe.decode")
-PREFILL_MODULES = ("model.ops.norm", "model.ops.conv", "model.ops.gated_delta.chunk",
-                   "model.ops.attention.prefill", "model.ops.moe.decode", "model.ops.moe.grouped",
-                   "model.ops.moe.grouping", "model.ops.linear.gemv")
+# modules holding only prefill kernels; the prefill step also launches the norms, the router, the
+# lm_head GEMV and the conv module's prefill kernel
+PREFILL_ONLY_MODULES = ("model.ops.gated_delta.chunk", "model.ops.attention.prefill",
+                        "model.ops.moe.grouped", "model.ops.moe.grouping")
+PREFILL_MODULES = ("model.ops.norm", "model.ops.conv", "model.ops.moe.decode",
+                   "model.ops.linear.gemv") + PREFILL_ONLY_MODULES
 _WARPS = (1, 2, 4, 8, 16, 32)
 _OPTIONS = ("num_warps", "num_stages", "launch_pdl", "num_ctas", "maxnreg")
 
@@ -79,7 +82,7 @@ def decode_kernel_names() -> set[str]:
 
 def prefill_kernel_names() -> set[str]:
     names = set()
-    for mod_name in PREFILL_MODULES[2:4] + PREFILL_MODULES[5:7]:
+    for mod_name in PREFILL_ONLY_MODULES:
         mod = importlib.import_module(mod_name)
         names |= {k for k, v in vars(mod).items() if k.endswith("_kernel") and hasattr(v, "fn")}
     return names | {"_conv1d_prefill_kernel"}
