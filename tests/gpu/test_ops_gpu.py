@@ -8,6 +8,8 @@ a single rounding (residual add, cache store of v, greedy token)."""
 import pytest
 import torch
 
+from tests.gpu._capture import capture_without_allocation
+
 from model.ops import attention, conv, gated_delta, linear, moe, norm, sampling
 
 pytestmark = pytest.mark.gpu
@@ -289,15 +291,7 @@ def test_all_ops_capture_in_one_graph_without_allocation():
     for k in mutable:
         t[k].copy_(snapshot[k])
     sampler.reset()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=s):
-        # counted inside the capture: capture_begin itself registers generator state tensors
-        before = torch.cuda.memory_stats()["allocation.all.allocated"]
-        step()
-        after = torch.cuda.memory_stats()["allocation.all.allocated"]
-    assert after == before, "an op allocated during capture"
+    graph = capture_without_allocation(step, "an op")
     for k in mutable:
         t[k].copy_(snapshot[k])
     sampler.reset()

@@ -9,6 +9,8 @@ fp32 1e-4."""
 import pytest
 import torch
 
+from tests.gpu._capture import capture_without_allocation
+
 from model.ops import moe
 from model.ops.linear import int4
 from model.ops.moe import int4 as moe4
@@ -140,14 +142,7 @@ def test_int4_kernels_capture_in_one_graph_without_allocation():
     step()
     torch.cuda.synchronize()
     eager = {k: v.clone() for k, v in bufs.items()}
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=s):
-        before = torch.cuda.memory_stats()["allocation.all.allocated"]
-        step()
-        after = torch.cuda.memory_stats()["allocation.all.allocated"]
-    assert after == before, "an int4 op allocated during capture"
+    graph = capture_without_allocation(step, "an int4 op")
     for v in bufs.values():
         v.fill_(float("nan"))
     torch.cuda.synchronize()
