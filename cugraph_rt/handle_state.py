@@ -56,6 +56,9 @@ class _Resources:
             g.close()
         self.graphs.clear()
         self.outputs.clear()
+        # no graph uses the private pools now: drop them (a failed capture keeps no memory; the
+        # next capture makes new ones)
+        self.pools.clear()
 
     def release(self) -> None:
         steps = [

@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--lengths", type=_int_list, default=[128, 1024, 4096, 16384], help="prompt lengths, batch 1")
     p.add_argument("--mixed", type=_int_list, default=[100, 1000, 3000], help="row lengths of one mixed call")
     p.add_argument("--chunk", type=common.positive_int, default=None, help="tokens per prefill step (default 2048)")
+    p.add_argument("--sweep-chunks", type=_int_list, default=[],
+                   help="also time --lengths with each of these chunk sizes (to choose the default by measurement)")
     p.add_argument("--reps", type=common.positive_int, default=3)
     p.add_argument("--check-tokens", type=common.positive_int, default=300)
     p.add_argument("--check-chunk", type=common.positive_int, default=128)
@@ -237,6 +239,12 @@ def main(argv=None) -> int:
     for r in ours["rows"]:
         r["floor_ms"] = prefill_flops(cfg, r["tokens"]) / (tflops * 1e12) * 1e3
         r["weight_floor_ms"] = weight_floor_ms(cfg, r["tokens"], bw)
+    sweep = []
+    for chunk in args.sweep_chunks:
+        one = bench_ours(cfg, weights, args.lengths, [args.lengths[0]],
+                         argparse.Namespace(**{**vars(args), "chunk": chunk, "profile_tokens": 0}), torch)
+        sweep.append({"chunk": chunk, "startup_s": one["startup_s"], "workspace_MB": one["workspace_MB"],
+                      "ttft_ms": {r["tokens"]: r["ttft_ms"] for r in one["rows"]}})
     hf = None
     if args.hf_layers:
         layers = min(args.hf_layers, cfg.num_layers)
@@ -253,7 +261,7 @@ def main(argv=None) -> int:
                                          for t, o in zip(theirs, ours_cut["rows"])]}
     result = {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "preset": args.preset or args.default_preset,
               "layers": cfg.num_layers, "dtype": args.dtype, "dense_bf16_TFLOPs": tflops, "copy_bandwidth_GBs": bw, "check": checked,
-              "ours": ours, "transformers": hf, "argv": sys.argv}
+              "ours": ours, "chunk_sweep": sweep, "transformers": hf, "argv": sys.argv}
     (args.out / "bench_prefill.json").write_text(json.dumps(result, indent=1))
     print(f"\n{gpu}, {result['preset']} ({cfg.num_layers} layers), {args.dtype}, batch 1, chunk {ours['chunk']}, "
           f"dense bf16 {tflops:.0f} TFLOP/s; start-up (JIT + capture of {len(ours['buckets'])} buckets) "
@@ -273,6 +281,12 @@ def main(argv=None) -> int:
     if ours["profile"]:
         print(f"where the time of one {args.profile_tokens}-token prefill goes (kernel records of the graph replays):")
         print(ours["profile"])
+    if sweep:
+        print("chunk sweep, TTFT ms by prompt length (start-up and workspaces of each chunk size apart):")
+        print(f"{'chunk':>6} " + " ".join(f"{n:>9}" for n in args.lengths) + f" {'start-up s':>11} {'ws MB':>7}")
+        for s in sweep:
+            print(f"{s['chunk']:>6} " + " ".join(f"{s['ttft_ms'][n]:>9.1f}" for n in args.lengths)
+                  + f" {s['startup_s']:>11.1f} {s['workspace_MB']:>7.0f}")
     m = ours["mixed"]
     print(f"mixed rows {m['lengths']} in one call: {m['ms']:.1f} ms ({m['tok_s']:.0f} tok/s)")
     if hf:
