@@ -42,6 +42,8 @@ def _exit2(fn, argv, capsys):
     (["--layers", "5"], "--layers 5: the tiny preset has 4 layers"),
     (["--layers", "0"], "argument --layers: expected a positive integer, got 0"),
     (["--checkpoint", "x", "--layers", "1"], "--checkpoint x: no such directory"),
+    (["--device-loop", "while", "--no-graph"], "--device-loop while replays the decode step as a CUDA graph: it "
+                                               "needs a CUDA GPU and no --no-graph"),
 ])
 def test_generate_bad_numbers_refused_before_allocating(argv, needle, capsys, monkeypatch):
     import model.weights
