@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the decode loop on the device: 'while' (one launch, a conditional node stops "
                         "at end-of-sequence), 'fixed' (graphs of K steps); tokens still stream")
     p.add_argument("--prefill-chunk", type=positive_int, default=None,
-                   help="prompt tokens per prefill step (default 2048; longer prompts run as several chunks)")
+                   help="prompt tokens per prefill step (default 4096; longer prompts run as several chunks)")
     p.add_argument("--quant", choices=("none", "int4"), default="none",
                    help="int4: quantize the weights (group-wise HQQ, docs/int4.md) and decode their "
                         "dequantized values (the int4 reference math; a checkpoint with a "

@@ -22,7 +22,8 @@ import torch
 from .config import LINEAR
 
 # Token buckets of the prefill graphs; a prompt is cut into chunks of at most the largest.
-DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+# 4096: the fastest of 512 ... 4096 at 1k-16k prompts on an H200 (docs/benchmarks.md, chunk sweep)
 DEFAULT_CHUNK = DEFAULT_BUCKETS[-1]
 
 

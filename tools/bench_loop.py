@@ -1,6 +1,6 @@
 """The decode loop on the device against the host's per-step loop (a benchmark, not a test).
 
-    python -m tools.bench_loop --preset 35b-a3b --batches 1,8 --prompt 1024 --new 256 --out out/loop
+    python -m tools.bench_loop --preset 35b-a3b --batches 1,8 --prompt 1024 --new 257 --out out/loop
 
 Per batch: one Generator (graphs captured at start-up, reported apart), greedy, no end-of-sequence
 (every row runs its whole budget). Checks first that every mode gives the per-step loop's tokens.
@@ -29,7 +29,8 @@ def parse_args(argv=None):
     common.add_model_args(p, default_preset="tiny")
     p.add_argument("--batches", type=common.positive_int_list, default=[1, 8])
     p.add_argument("--prompt", type=common.positive_int, default=128, help="prompt tokens per row")
-    p.add_argument("--new", type=common.positive_int, default=256, help="new tokens per row")
+    p.add_argument("--new", type=common.positive_int, default=257,
+                   help="new tokens per row (1 + a multiple of 64: every fixed K divides the decode steps)")
     p.add_argument("--ks", type=common.positive_int_list, default=[4, 16, 64], help="fixed-K graphs to time")
     p.add_argument("--reps", type=common.positive_int, default=3, help="generate() calls per mode (median)")
     p.add_argument("--out", type=Path, default=Path("out/loop"))
@@ -69,8 +70,9 @@ def bench_batch(cfg, weights, batch, args, torch) -> dict:
             raise SystemExit(f"batch {batch}, {name}: tokens differ from the per-step loop; no speed reported")
         ms = statistics.median(run(mode)[1] for _ in range(args.reps))
         rows.append({"mode": name, "ms_per_step": ms, "tok_s": batch * 1e3 / ms})
-    # the bare replay of the captured step at the middle of the decoded context
-    tok = torch.ones(batch, dtype=torch.int64, device="cuda")
+    # the bare replay of the captured step at the middle of the decoded context, each row on its own
+    # generated token (rows on one token would all pick the same experts: fewer bytes, a false floor)
+    tok = torch.tensor([t[args.new // 2] for t in want], dtype=torch.int64, device="cuda")
     pos = torch.full((batch,), args.prompt + args.new // 2, dtype=torch.int64, device="cuda")
     stream = gen.handle.stream.torch
     torch.cuda.synchronize()

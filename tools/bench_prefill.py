@@ -45,7 +45,7 @@ def parse_args(argv=None):
     common.add_model_args(p, default_preset="35b-a3b")
     p.add_argument("--lengths", type=_int_list, default=[128, 1024, 4096, 16384], help="prompt lengths, batch 1")
     p.add_argument("--mixed", type=_int_list, default=[100, 1000, 3000], help="row lengths of one mixed call")
-    p.add_argument("--chunk", type=common.positive_int, default=None, help="tokens per prefill step (default 2048)")
+    p.add_argument("--chunk", type=common.positive_int, default=None, help="tokens per prefill step (default 4096)")
     p.add_argument("--sweep-chunks", type=_int_list, default=[],
                    help="also time --lengths with each of these chunk sizes (to choose the default by measurement)")
     p.add_argument("--reps", type=common.positive_int, default=3)
