@@ -88,3 +88,24 @@ def test_workspace_bytes_hold_for_int4(int4_fp32, backend):
     dec = Decoder(CFG, int4_fp32, max_batch=1, max_seq=64, backend=backend)
     step = PrefillStep(dec, 32)
     assert step.nbytes() == PrefillStep.workspace_bytes(CFG, 32, torch.float32, backend) > 0
+
+
+def test_int4_prefill_launches_at_35b_shapes_are_valid():
+    """tools/int4_compile --prefill's record: the 35b-a3b model with every linear and the lm_head
+    int4 (meta tensors, H200 profile) through PrefillStep.forward at chunks of 16 and 2048. Every
+    projection takes the int4 GEMM (no cuBLAS call could take a QuantizedLinear), the experts the
+    int4 grouped kernels, the lm_head the int4 GEMV; no launch breaks launch_audit's rules."""
+    from model.ops import _util
+    from model.ops.hardware import DeviceProfile
+    from tools import int4_compile, launch_audit
+
+    h200 = DeviceProfile.preset("h200")
+    log = int4_compile.record_prefill(h200, "35b-a3b", (16, 2048), 128)
+    kernels = [L.kernel for L in log]
+    assert {"_gemm_int4_kernel", "_moe_gate_up_int4_gemm_kernel", "_moe_down_int4_gemm_kernel",
+            "_moe_shared_combine_int4_kernel", "_gemv_int4_kernel"} <= set(kernels)
+    assert "_gemv_kernel" not in kernels and "_moe_gate_up_gemm_kernel" not in kernels
+    # per chunk and layer: in_proj/out_proj (linear attention) or qkv/o_proj, and router_shared
+    assert kernels.count("_gemm_int4_kernel") == 2 * 40 * 3
+    for L in log:
+        assert not launch_audit.problems(L, h200, pdl_enabled=_util.HAVE_GDC), L
