@@ -31,6 +31,9 @@ def test_quantize_gives_the_int4_layout_only_under_quant_int4():
     m = wq.layers[0]
     assert isinstance(m.mixer.in_proj, QuantizedLinear) and m.mixer.in_proj.group_size == 32
     assert isinstance(m.moe.gate_up_proj, QuantizedLinear) and not isinstance(wq.lm_head, QuantizedLinear)
+    w4 = bench_prefill.quantize(w, bench_prefill.parse_args(["--quant", "int4", "--group-size", "32", "--lm-head",
+                                                             "int4"]))
+    assert isinstance(w4.lm_head, QuantizedLinear)
 
 
 def test_int4_weight_floor():
