@@ -35,3 +35,10 @@ __all__ = ["gemv", "norm_gemv", "rmsnorm", "add_rmsnorm", "gated_rmsnorm", "conv
            "prefill_attention", "moe_experts_grouped", "moe_grouped_workspace",
            # the decode loop on the device (model/device_loop.py)
            "advance_rows", "loop_ctl_numel"]
+
+# int4 weights (QuantizedLinear, docs/int4.md) in the chunked prefill: its GEMMs, grouped experts, lm_head
+from .linear.int4 import gemv_int4_reference as gemv_int4  # noqa: E402,F401
+from .linear.int4_gemm import gemm_int4_reference as gemm_int4  # noqa: E402,F401
+from .moe.grouped_int4 import moe_experts_grouped_int4_reference as moe_experts_grouped_int4  # noqa: E402,F401
+
+__all__ += ["gemm_int4", "gemv_int4", "moe_experts_grouped_int4"]
