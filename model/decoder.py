@@ -55,6 +55,9 @@ class Decoder:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         if not isinstance(max_seq, int) or max_seq < 1:
             raise ValueError(f"max_seq must be an int >= 1, got {max_seq!r}")
+        from .quant.layout import check_decoder_weights
+
+        check_decoder_weights(weights)   # shapes, and int4 (QuantizedLinear) only where a kernel reads it
         self.cfg, self.weights = cfg, weights
         self.max_batch, self.max_seq, self.backend = max_batch, max_seq, backend
         self.device, self.dtype = weights.device, weights.dtype
