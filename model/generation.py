@@ -63,14 +63,16 @@ class GenerationResult:
 
 
 class Generator:
-    """Prefill and decode through one step function, replayed as a CUDA graph or run eagerly.
+    """Prefill and decode through one step function, replayed as a CUDA graph or run eagerly
+    (use_graph); with use_graph and prefill_graphs=False only the decode step is a graph.
 
     The graph (or eager) step takes `tokens[B]` and `positions[B]` (int64) and returns the sampled
     next tokens `[B]` (int64, on the device); `decoder.logits` keeps the step's logits.
     """
 
     def __init__(self, decoder, sampling: SamplingParams = SamplingParams(), *,
-                 use_graph: bool = True, warmup: int = 2, prefill_chunk: int | None = None):
+                 use_graph: bool = True, warmup: int = 2, prefill_chunk: int | None = None,
+                 prefill_graphs: bool = True):
         self.decoder = decoder
         self.sampling = sampling
         self.batch = decoder.max_batch
@@ -90,10 +92,12 @@ class Generator:
                 "positions": torch.zeros(self.batch, dtype=torch.int64, device=device),
             }
             self._handle = GraphHandle(self._step, example, warmup=warmup)
-        # the chunked prefill step; with graphs, captured per chunk-size bucket now (start-up)
+        # the chunked prefill step; with graphs, captured per chunk-size bucket now (start-up).
+        # prefill_graphs=False keeps the prefill eager: for users of the decode step alone (the
+        # decode benchmarks), who need not pay its capture
         step = decoder.prefill_step(prefill_chunk)
         self._prefill_graphs = None
-        if self.use_graph:
+        if self.use_graph and prefill_graphs:
             from .prefill import PrefillGraphs
 
             self._prefill_graphs = PrefillGraphs(step)

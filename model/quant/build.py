@@ -7,7 +7,8 @@ whole (35b-a3b: 70 GB in bf16, under 20 GB in int4).
     == quantize_weights(random_weights(cfg, device, dtype, seed), ...), tensor for tensor, with at
     most one bf16 tensor alive at a time
 - int4_weight_bytes(cfg, dtype_bytes, group_size, lm_head, scale_bytes): nbytes() of such a
-  layout, from the shapes alone
+  layout, from the shapes alone; build_transient_bytes: what building one adds on top, at most
+- quantize_into(w, out, method): quantize a weight into preallocated int4 tensors (or views)
 """
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from ..config import ModelConfig
 from ..weights import ModelWeights, empty_weights, random_inits
 from .format import CODES_PER_WORD, SCALE_DTYPES, QuantizedLinear, check_group_size, check_groupable
 from .layout import _check_lm_head, is_int4_field, map_weights
-from .writer import quantize_rows
+from .quantizers import quantize
 
-# weights a quantizer takes at once while building: its fp32 temporaries (about 40 bytes a weight
-# for HQQ) stay near 0.7 GB, beside the one bf16 tensor being quantized
-BUILD_CHUNK_ELEMS = 1 << 24
+# weights a quantizer takes at once while building: its temporaries (fp32 copies, int64 packing;
+# QUANT_TEMP_BYTES a weight, an allowance) stay near 0.2 GB beside the one bf16 tensor being quantized
+BUILD_CHUNK_ELEMS = 1 << 22
+QUANT_TEMP_BYTES = 48
 
 
 def _scale_dtype(dtype, scale_dtype):
@@ -50,13 +52,36 @@ def empty_int4_weights(cfg: ModelConfig, device, dtype: torch.dtype, group_size:
     def alloc(n, t):
         if not is_int4_field(n, lm_head):
             return torch.empty(t.shape, device=device, dtype=dtype)
-        *lead, K = t.shape
-        return QuantizedLinear(torch.empty(*lead, K // CODES_PER_WORD, device=device, dtype=torch.int32),
-                               torch.empty(*lead, K // group_size, device=device, dtype=sdt),
-                               torch.empty(*lead, K // group_size, device=device, dtype=sdt),
-                               group_size, tuple(t.shape), n)
+        return _empty_q(tuple(t.shape), group_size, device, sdt, n)
 
     return map_weights(empty_weights(cfg, "meta", dtype), alloc)
+
+
+@torch.no_grad()
+def quantize_into(w: torch.Tensor, out: QuantizedLinear, method: str, *,
+                  chunk_elems: int = BUILD_CHUNK_ELEMS) -> QuantizedLinear:
+    """quantize(w) written into `out`'s preallocated tensors (views are fine: rows of a fused
+    weight), row chunk by row chunk on out's device, so no second int4 copy and no temporaries
+    beyond one chunk's. Equal to quantizing w whole (groups lie within rows)."""
+    if tuple(w.shape) != out.shape:
+        raise ValueError(f"{out.name}: weight of shape {list(w.shape)} into an int4 tensor of shape {list(out.shape)}")
+    K, G = out.shape[-1], out.group_size
+    rows = w.reshape(-1, K)
+    dst = [t.view(-1, t.shape[-1]) for t in (out.qweight, out.scales, out.zeros)]
+    step = max(1, chunk_elems // K)
+    for i in range(0, rows.shape[0], step):
+        q = quantize(rows[i:i + step].to(out.device), G, method, scale_dtype=out.scale_dtype, name=out.name)
+        for d, part in zip(dst, (q.qweight, q.scales, q.zeros)):
+            d[i:i + step].copy_(part)
+    return out
+
+
+def _empty_q(shape, group_size, device, sdt, name) -> QuantizedLinear:
+    *lead, K = shape
+    return QuantizedLinear(torch.empty(*lead, K // CODES_PER_WORD, device=device, dtype=torch.int32),
+                           torch.empty(*lead, K // group_size, device=device, dtype=sdt),
+                           torch.empty(*lead, K // group_size, device=device, dtype=sdt),
+                           group_size, tuple(shape), name)
 
 
 def int4_weight_bytes(cfg: ModelConfig, dtype_bytes: int, group_size: int, lm_head: str = "bf16",
@@ -81,7 +106,7 @@ def random_int4_weights(cfg: ModelConfig, device="cuda", dtype=torch.bfloat16, s
     tensor at a time on `device`: each tensor is drawn (random_weights' order and generator, so the
     same values) and, where int4, quantized at once in row chunks of chunk_elems weights; its bf16
     values are dropped before the next is drawn. Peak memory: the int4 model plus one bf16 tensor
-    plus the quantizer's temporaries of one chunk."""
+    plus the quantizer's temporaries of one chunk (build_peak_bytes)."""
     _check_fields(cfg, group_size, lm_head)
     device, sdt = torch.device(device), _scale_dtype(dtype, scale_dtype)
     shapes = dict(empty_weights(cfg, "meta", dtype).tensors())
@@ -91,7 +116,18 @@ def random_int4_weights(cfg: ModelConfig, device="cuda", dtype=torch.bfloat16, s
     for name, init in random_inits(cfg):
         t = torch.empty(shapes[name].shape, device=device, dtype=dtype)
         init(t, gen)
-        if is_int4_field(name, lm_head):
-            t = quantize_rows(t, group_size, method, sdt, name, device, chunk_elems, out_device=device)
+        if is_int4_field(name, lm_head):   # the bf16 values go as t is rebound
+            t = quantize_into(t, _empty_q(tuple(t.shape), group_size, device, sdt, name), method,
+                              chunk_elems=chunk_elems)
         built[name] = t
     return map_weights(empty_weights(cfg, "meta", dtype), lambda n, _: built.pop(n))
+
+
+def build_transient_bytes(cfg: ModelConfig, dtype_bytes: int, lm_head: str = "bf16",
+                          chunk_elems: int = BUILD_CHUNK_ELEMS) -> int:
+    """The most that building an int4 layout tensor by tensor (random_int4_weights, or a checkpoint
+    quantized on load) holds beside the int4 tensors: the largest int4 field in the model dtype
+    (a fused checkpoint's expert stack is no larger) plus one chunk's quantizer temporaries."""
+    largest = max(t.numel() for n, t in empty_weights(cfg, "meta", torch.float32).tensors()
+                  if is_int4_field(n, lm_head))
+    return largest * dtype_bytes + chunk_elems * QUANT_TEMP_BYTES

@@ -13,12 +13,11 @@ from __future__ import annotations
 import torch
 
 from ..weights import hf_targets
-from .build import BUILD_CHUNK_ELEMS, empty_int4_weights
-from .format import QuantizedLinear
+from .build import BUILD_CHUNK_ELEMS, empty_int4_weights, quantize_into
+from .format import CODES_PER_WORD, QuantizedLinear
 from .layout import map_weights
 from .qconfig import QuantizationConfig
 from .reader import target_view
-from .writer import quantize_rows
 
 
 def _check_spec(quantize) -> QuantizationConfig:
@@ -54,10 +53,9 @@ class QuantizingTargets:
         if view.dtype != torch.int32:      # a plain field (only int4 words are int32 in the layout)
             view.copy_(t)
             return
-        ql = quantize_rows(t.to(self.dtype), self.spec.group_size, self.spec.method, self.spec.torch_scale_dtype,
-                           name, self.device, self.chunk_elems, out_device=self.device)
-        for p in ("qweight", "scales", "zeros"):
-            target_view(self._targets[p], canon, e, part, I).copy_(getattr(ql, p))
+        q, s, z = (target_view(self._targets[p], canon, e, part, I) for p in ("qweight", "scales", "zeros"))
+        rows = QuantizedLinear(q, s, z, self.spec.group_size, (*q.shape[:-1], q.shape[-1] * CODES_PER_WORD), name)
+        quantize_into(t.to(self.dtype), rows, self.spec.method, chunk_elems=self.chunk_elems)
 
     def weights(self):
         return self.layout
