@@ -33,7 +33,7 @@ def _scale_dtype(dtype, scale_dtype):
     return sdt
 
 
-def _check_fields(cfg: ModelConfig, group_size: int, lm_head: str) -> None:
+def check_int4_fields(cfg: ModelConfig, group_size: int, lm_head: str) -> None:
     """Every int4 field's K a whole number of groups, checked on the shapes before any work."""
     check_group_size(group_size)
     _check_lm_head(cfg, lm_head)
@@ -46,7 +46,7 @@ def empty_int4_weights(cfg: ModelConfig, device, dtype: torch.dtype, group_size:
                        lm_head: str = "bf16", scale_dtype: torch.dtype | None = None) -> ModelWeights:
     """An uninitialised int4 layout on `device`: QuantizedLinear fields (int32 words, scales and
     zeros in scale_dtype, default dtype) where is_int4_field says, dtype tensors elsewhere."""
-    _check_fields(cfg, group_size, lm_head)
+    check_int4_fields(cfg, group_size, lm_head)
     device, sdt = torch.device(device), _scale_dtype(dtype, scale_dtype)
 
     def alloc(n, t):
@@ -88,7 +88,7 @@ def int4_weight_bytes(cfg: ModelConfig, dtype_bytes: int, group_size: int, lm_he
                       scale_bytes: int | None = None) -> int:
     """Bytes of the int4 layout (model.quant.layout.nbytes of it) from the shapes: half a byte a
     weight plus a scale and a zero per group on int4 fields, dtype_bytes a value elsewhere."""
-    _check_fields(cfg, group_size, lm_head)
+    check_int4_fields(cfg, group_size, lm_head)
     sb = dtype_bytes if scale_bytes is None else scale_bytes
     total = 0
     for n, t in empty_weights(cfg, "meta", torch.float32).tensors():
@@ -106,8 +106,8 @@ def random_int4_weights(cfg: ModelConfig, device="cuda", dtype=torch.bfloat16, s
     tensor at a time on `device`: each tensor is drawn (random_weights' order and generator, so the
     same values) and, where int4, quantized at once in row chunks of chunk_elems weights; its bf16
     values are dropped before the next is drawn. Peak memory: the int4 model plus one bf16 tensor
-    plus the quantizer's temporaries of one chunk (build_peak_bytes)."""
-    _check_fields(cfg, group_size, lm_head)
+    plus the quantizer's temporaries of one chunk (build_transient_bytes)."""
+    check_int4_fields(cfg, group_size, lm_head)
     device, sdt = torch.device(device), _scale_dtype(dtype, scale_dtype)
     shapes = dict(empty_weights(cfg, "meta", dtype).tensors())
     gen = torch.Generator(device=device)

@@ -56,7 +56,7 @@ def plan_quant(args, cfg, dtype, checkpoint_qcfg=None) -> QuantPlan:
     for a combination that cannot be: a group size that does not divide every int4 weight, an int4
     lm_head on tied embeddings, flags that contradict an int4 checkpoint."""
     from . import QuantizationConfig
-    from .build import _check_fields
+    from .build import check_int4_fields
 
     if checkpoint_qcfg is not None:
         q = checkpoint_qcfg
@@ -73,7 +73,7 @@ def plan_quant(args, cfg, dtype, checkpoint_qcfg=None) -> QuantPlan:
         return QuantPlan("none")
     G = args.group_size or DEFAULT_GROUP_SIZE
     lm_head = args.lm_head or "bf16"
-    _check_fields(cfg, G, lm_head)      # every int4 weight's K against G, tied lm_head: before any work
+    check_int4_fields(cfg, G, lm_head)      # every int4 weight's K against G, tied lm_head: before any work
     spec = QuantizationConfig(method=METHOD, group_size=G, lm_head=lm_head,
                               scale_dtype=str(dtype).replace("torch.", ""))
     return QuantPlan(args.quant, spec)
