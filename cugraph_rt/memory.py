@@ -198,19 +198,49 @@ class DeviceBuffer(_Copyable):
 
 
 class HostBuffer(_Copyable):
-    """Pinned (page-locked) host memory from ``cudaHostAlloc``: async copies run at full speed."""
+    """Pinned (page-locked) host memory from ``cudaHostAlloc``: async copies run at full speed.
 
-    def __init__(self, nbytes: int):
+    ``mapped=True`` also maps it into the device's address space (``cudaHostAllocMapped``):
+    kernels read and write it through ``device_ptr`` / ``device_view()`` / ``as_device_tensor()``,
+    and the host sees a kernel's writes without a copy or a synchronisation (a device-written
+    token stream, a progress counter). Device accesses cross the bus: keep them few and small."""
+
+    def __init__(self, nbytes: int, *, mapped: bool = False):
         nbytes = check_int(nbytes, "nbytes", minimum=0)
+        if not isinstance(mapped, bool):
+            raise TypeError(f"mapped must be a bool, got {mapped!r}")
         require_cuda()
-        self.nbytes = nbytes
+        self.nbytes, self.mapped = nbytes, mapped
         n = max(self.nbytes, 1)
-        self.ptr = int(call(_rt.cudaHostAlloc, n, int(_rt.cudaHostAllocPortable)))
+        flags = int(_rt.cudaHostAllocPortable) | (int(_rt.cudaHostAllocMapped) if mapped else 0)
+        self.ptr = int(call(_rt.cudaHostAlloc, n, flags))
         _count("host", n, 1)
         self._own(_free_host, self.ptr, n)
+        self.device_ptr = self.device = None
+        if mapped:
+            self.device = int(call(_rt.cudaGetDevice))
+            self.device_ptr = int(call(_rt.cudaHostGetDevicePointer, self.ptr, 0))
 
     def __repr__(self) -> str:
-        return f"<HostBuffer {self.nbytes} B at 0x{self.ptr:x}{' closed' if self.closed else ''}>"
+        kind = "mapped " if self.mapped else ""
+        return f"<HostBuffer {kind}{self.nbytes} B at 0x{self.ptr:x}{' closed' if self.closed else ''}>"
+
+    def _check_mapped(self) -> None:
+        self._check_open()
+        if not self.mapped:
+            raise ValueError("this HostBuffer is not mapped into the device: make it with HostBuffer(n, mapped=True)")
+
+    def device_view(self, dtype="uint8", shape=None) -> _CudaArrayView:
+        """A ``__cuda_array_interface__`` view of a mapped buffer at its device address."""
+        self._check_mapped()
+        shape, _ = _view_shape(self.nbytes, dtype, shape)
+        return _CudaArrayView(self, self.device_ptr, shape, dtype, None)
+
+    def as_device_tensor(self, dtype, shape=None):
+        """A torch CUDA tensor on a mapped buffer (no copy): what kernels write, the host sees."""
+        self._check_mapped()
+        from .torch_interop import tensor_from_device_buffer
+        return tensor_from_device_buffer(_MappedWindow(self), dtype, shape)
 
     def numpy(self, dtype="uint8", shape=None):
         """A numpy array on this memory (no copy); it keeps the buffer alive."""
@@ -233,6 +263,16 @@ class HostBuffer(_Copyable):
         self._check_open()
         from .torch_interop import tensor_from_host_buffer
         return tensor_from_host_buffer(self, dtype, shape)
+
+
+class _MappedWindow:
+    """A mapped HostBuffer seen as device memory (what tensor_from_device_buffer reads)."""
+
+    def __init__(self, buf: HostBuffer):
+        self.buf, self.nbytes, self.device = buf, buf.nbytes, buf.device
+
+    def view(self, dtype="uint8", shape=None):
+        return self.buf.device_view(dtype, shape)
 
 
 class _KeepAlive:

@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="bfloat16 (default) on a GPU; the CPU reference path runs in float32")
     p.add_argument("--no-graph", action="store_true", help="decode eagerly instead of replaying graphs")
+    p.add_argument("--device-loop", choices=("off", "while"), default="off",
+                   help="'while': each reply decodes in one graph launch that stops at end-of-sequence")
     return p
 
 
@@ -268,6 +270,9 @@ def main(argv=None) -> int:
     import torch
 
     on_gpu = torch.cuda.is_available()
+    if args.device_loop != "off" and (args.no_graph or not on_gpu):
+        error(f"--device-loop {args.device_loop} replays the decode step as a CUDA graph: it needs a CUDA GPU "
+              "and no --no-graph")
     device = "cuda" if on_gpu else "cpu"
     dtype = getattr(torch, args.dtype or "bfloat16") if on_gpu else torch.float32
     backend = "triton" if on_gpu else "reference"
@@ -289,7 +294,8 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:   # CheckpointError, ConfigError, missing files
         error(f"--checkpoint {args.checkpoint}: {e}")
     interactive = sys.stdin.isatty()
-    with Generator(decoder, sampling, use_graph=on_gpu and not args.no_graph) as gen:
+    with Generator(decoder, sampling, use_graph=on_gpu and not args.no_graph,
+                   device_loop=args.device_loop == "while") as gen:
         chat = ChatSession(gen, tokenizer, template, eos_token_ids=eos, max_new_tokens=args.max_new_tokens,
                            system=args.system)
         if interactive:

@@ -59,8 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="bfloat16 (default) on a GPU; the CPU reference path runs in float32")
     p.add_argument("--no-graph", action="store_true", help="decode eagerly instead of replaying a graph")
+    p.add_argument("--device-loop", choices=("off", "while", "fixed"), default="off",
+                   help="run the decode loop on the device: 'while' (one launch, a conditional node stops "
+                        "at end-of-sequence), 'fixed' (graphs of K steps); tokens still stream")
     p.add_argument("--prefill-chunk", type=positive_int, default=None,
-                   help="prompt tokens per prefill step (default 2048; longer prompts run as several chunks)")
+                   help="prompt tokens per prefill step (default 4096; longer prompts run as several chunks)")
     add_quant_args(p)    # --quant none|int4|int4-dequant, --group-size, --lm-head (model/quant/cli.py)
     return p
 
@@ -239,6 +242,10 @@ def main(argv=None) -> int:
     elif args.batch > CPU_MAX_BATCH:
         error(f"--batch {args.batch}: the CPU reference path decodes row by row in Python, so more than "
               f"{CPU_MAX_BATCH} rows would take minutes per token; use at most {CPU_MAX_BATCH}")
+    device_loop = None if args.device_loop == "off" else args.device_loop
+    if device_loop and (args.no_graph or not on_gpu):
+        error(f"--device-loop {args.device_loop} replays the decode step as a CUDA graph: it needs a CUDA GPU "
+              "and no --no-graph")
     device = "cuda" if on_gpu else "cpu"
     dtype = getattr(torch, args.dtype or "bfloat16") if on_gpu else torch.float32
     backend = "triton" if on_gpu else "reference"
@@ -271,7 +278,8 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     try:
-        with Generator(decoder, sampling, use_graph=use_graph, prefill_chunk=args.prefill_chunk) as gen, \
+        with Generator(decoder, sampling, use_graph=use_graph, prefill_chunk=args.prefill_chunk,
+                       device_loop=device_loop) as gen, \
                 tqdm(total=args.max_new_tokens, desc="decode", unit="tok", file=sys.stderr,
                      disable=sys.stdout.isatty()) as bar:
             def show(step, tokens):
@@ -287,7 +295,8 @@ def main(argv=None) -> int:
         return 130
     printer.finish()
     print()
-    mode = "graph (cugraph_rt)" if use_graph else "eager"
+    mode = ("graph (cugraph_rt)" + (f", decode loop on the device ({device_loop})" if device_loop else "")
+            if use_graph else "eager")
     where = torch.cuda.get_device_name() if on_gpu else "CPU"
     print(_format_summary(result, mode, where, args.batch, startup_s))
     return 0

@@ -8,21 +8,28 @@ chunk size serves every row, start and length: `PrefillGraphs`). Every intermedi
 workspace sized once for `chunk` tokens, so a step allocates nothing of its own.
 
 Per layer, with the same rounding points as transformers' qwen3_5_moe prefill:
-  add_rmsnorm (residual += previous block's output) -> GEMM (cuBLAS, torch.mm out=)
+  add_rmsnorm (residual += previous block's output) -> GEMM (cuBLAS, torch.mm out=; linear())
   GDN:        conv1d_prefill -> gated_delta_chunk -> gated_rmsnorm -> GEMM(out_proj)
   attention:  qk_norm_rope_store_prefill (K/V into the cache) -> prefill_attention -> GEMM(o_proj)
   MoE:        add_rmsnorm -> GEMM(router + shared gate/up + shared gate) -> router_topk
               -> moe_experts_grouped (grouped GEMMs over the experts, shared expert, combine)
 and at the end the last valid token's row: add_rmsnorm -> lm_head GEMV.
+
+int4 weights (a ModelWeights from model.quant.layout, its linears QuantizedLinear): each GEMM, the
+grouped experts and the lm_head take the backend's int4 op instead (ops.gemm_int4,
+ops.moe_experts_grouped_int4, ops.gemv_int4: the weight tiles dequantized in registers), chosen per
+weight; the workspaces are the same.
 """
 from __future__ import annotations
 
 import torch
 
 from .config import LINEAR
+from .quant.format import QuantizedLinear
 
 # Token buckets of the prefill graphs; a prompt is cut into chunks of at most the largest.
-DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+# 4096: the fastest of 512 ... 4096 at 1k-16k prompts on an H200 (docs/benchmarks.md, chunk sweep)
 DEFAULT_CHUNK = DEFAULT_BUCKETS[-1]
 
 
@@ -36,6 +43,15 @@ def buckets_for(chunk: int) -> tuple[int, ...]:
     """The graph buckets for a chunk size: the default ladder up to it, and the chunk itself."""
     chunk = check_chunk(chunk)
     return tuple(sorted({b for b in DEFAULT_BUCKETS if b < chunk} | {chunk}))
+
+
+def linear(ops, x: torch.Tensor, w, out: torch.Tensor) -> None:
+    """out = x @ w.T for a projection of the prefill: cuBLAS (torch.mm) for a plain weight, the
+    backend's int4 GEMM (ops.gemm_int4) for a QuantizedLinear."""
+    if isinstance(w, QuantizedLinear):
+        ops.gemm_int4(x, w, out)
+    else:
+        torch.mm(x, w.t(), out=out)
 
 
 class PrefillStep:
@@ -126,7 +142,8 @@ class PrefillStep:
         torch.index_select(moe_out, 0, self.last_index, out=self.last_x)
         torch.index_select(res, 0, self.last_index, out=self.last_res)
         ops.add_rmsnorm(self.last_x, self.last_res, w.final_norm, eps, self.last_normed)
-        ops.gemv(self.last_normed, w.lm_head, self.logits)
+        (ops.gemv_int4 if isinstance(w.lm_head, QuantizedLinear) else ops.gemv)(self.last_normed, w.lm_head,
+                                                                                 self.logits)
         return self.logits
 
     def _gdn(self, i, m, x, out, info):
@@ -134,7 +151,7 @@ class PrefillStep:
         T = x.shape[0]
         C, VD, NV = cfg.conv_dim, cfg.linear_value_dim, cfg.linear_num_value_heads
         proj = self.gdn_proj[:T]
-        torch.mm(x, m.in_proj.t(), out=proj)
+        linear(ops, x, m.in_proj, proj)
         qkv, z = proj[:, :C], proj[:, C:C + VD]
         b, a = proj[:, C + VD:C + VD + NV], proj[:, C + VD + NV:]
         conv_out, raw, normed = self.conv_out[:T], self.gdn_raw[:T], self.gdn_out[:T]
@@ -143,29 +160,31 @@ class PrefillStep:
                               cfg.linear_num_key_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim,
                               workspace=self.gdn_ws)
         ops.gated_rmsnorm(raw, z, m.norm, cfg.rms_norm_eps, normed)
-        torch.mm(normed, m.out_proj.t(), out=out)
+        linear(ops, normed, m.out_proj, out)
 
     def _attention(self, i, m, x, out, info):
         cfg, ops, st, dec = self.cfg, self.ops, self.decoder.state, self.decoder
         T = x.shape[0]
         NH, NKV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         proj, q, attn_out = self.attn_proj[:T], self.q[:T], self.attn_out[:T]
-        torch.mm(x, m.qkv.t(), out=proj)
+        linear(ops, x, m.qkv, proj)
         ops.qk_norm_rope_store_prefill(proj, m.q_norm, m.k_norm, info, dec.inv_freq, st.k(i), st.v(i), q,
                                        dec.kv_error_flag, cfg.rms_norm_eps, NH, NKV, D)
         ops.prefill_attention(q, st.k(i), st.v(i), info, proj, D ** -0.5, attn_out)
-        torch.mm(attn_out, m.o_proj.t(), out=out)
+        linear(ops, attn_out, m.o_proj, out)
 
     def _moe(self, m, x, out, info):
         cfg, ops = self.cfg, self.ops
         T = x.shape[0]
         E, Is = cfg.num_experts, cfg.shared_expert_intermediate_size
         rs = self.router_shared[:T]
-        torch.mm(x, m.router_shared.t(), out=rs)
+        linear(ops, x, m.router_shared, rs)
         tw, ti = self.topk_weights[:T], self.topk_ids[:T]
         ops.router_topk(rs[:, :E], cfg.num_experts_per_tok, tw, ti)
-        ops.moe_experts_grouped(x, m.gate_up_proj, m.down_proj, ti, tw, rs[:, E:E + 2 * Is], m.shared_down,
-                                rs[:, E + 2 * Is], self.moe_ws, out, info)
+        experts = ops.moe_experts_grouped_int4 if isinstance(m.gate_up_proj, QuantizedLinear) \
+            else ops.moe_experts_grouped
+        experts(x, m.gate_up_proj, m.down_proj, ti, tw, rs[:, E:E + 2 * Is], m.shared_down, rs[:, E + 2 * Is],
+                self.moe_ws, out, info)
 
 
 class PrefillGraphs:

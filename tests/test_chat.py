@@ -240,6 +240,7 @@ def test_chat_end_to_end_as_a_user_runs_it(ckpt):
     (["--top-k", "1000"], "--top-k 1000 is larger than the vocabulary (320)"),
     (["--seed", "-1"], "--seed: expected a seed"),
     (["--dtype", "float8"], "invalid choice: 'float8'"),
+    (["--device-loop", "while"], "--device-loop while replays the decode step as a CUDA graph: it needs a CUDA GPU"),
 ])
 def test_bad_flags_exit_2_before_loading_weights(ckpt, cpu, monkeypatch, capsys, argv, needle):
     import model.checkpoint

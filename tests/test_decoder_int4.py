@@ -1,7 +1,7 @@
 """The decoder on int4 weights (QuantizedLinear fields): the ops dispatch by weight type, so the
 Triton backend runs the int4 kernels and the reference backend their references. On the CPU the
-kernels run under TRITON_INTERPRET=1; prompts go through decode_step (the int4 prefill is
-model/prefill.py's, on another branch). tests/gpu/test_decoder_int4_gpu.py runs 35b-a3b widths."""
+kernels run under TRITON_INTERPRET=1; tokens go through decode_step (the int4 prefill has its own
+tests: tests/test_prefill_int4.py). tests/gpu/test_decoder_int4_gpu.py runs 35b-a3b widths."""
 import dataclasses
 
 import pytest

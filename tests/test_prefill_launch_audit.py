@@ -10,7 +10,7 @@ from tools import launch_audit
 @pytest.mark.parametrize("name", ["h200", "a100"])
 def test_every_prefill_kernel_launch_is_valid(name):
     profile = PRESETS[name]
-    log = launch_audit.record_prefill(profile, "35b-a3b", (16, 2048))
+    log = launch_audit.record_prefill(profile, "35b-a3b", (16, 4096))
     assert launch_audit.prefill_kernel_names() <= {L.kernel for L in log}
     for L in launch_audit.unique(log):
         assert not launch_audit.problems(L, profile), (L.kernel, launch_audit.problems(L, profile))

@@ -15,7 +15,6 @@ from model.quant import (dequantize_weights, load_int4_checkpoint, map_weights, 
 from model.weights import random_weights
 
 from tests.hf_reference import hf_model, ours_greedy
-from tests.int4_helpers import need_int4_prefill
 
 PROMPT = [3, 1, 4, 1]
 
@@ -116,10 +115,8 @@ def test_quantize_on_load_refuses_before_allocating(ckpts):
 
 
 def test_int4_checkpoint_runs_the_int4_kernels_end_to_end(ckpts, cpu, capsys):
-    """Needs the int4 prefill (model/prefill.py, int4pre branch): skipped until it is merged. On
-    the CPU the int4 references dequantize to fp32 exactly as the dequantizing loader does, so
-    the tokens equal the int4-dequant run's."""
-    need_int4_prefill()
+    """The int4 prefill and decode (reference backend on the CPU): the int4 references dequantize
+    to fp32 exactly as the dequantizing loader does, so the tokens equal the int4-dequant run's."""
     _, _, _, dst = ckpts
     tokens, err = _main_tokens(["--checkpoint", str(dst)], capsys)
     assert "note: int4 checkpoint: int4 (hqq, group 32, lm_head bf16) through the int4 kernels" in err

@@ -42,6 +42,8 @@ def _exit2(fn, argv, capsys):
     (["--layers", "5"], "--layers 5: the tiny preset has 4 layers"),
     (["--layers", "0"], "argument --layers: expected a positive integer, got 0"),
     (["--checkpoint", "x", "--layers", "1"], "--checkpoint x: no such directory"),
+    (["--device-loop", "while", "--no-graph"], "--device-loop while replays the decode step as a CUDA graph: it "
+                                               "needs a CUDA GPU and no --no-graph"),
 ])
 def test_generate_bad_numbers_refused_before_allocating(argv, needle, capsys, monkeypatch):
     import model.weights
@@ -92,6 +94,10 @@ def _tool(name):
     ("bench_moe", ["--copies", "0"], "argument --copies: expected a positive integer, got 0"),
     ("bench_gemv", ["--max-seconds", "nan"], "--max-seconds must be > 0, got nan"),
     ("bench_gemv", ["--reps", "-2"], "argument --reps: expected a positive integer, got -2"),
+    ("bench_loop", ["--new", "1"], "--new must be >= 2 (the decode time is the time after the first token), got 1"),
+    ("bench_loop", ["--batches", "8,17"], "--batches 17: the Triton GEMV decodes at most 16 rows together"),
+    ("bench_loop", ["--ks", "4,0"], "argument --ks: expected comma-separated positive integers"),
+    ("bench_prefill", ["--sweep-chunks", "512,x"], "argument --sweep-chunks: expected comma-separated positive integers"),
 ])
 def test_tools_numeric_flags(tool, argv, needle, capsys):
     assert needle in _exit2(_tool(tool), argv, capsys)

@@ -15,6 +15,14 @@ tokens (+ causal attention) / dense bf16 FLOP/s measured in the same run with a 
 rows of mixed lengths in one call, and transformers' own prefill at the same widths with
 --hf-layers layers beside ours cut to the same layers. One-time start-up (JIT, capture) is
 reported on its own. Writes bench_prefill.json.
+
+--quant int4 [--group-size 128] [--lm-head bf16|int4] measures the prefill over int4 weights: every
+linear of the layers (and the lm_head where asked) quantized in memory with HQQ as
+`python -m model.generate --quant int4` quantizes them (model.quant.layout.quantize_weights), so the
+chunked prefill reads the packed weights (int4 GEMMs and grouped experts). Its check compares the
+Triton prefill graphs with the reference backend (the torch references, the int4 weights
+dequantized) on the same int4 weights, at --check-layers, with the bounds above; the weight floor
+counts int4 bytes (0.5 + 4 / group per weight, bf16 scales and zeros) for the quantized tensors.
 """
 from __future__ import annotations
 
@@ -45,7 +53,7 @@ def parse_args(argv=None):
     common.add_model_args(p, default_preset="35b-a3b")
     p.add_argument("--lengths", type=_int_list, default=[128, 1024, 4096, 16384], help="prompt lengths, batch 1")
     p.add_argument("--mixed", type=_int_list, default=[100, 1000, 3000], help="row lengths of one mixed call")
-    p.add_argument("--chunk", type=common.positive_int, default=None, help="tokens per prefill step (default 2048)")
+    p.add_argument("--chunk", type=common.positive_int, default=None, help="tokens per prefill step (default 4096)")
     p.add_argument("--sweep-chunks", type=_int_list, default=[],
                    help="also time --lengths with each of these chunk sizes (to choose the default by measurement)")
     p.add_argument("--reps", type=common.positive_int, default=3)
@@ -57,7 +65,13 @@ def parse_args(argv=None):
     p.add_argument("--hf-layers", type=int, default=8, help="layers for transformers' prefill (0 = skip)")
     p.add_argument("--hf-max-len", type=common.positive_int, default=4096, help="longest prompt given to transformers")
     p.add_argument("--out", type=Path, default=Path("out/prefill"))
+    p.add_argument("--quant", choices=("none", "int4"), default="none",
+                   help="int4: quantize the weights in memory (HQQ, docs/int4.md) and prefill over the packed weights")
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=128, help="int4 group size (--quant int4)")
+    p.add_argument("--lm-head", choices=("bf16", "int4"), default="bf16", help="the lm_head under --quant int4")
     args = p.parse_args(argv)
+    if args.quant == "none" and (args.group_size != 128 or args.lm_head != "bf16"):
+        p.error("--group-size and --lm-head apply to --quant int4")
     if args.hf_layers < 0:
         p.error(f"--hf-layers must be >= 0 (0 skips transformers), got {args.hf_layers}")
     if args.profile_tokens < 0:
@@ -81,10 +95,28 @@ def prefill_flops(cfg, tokens: int) -> float:
     return 2 * per_token * tokens + 2 * cfg.vocab_size * cfg.hidden_size + attn
 
 
-def weight_floor_ms(cfg, tokens: int, bandwidth_gbs: float) -> float:
+def weight_floor_ms(cfg, tokens: int, bandwidth_gbs: float, args=None) -> float:
     """Reading every weight the prompt touches once (experts: those its tokens are expected to
-    pick, uniform routing): at few tokens prefill is bound by this, not by the FLOPs."""
-    return cfg.bytes_per_token(2, batch=tokens) / (bandwidth_gbs * 1e9) * 1e3
+    pick, uniform routing): at few tokens prefill is bound by this, not by the FLOPs. Under
+    --quant int4 the linears count 0.5 + 4 / group bytes a weight (norms, the embedding row and a
+    bf16 lm_head 2; the conv weights, < 0.1 %, are counted with the linears)."""
+    if args is None or args.quant == "none":
+        return cfg.bytes_per_token(2, batch=tokens) / (bandwidth_gbs * 1e9) * 1e3
+    b4 = 0.5 + 4 / args.group_size
+    plain = {"embedding_row", "norms"} | ({"lm_head"} if args.lm_head == "bf16" else set())
+    active = cfg.weight_counts(tokens)["active"]
+    nbytes = sum(v * (2 if k in plain else b4) for k, v in active.items())
+    return nbytes / (bandwidth_gbs * 1e9) * 1e3
+
+
+def quantize(weights, args):
+    """The int4 layout of `weights` under --quant int4 (HQQ, as model.generate --quant int4); the
+    weights as they are otherwise."""
+    if args.quant == "none":
+        return weights
+    from model.quant.layout import quantize_weights
+
+    return quantize_weights(weights, args.group_size, "hqq", lm_head=args.lm_head)
 
 
 def rel(a, b) -> float:
@@ -100,13 +132,14 @@ def fro(a, b) -> float:
 
 
 def check(cfg, dtype, args, torch) -> dict:
-    """Chunked graph prefill against the token-by-token decode step, from the same weights."""
+    """Chunked graph prefill against the token-by-token decode step, from the same weights; under
+    --quant int4 against the reference backend's prefill of the same int4 weights."""
     from model.decoder import Decoder
     from model.prefill import PrefillGraphs
     from model.weights import random_weights
 
     cfg = dataclasses.replace(cfg, num_layers=min(args.check_layers, cfg.num_layers))
-    weights = random_weights(cfg, device="cuda", dtype=dtype, seed=args.seed)
+    weights = quantize(random_weights(cfg, device="cuda", dtype=dtype, seed=args.seed), args)
     n = args.check_tokens
     prompt = torch.randint(0, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(1)).tolist()
     a = Decoder(cfg, weights, max_batch=1, max_seq=n + 8, backend="triton")
@@ -114,12 +147,19 @@ def check(cfg, dtype, args, torch) -> dict:
     graphs.prepare(row=0)
     la = a.prefill([prompt], chunk_runner=graphs)[0].clone()
     graphs.close()
-    b = Decoder(cfg, weights, max_batch=1, max_seq=n + 8, backend="triton")
-    for pos, tok in enumerate(prompt):   # the decode step, eagerly, one prompt token at a time
-        b.decode_step(torch.tensor([tok], device="cuda"), torch.tensor([pos], device="cuda"))
+    if args.quant == "int4":   # the reference ops in the same chunks, eagerly
+        b = Decoder(cfg, weights, max_batch=1, max_seq=n + 8, backend="reference")
+        b.prefill_step(args.check_chunk)
+        b.prefill([prompt])
+        against = "reference backend (int4 weights dequantized)"
+    else:
+        b = Decoder(cfg, weights, max_batch=1, max_seq=n + 8, backend="triton")
+        for pos, tok in enumerate(prompt):   # the decode step, eagerly, one prompt token at a time
+            b.decode_step(torch.tensor([tok], device="cuda"), torch.tensor([pos], device="cuda"))
+        against = "token-by-token decode"
     torch.cuda.synchronize()
     lb = b.logits[0].clone()
-    out = {"dtype": str(dtype).removeprefix("torch."), "layers": cfg.num_layers, "tokens": n,
+    out = {"dtype": str(dtype).removeprefix("torch."), "against": against, "layers": cfg.num_layers, "tokens": n,
            "chunk": args.check_chunk, "top1_equal": int(la.argmax()) == int(lb.argmax()),
            "top1_in_top5": int(la.argmax()) in lb.float().topk(5).indices.tolist()}
     for name, x, y in (("logits", la, lb), ("kv", a.state.kv, b.state.kv), ("conv", a.state.conv, b.state.conv),
@@ -131,7 +171,7 @@ def check(cfg, dtype, args, torch) -> dict:
     bound, key = (8e-2, "_fro") if dtype == torch.bfloat16 else (1e-3, "_max")
     bad = {k: v for k, v in out.items() if k.endswith(key) and v > bound}
     if bad or not out["top1_in_top5"]:
-        raise SystemExit(f"prefill differs from the token-by-token path: {out} (bound {bound}); no speed reported")
+        raise SystemExit(f"prefill differs from the {against} path: {out} (bound {bound}); no speed reported")
     out["bound"] = bound
     return out
 
@@ -234,11 +274,14 @@ def main(argv=None) -> int:
         checked.append(check(_cfg(args), dtype, args, torch))
         print(f"check: {checked[-1]}", file=sys.stderr)
     cfg, weights = common.build_model(args)
+    t0 = time.perf_counter()
+    weights = quantize(weights, args)
+    quantize_s = time.perf_counter() - t0
     ours = bench_ours(cfg, weights, args.lengths, args.mixed, args, torch)
     bw = common.copy_bandwidth_gbs()
     for r in ours["rows"]:
         r["floor_ms"] = prefill_flops(cfg, r["tokens"]) / (tflops * 1e12) * 1e3
-        r["weight_floor_ms"] = weight_floor_ms(cfg, r["tokens"], bw)
+        r["weight_floor_ms"] = weight_floor_ms(cfg, r["tokens"], bw, args)
     sweep = []
     for chunk in args.sweep_chunks:
         one = bench_ours(cfg, weights, args.lengths, [args.lengths[0]],
@@ -260,14 +303,19 @@ def main(argv=None) -> int:
                                           "speedup": t["ms"] / o["ttft_ms"]}
                                          for t, o in zip(theirs, ours_cut["rows"])]}
     result = {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "preset": args.preset or args.default_preset,
-              "layers": cfg.num_layers, "dtype": args.dtype, "dense_bf16_TFLOPs": tflops, "copy_bandwidth_GBs": bw, "check": checked,
+              "layers": cfg.num_layers, "dtype": args.dtype,
+              "quant": None if args.quant == "none" else {"bits": 4, "method": "hqq", "group_size": args.group_size,
+                                                          "lm_head": args.lm_head, "quantize_s": quantize_s},
+              "dense_bf16_TFLOPs": tflops, "copy_bandwidth_GBs": bw, "check": checked,
               "ours": ours, "chunk_sweep": sweep, "transformers": hf, "argv": sys.argv}
     (args.out / "bench_prefill.json").write_text(json.dumps(result, indent=1))
-    print(f"\n{gpu}, {result['preset']} ({cfg.num_layers} layers), {args.dtype}, batch 1, chunk {ours['chunk']}, "
+    weights_kind = args.dtype if args.quant == "none" else \
+        f"int4 weights (hqq, group {args.group_size}, lm_head {args.lm_head}; quantized in {quantize_s:.0f} s), {args.dtype}"
+    print(f"\n{gpu}, {result['preset']} ({cfg.num_layers} layers), {weights_kind}, batch 1, chunk {ours['chunk']}, "
           f"dense bf16 {tflops:.0f} TFLOP/s; start-up (JIT + capture of {len(ours['buckets'])} buckets) "
           f"{ours['startup_s']:.1f} s, workspaces {ours['workspace_MB']:.0f} MB, graph memory {ours['graph_mem_MB']:.0f} MB")
     for c in checked:
-        print(f"check {c['dtype']}, {c['layers']} layers, vs token-by-token decode ({c['tokens']} tokens, chunks of "
+        print(f"check {c['dtype']}, {c['layers']} layers, vs {c['against']} ({c['tokens']} tokens, chunks of "
               f"{c['chunk']}), relative error max / norm: " + ", ".join(
                   f"{k} {c[k + '_max']:.1e} / {c[k + '_fro']:.1e}" for k in ("logits", "kv", "conv", "recurrent"))
               + f"; top-1 equal {c['top1_equal']}")
@@ -291,8 +339,8 @@ def main(argv=None) -> int:
     print(f"mixed rows {m['lengths']} in one call: {m['ms']:.1f} ms ({m['tok_s']:.0f} tok/s)")
     if hf:
         for r in hf["rows"]:
-            print(f"at {hf['layers']} layers, {r['tokens']} tokens: transformers {r['transformers_ms']:.1f} ms, "
-                  f"ours {r['ours_ms']:.1f} ms ({r['speedup']:.1f}x)")
+            print(f"at {hf['layers']} layers, {r['tokens']} tokens: transformers (bf16) {r['transformers_ms']:.1f} ms, "
+                  f"ours{'' if args.quant == 'none' else ' (int4)'} {r['ours_ms']:.1f} ms ({r['speedup']:.1f}x)")
     return 0
 
 

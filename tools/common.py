@@ -23,7 +23,8 @@ def add_model_args(p: argparse.ArgumentParser, default_preset: str = "tiny", *, 
     p.add_argument("--seed", type=seed, default=0)
     if quant:
         add_quant_args(p)
-    p.set_defaults(default_preset=default_preset)
+    # build_model reads the int4 flags only where they were added here (a tool may define its own)
+    p.set_defaults(default_preset=default_preset, model_quant_flags=quant)
 
 
 def fail(message: str, code: int = 2):
@@ -90,13 +91,13 @@ def build_model(args, device="cuda", *, batch: int | None = None, max_seq: int |
     from model.quant import read_quantization_config
     from model.quant.cli import build_weights, plan_quant
 
-    if not hasattr(args, "quant"):   # a tool without the int4 flags
-        args.quant, args.group_size, args.lm_head = "none", None, None
+    flags = args if getattr(args, "model_quant_flags", False) else \
+        argparse.Namespace(quant="none", group_size=None, lm_head=None)   # a tool without them: as stored
     try:
         qcfg = read_quantization_config(args.checkpoint) if args.checkpoint is not None else None
-        quant = plan_quant(args, cfg, dtype, qcfg)
+        quant = plan_quant(flags, cfg, dtype, qcfg)
     except ValueError as e:   # ConfigError of an int4 checkpoint's quantization_config included
-        fail(f"--quant {args.quant}: {e}" if args.quant != "none" else str(e))
+        fail(f"--quant {flags.quant}: {e}" if flags.quant != "none" else str(e))
     if batch is not None and max_seq is not None:
         from model.memory_plan import decode_memory, free_memory, max_layers_that_fit
 

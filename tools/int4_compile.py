@@ -8,6 +8,12 @@ and compiled by the installed Triton for the profile's architecture, twice: as l
 device runs: vectorised word loads), with the shared memory of each.
 
     python -m tools.int4_compile --profile h200 --preset 35b-a3b --batch 1,3,8,16 [--group-size 128]
+    python -m tools.int4_compile --profile h200 --prefill 16,300,2048 [--group-size 128]
+
+--prefill T,... audits the chunked prefill step instead: the preset's model with every linear and
+the lm_head int4 (meta tensors) through PrefillStep.forward at each chunk size, so the dispatch
+itself is exercised; the int4 kernels it launches (GEMM, grouped experts, lm_head GEMV) are
+checked and compiled as above, the others are launch_audit --prefill's.
 
 Run without TRITON_INTERPRET (the kernels must be defined for the compiler). Exit status 1 when a
 launch breaks a rule or fails to compile.
@@ -69,6 +75,52 @@ def record(profile, preset: str, batches, group_size: int):
     return log
 
 
+PREFILL_INT4_MODULES = ("model.ops.linear.int4_gemm", "model.ops.moe.grouped_int4", "model.ops.linear.int4")
+
+
+def meta_int4_weights(cfg, group_size: int, lm_head: str = "int4"):
+    """The int4 layout of cfg's model on meta tensors (shapes only): every int4 field of
+    model.quant.layout a QuantizedLinear, bf16 scales and zeros."""
+    import torch
+
+    from model.quant.format import QuantizedLinear
+    from model.quant.layout import is_int4_field, map_weights
+    from model.weights import empty_weights
+
+    dev = torch.device("meta")
+
+    def fn(name, t):
+        if not is_int4_field(name, lm_head):
+            return t
+        *lead, n, k = t.shape
+        parts = (torch.empty(*lead, n, k // 8, dtype=torch.int32, device=dev),
+                 torch.empty(*lead, n, k // group_size, dtype=torch.bfloat16, device=dev),
+                 torch.empty(*lead, n, k // group_size, dtype=torch.bfloat16, device=dev))
+        return QuantizedLinear(*parts, group_size, tuple(t.shape), name)
+
+    return map_weights(empty_weights(cfg, dev, torch.bfloat16), fn)
+
+
+def record_prefill(profile, preset: str, chunks, group_size: int):
+    """The launches of the prefill step over the preset's int4 model at these chunk sizes."""
+    import torch
+
+    from model.config import ModelConfig
+    from model.decoder import Decoder
+    from model.ops.hardware import use_profile
+    from tools.launch_audit import PREFILL_MODULES, recording
+
+    cfg = ModelConfig.preset(preset)
+    weights = meta_int4_weights(cfg, group_size)
+    dev = torch.device("meta")
+    with use_profile(profile), recording(PREFILL_MODULES + PREFILL_INT4_MODULES) as log:
+        for t in chunks:
+            dec = Decoder(cfg, weights, max_batch=1, max_seq=max(t, 16), backend="triton")
+            dec.prefill_step(t).forward(torch.zeros(t, dtype=torch.int64, device=dev),
+                                        torch.zeros(3, dtype=torch.int64, device=dev))
+    return log
+
+
 def _record_moe(preset: str, batches, group_size: int) -> None:
     """The int4 expert kernels at the preset's expert shapes."""
     import torch
@@ -124,18 +176,41 @@ def compile_aligned(launch, profile) -> dict:
             "cp_async": ptx.count("cp.async.cg") + ptx.count("cp.async.ca")}
 
 
+def _kernel_names(modules) -> set[str]:
+    import importlib
+
+    return {k for m in modules for k, v in vars(importlib.import_module(m)).items()
+            if k.endswith("_kernel") and hasattr(v, "fn")}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="h200")
     ap.add_argument("--preset", default="35b-a3b")
     ap.add_argument("--batch", default="1,3,8,16")
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--prefill", default=None, help="audit the int4 prefill step at these chunk sizes instead")
     args = ap.parse_args(argv)
     from model.ops.hardware import DeviceProfile
     from tools.launch_audit import compile_launch, problems, unique
 
     profile = DeviceProfile.preset(args.profile)
-    log = record(profile, args.preset, tuple(int(b) for b in args.batch.split(",")), args.group_size)
+    if args.prefill is not None:
+        try:
+            chunks = tuple(int(t) for t in args.prefill.split(","))
+        except ValueError:
+            chunks = ()
+        if not chunks or min(chunks) < 1:
+            ap.error(f"--prefill needs comma-separated positive ints; got {args.prefill!r}")
+        int4_kernels = _kernel_names(PREFILL_INT4_MODULES)
+        log = [L for L in record_prefill(profile, args.preset, chunks, args.group_size) if L.kernel in int4_kernels]
+        missing = {"_gemm_int4_kernel", "_moe_gate_up_int4_gemm_kernel", "_moe_down_int4_gemm_kernel",
+                   "_moe_shared_combine_int4_kernel"} - {L.kernel for L in log}
+        if missing:
+            print(f"never launched by the int4 prefill step: {sorted(missing)}")
+            return 1
+    else:
+        log = record(profile, args.preset, tuple(int(b) for b in args.batch.split(",")), args.group_size)
     bad = 0
     for L in unique(log):
         try:

@@ -7,7 +7,7 @@ audits the chunked prefill step's kernels at those chunk sizes instead.
 
     python -m tools.launch_audit --profile l4 --preset 35b-a3b --batch 1,8 [--compile] [--json out.json]
     python -m tools.launch_audit --profile h200 --quant int4 --compile      (the int4 decode step only)
-    python -m tools.launch_audit --profile h200 --prefill 16,2048 --compile
+    python -m tools.launch_audit --profile h200 --prefill 16,4096 --compile
 
 Compiling offline with the Triton version of the GPU machine catches its front-end errors and
 shared-memory overflows before any device time is spent.
@@ -160,7 +160,7 @@ def run_prefill_step(preset: str, tokens: int, dtype) -> None:
     step.forward(torch.zeros(tokens, dtype=torch.int64, device=dev), torch.zeros(3, dtype=torch.int64, device=dev))
 
 
-def record_prefill(profile, preset: str = "35b-a3b", chunks=(16, 2048), dtype=None) -> list[Launch]:
+def record_prefill(profile, preset: str = "35b-a3b", chunks=(16, 4096), dtype=None) -> list[Launch]:
     """The launches of the prefill step at these chunk sizes under ``profile``."""
     import torch
 

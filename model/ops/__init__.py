@@ -87,6 +87,13 @@ moe.moe_experts_grouped(x[T,H], gate_up_proj, down_proj, ids[T,k], weights[T,k],
                                                               expert on the device)
 gated_delta_chunk_workspace(T, NV, device); moe_grouped_workspace(T, k, E, H, I, Is, dtype, device)
 
+int4 weights in the chunked prefill (w, gate_up_proj, down_proj, shared_down QuantizedLinear; each
+equals the op on the weight dequantized to x's dtype, up to the fp32 summation order; docs/int4.md):
+linear.gemm_int4(x[T,K], w[N,K] int4, out[T,N])               out = x @ dequant(w).T (any T; the
+                                                              prefill's torch.mm for int4 weights)
+linear.gemv_int4(x[B,K], w[N,K] int4, out[B,N])               gemv on an int4 weight (the lm_head)
+moe.moe_experts_grouped_int4(same arguments as moe_experts_grouped, the three weights int4)
+
 Workspace sizing (same for both backends; allocate once, before capture; the reference backend
 accepts and ignores them):
 attention_workspace_numel(B, NH, D, S) fp32 / attention_workspace(B, NH, D, S, device)

@@ -9,6 +9,7 @@ from .conv import conv1d_update_triton as conv1d_update  # noqa: F401
 from .gated_delta import gated_delta_chunk_triton as gated_delta_chunk, gated_delta_chunk_workspace  # noqa: F401
 from .moe import moe_experts_grouped_triton as moe_experts_grouped, moe_grouped_workspace  # noqa: F401
 from .gated_delta import gated_delta_step_triton as gated_delta_step, gated_delta_workspace  # noqa: F401
+from .loop_rows import advance_rows_triton as advance_rows, ctl_numel as loop_ctl_numel  # noqa: F401
 # the ops that read a weight choose the bf16 or the int4 kernel by its type (dispatch.py)
 from .dispatch import gemv_triton as gemv, norm_gemv_triton as norm_gemv  # noqa: F401
 from .dispatch import moe_experts_triton as moe_experts  # noqa: F401
@@ -33,4 +34,13 @@ __all__ = ["gemv", "norm_gemv", "rmsnorm", "add_rmsnorm", "gated_rmsnorm", "conv
            "sample_workspace_numel", "make_params", "make_rng_state", "gated_delta_workspace",
            # chunked prefill (T tokens of one row; info = (row, start, n_valid) on the device)
            "conv1d_prefill", "gated_delta_chunk", "gated_delta_chunk_workspace", "qk_norm_rope_store_prefill",
-           "prefill_attention", "moe_experts_grouped", "moe_grouped_workspace"]
+           "prefill_attention", "moe_experts_grouped", "moe_grouped_workspace",
+           # the decode loop on the device (model/device_loop.py)
+           "advance_rows", "loop_ctl_numel"]
+
+# int4 weights (QuantizedLinear, docs/int4.md) in the chunked prefill: its GEMMs, grouped experts, lm_head
+from .linear.int4 import gemv_int4_triton as gemv_int4  # noqa: E402,F401
+from .linear.int4_gemm import gemm_int4_triton as gemm_int4  # noqa: E402,F401
+from .moe.grouped_int4 import moe_experts_grouped_int4_triton as moe_experts_grouped_int4  # noqa: E402,F401
+
+__all__ += ["gemm_int4", "gemv_int4", "moe_experts_grouped_int4"]

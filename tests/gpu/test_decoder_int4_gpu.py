@@ -2,8 +2,8 @@
 widths (fp32 greedy over 64 steps, bf16 teacher-forced), the captured step against the eager one
 bit for bit (with a bf16 and an int4 lm_head), no allocation inside the step, 35b-a3b int4 built
 tensor by tensor and captured with a 4k cache within 22 GB, and 122b-a10b int4 built and decoded
-at a few layers. Prompts go through decode steps except in the last test, which needs the int4
-prefill (model/prefill.py, int4pre branch)."""
+at a few layers. Prompts go through decode steps except in the last test, which runs the whole
+Generator (the int4 prefill graphs, then the decode graph)."""
 import dataclasses
 import gc
 
@@ -16,7 +16,6 @@ from model.quant import QuantizationConfig, QuantizedLinear, int4_fields
 from model.quant.build import random_int4_weights
 
 from tests.gpu._capture import capture_without_allocation
-from tests.int4_helpers import need_int4_prefill
 from tests.needs import need_free_gpu_memory
 
 pytestmark = pytest.mark.gpu
@@ -203,10 +202,8 @@ def test_122b_a10b_int4_builds_and_decodes_graph_equals_eager():
 
 
 def test_generator_int4_end_to_end_with_prefill():
-    """Needs the int4 prefill (model/prefill.py, int4pre branch; a failure, not a skip, under
-    CUGRAPH_RT_REQUIRE_GPU=1): the whole Generator (prefill graphs, then decode graph) on int4
-    weights gives the eager Generator's tokens."""
-    need_int4_prefill()
+    """The whole Generator (the int4 prefill graphs, then the decode graph) on int4 weights gives
+    the eager Generator's tokens."""
     from model.generation import Generator
 
     cfg = _cfg("35b-a3b", 4)

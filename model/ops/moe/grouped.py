@@ -239,34 +239,24 @@ def _moe_down_gemm_kernel(act_ptr, dn_ptr, w_ptr, block_ptr, sorted_ptr, y_ptr, 
 
 
 @triton.jit
-def _moe_shared_combine_kernel(sgu_ptr, sdn_ptr, sgl_ptr, ids_ptr, y_ptr, info_ptr, out_ptr, T, H, IS, TOPK,
-                               stride_sgu, stride_sgl, stride_out, HAS_INFO: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                               BLOCK_TOPK: tl.constexpr, DOT_FP32: tl.constexpr, EMULATE: tl.constexpr,
-                               USE_GDC: tl.constexpr):
-    pdl_wait(USE_GDC)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mm = offs_m < T
-    mn = offs_n < H
-    offs_k = tl.arange(0, BLOCK_K)
+def _shared_act_tile(g_ptrs, k0, ma, IS, dt: tl.constexpr, EMULATE: tl.constexpr):
+    """The shared expert's act silu(g) * u for the [BLOCK_M, BLOCK_K] tile at column k0, formed from
+    its gate/up rows while loading (rounded as the reference)."""
+    g = tl.load(g_ptrs + k0, mask=ma, other=0.0).to(tl.float32)
+    u = tl.load(g_ptrs + IS + k0, mask=ma, other=0.0).to(tl.float32)
+    return _rnd(_rnd(g * tl.sigmoid(g), dt, EMULATE) * u, dt, EMULATE).to(dt)
+
+
+@triton.jit
+def _combine_store(acc, sgl_ptr, ids_ptr, y_ptr, info_ptr, out_ptr, offs_m, offs_n, mm, mn, T, H, TOPK,
+                   stride_sgl, stride_out, HAS_INFO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_TOPK: tl.constexpr, EMULATE: tl.constexpr):
+    """out tile = (each token's k rows of y in ascending expert id, rounding after each add)
+    + sigmoid(shared gate logit) * acc, acc the shared expert's fp32 [BLOCK_M, BLOCK_N] product."""
     dt: tl.constexpr = out_ptr.dtype.element_ty
-    # shared expert: its act silu(g) * u (rounded as the reference) formed while loading the A tile
-    g_ptrs = sgu_ptr + offs_m.to(tl.int64)[:, None] * stride_sgu + offs_k[None, :]
-    w_ptrs = sdn_ptr + offs_n.to(tl.int64)[None, :] * IS + offs_k[:, None]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, IS, BLOCK_K):
-        mk = (k0 + offs_k) < IS
-        ma = mm[:, None] & mk[None, :]
-        g = tl.load(g_ptrs + k0, mask=ma, other=0.0).to(tl.float32)
-        u = tl.load(g_ptrs + IS + k0, mask=ma, other=0.0).to(tl.float32)
-        a = _rnd(_rnd(g * tl.sigmoid(g), dt, EMULATE) * u, dt, EMULATE).to(dt)
-        w = tl.load(w_ptrs + k0, mask=mk[:, None] & mn[None, :], other=0.0)
-        acc = _mma(a, w, acc, DOT_FP32)
     gl = tl.load(sgl_ptr + offs_m * stride_sgl, mask=mm, other=0.0).to(tl.float32)
     gs = _rnd(tl.sigmoid(gl), dt, EMULATE)
     ys = _rnd(gs[:, None] * _rnd(acc, dt, EMULATE), dt, EMULATE)
-    # routed: each token's k rows of y in ascending expert id, rounding after each add
     n_tok = T
     if HAS_INFO:
         n_tok = tl.minimum(tl.load(info_ptr + 2).to(tl.int32), T)
@@ -286,6 +276,31 @@ def _moe_shared_combine_kernel(sgu_ptr, sdn_ptr, sgl_ptr, ids_ptr, y_ptr, info_p
     res = _rnd(total + ys, dt, EMULATE)
     tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_out + offs_n[None, :], res.to(dt),
              mask=mm[:, None] & mn[None, :])
+
+
+@triton.jit
+def _moe_shared_combine_kernel(sgu_ptr, sdn_ptr, sgl_ptr, ids_ptr, y_ptr, info_ptr, out_ptr, T, H, IS, TOPK,
+                               stride_sgu, stride_sgl, stride_out, HAS_INFO: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               BLOCK_TOPK: tl.constexpr, DOT_FP32: tl.constexpr, EMULATE: tl.constexpr,
+                               USE_GDC: tl.constexpr):
+    pdl_wait(USE_GDC)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm = offs_m < T
+    mn = offs_n < H
+    offs_k = tl.arange(0, BLOCK_K)
+    dt: tl.constexpr = out_ptr.dtype.element_ty
+    g_ptrs = sgu_ptr + offs_m.to(tl.int64)[:, None] * stride_sgu + offs_k[None, :]
+    w_ptrs = sdn_ptr + offs_n.to(tl.int64)[None, :] * IS + offs_k[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, IS, BLOCK_K):
+        mk = (k0 + offs_k) < IS
+        a = _shared_act_tile(g_ptrs, k0, mm[:, None] & mk[None, :], IS, dt, EMULATE)
+        w = tl.load(w_ptrs + k0, mask=mk[:, None] & mn[None, :], other=0.0)
+        acc = _mma(a, w, acc, DOT_FP32)
+    _combine_store(acc, sgl_ptr, ids_ptr, y_ptr, info_ptr, out_ptr, offs_m, offs_n, mm, mn, T, H, TOPK,
+                   stride_sgl, stride_out, HAS_INFO, BLOCK_M, BLOCK_N, BLOCK_TOPK, EMULATE)
 
 
 # ----------------------------------------------------------------------------- Triton op
