@@ -175,13 +175,17 @@ def _plan(cfg: ModelConfig, names: dict, tied: bool, get_meta) -> _Plan:
 
 @torch.no_grad()
 def load_checkpoint(ckpt_dir, device="cuda", dtype=None, *, verbose: bool = True,
-                    strict_config: bool = True):
+                    strict_config: bool = True, quantize=None):
     """(cfg, weights) from a local Hugging Face safetensors checkpoint directory.
 
     dtype=None keeps the checkpoint's dtype (the embedding's) and requires every tensor to have
     it; a dtype converts every tensor on the way to the device. An unknown config field is a
     ConfigError unless strict_config=False. A file that is not valid safetensors (truncated,
-    corrupt) is a CheckpointError naming it."""
+    corrupt) is a CheckpointError naming it.
+
+    quantize=model.quant.QuantizationConfig(...) gives the int4 layout instead (QuantizedLinear
+    linears, docs/int4.md): each tensor is quantized on `device` as it is read (model/quant/on_load.py),
+    so the bf16 model never exists whole; equal to quantize_weights of the bf16 load."""
     ckpt_dir = os.fspath(ckpt_dir)
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist")
@@ -190,7 +194,8 @@ def load_checkpoint(ckpt_dir, device="cuda", dtype=None, *, verbose: bool = True
 
     if read_quantization_config(ckpt_dir) is not None:
         raise CheckpointError(f"{ckpt_dir} is an int4 checkpoint (config.json has quantization_config): "
-                              f"load it with model.quant.load_int4_checkpoint")
+                              f"load it with model.quant.load_int4_weights (int4 layout) or "
+                              f"load_int4_checkpoint (dequantized)")
     names = _files(ckpt_dir)
 
     handles = {}
@@ -218,19 +223,28 @@ def load_checkpoint(ckpt_dir, device="cuda", dtype=None, *, verbose: bool = True
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         device = torch.device(device)
-        w = empty_weights(cfg, device, dtype)
-        targets = hf_targets(w)
-        I = cfg.moe_intermediate_size
+        if quantize is not None:
+            from .quant.on_load import QuantizingTargets
+
+            sink = QuantizingTargets(cfg, device, dtype, quantize)   # K vs group size checked first
+            put, w = sink.put, sink.weights()
+        else:
+            w = empty_weights(cfg, device, dtype)
+            targets = hf_targets(w)
+            I = cfg.moe_intermediate_size
+
+            def put(name, canon, e, part, t):
+                if e is None:
+                    dst = targets[canon]
+                elif part == "down_proj":
+                    dst = targets[canon + ".down_proj"][e]
+                else:
+                    gu = targets[canon + ".gate_up_proj"][e]
+                    dst = gu[:I] if part == "gate_proj" else gu[I:]
+                dst.copy_(t)
         for name, path, canon, e, part, _ in plan.assign:
             t = handle(path).get_tensor(name)
-            if e is None:
-                dst = targets[canon]
-            elif part == "down_proj":
-                dst = targets[canon + ".down_proj"][e]
-            else:
-                gu = targets[canon + ".gate_up_proj"][e]
-                dst = gu[:I] if part == "gate_proj" else gu[I:]
-            dst.copy_(t)
+            put(name, canon, e, part, t)
             del t
     finally:
         handles.clear()

@@ -72,6 +72,21 @@ def finite_float(lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool =
     return parse
 
 
+QUANT_CHOICES = ("none", "int4", "int4-dequant")
+DEFAULT_GROUP_SIZE = 128
+
+
+def add_quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quant", choices=QUANT_CHOICES, default="none",
+                   help="int4: int4 weights through the int4 kernels (a bf16 checkpoint or preset quantized "
+                        "with HQQ as it is built); int4-dequant: the same int4 model dequantized to the model "
+                        "dtype, through the bf16 kernels (the reference). An int4 checkpoint is int4 already.")
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=None,
+                   help=f"int4 group size when quantizing (default {DEFAULT_GROUP_SIZE})")
+    p.add_argument("--lm-head", choices=("bf16", "int4"), default=None,
+                   help="the lm_head's format when quantizing (default bf16: kept in the model dtype)")
+
+
 def sampling_params(args, error):
     """SamplingParams from --temperature/--top-k/--top-p/--seed; error(message) (argparse's: exit 2)
     names the bad value."""

@@ -12,7 +12,10 @@ Per layer (ops in `model.ops`, fused weights in `model.weights`):
   GDN:        norm_gemv(in_proj) -> conv1d_update -> gated_delta_step (+ gated RMSNorm) -> gemv(out_proj)
   attention:  norm_gemv(qkv) -> qk_norm_rope_store -> decode_attention (x sigmoid gate) -> gemv(o_proj)
   then        norm_gemv(router + shared gate/up + shared gate) -> router_topk -> moe_experts
-and finally add_rmsnorm -> gemv(lm_head). Inside the layers each RMSNorm (with the residual add
+and finally add_rmsnorm -> gemv(lm_head). Weights may be int4 (QuantizedLinear in the linear fields,
+docs/int4.md): the ops dispatch on the weight's type (model/ops/dispatch.py), so the step is the
+same code, capturable alike; the constructor checks every field against the config
+(model.quant.layout.check_decoder_weights). Inside the layers each RMSNorm (with the residual add
 before it) runs in the prologue of the projection that consumes it (norm_gemv): the residual
 stream alternates between two buffers, since every program of that kernel reads the old residual
 while one of them stores the new one.
@@ -55,6 +58,9 @@ class Decoder:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         if not isinstance(max_seq, int) or max_seq < 1:
             raise ValueError(f"max_seq must be an int >= 1, got {max_seq!r}")
+        from .quant.layout import check_decoder_weights
+
+        check_decoder_weights(weights)   # shapes, and int4 (QuantizedLinear) only where a kernel reads it
         self.cfg, self.weights = cfg, weights
         self.max_batch, self.max_seq, self.backend = max_batch, max_seq, backend
         self.device, self.dtype = weights.device, weights.dtype

@@ -2,6 +2,7 @@
 check it against eager decoding, and show what the captured step is made of.
 
     python -m model.demo [--preset tiny] [--layers N] [--max-new-tokens 32]
+    python -m model.demo --preset 35b-a3b --quant int4 [--group-size 128] [--lm-head bf16|int4]
 
 The weights are random, so the tokens mean nothing: it shows the machinery. With no GPU it says
 why once and runs the same decode on the CPU with the torch reference path. A preset too large for
@@ -15,7 +16,7 @@ import dataclasses
 import sys
 import time
 
-from model.cli_args import PRESETS, positive_int
+from model.cli_args import PRESETS, add_quant_args, positive_int
 
 
 def _no_gpu_reason(cugraph_rt, torch) -> str | None:
@@ -33,11 +34,11 @@ def _no_gpu_reason(cugraph_rt, torch) -> str | None:
     return None
 
 
-def _check_memory(p, cfg, max_seq, device, dtype_bytes, backend):
+def _check_memory(p, cfg, max_seq, device, dtype_bytes, backend, quant=None):
     from model.memory_plan import (NotEnoughMemoryError, check_fits, decode_memory, free_memory,
                                    max_layers_that_fit)
 
-    plan = dict(batch=1, max_seq=max_seq, dtype_bytes=dtype_bytes, backend=backend)
+    plan = dict(batch=1, max_seq=max_seq, dtype_bytes=dtype_bytes, backend=backend, quant=quant)
     free = free_memory(device)
     n = max_layers_that_fit(cfg, free[0], **plan)
     hints = ([f"--layers {n} (the first {n} of {cfg.num_layers} layers fit)"] if 0 < n < cfg.num_layers else []) \
@@ -54,6 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="tiny", choices=PRESETS)
     p.add_argument("--layers", type=positive_int, default=None, help="keep only the first N layers (memory)")
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    add_quant_args(p)   # --quant int4: the int4 kernels (model/quant/cli.py); the tiny preset cannot be int4
     args = p.parse_args(argv)
 
     import torch
@@ -62,7 +64,6 @@ def main(argv=None) -> int:
     from model.config import ModelConfig
     from model.decoder import Decoder
     from model.generation import Generator, SamplingParams
-    from model.weights import random_weights
 
     cfg = ModelConfig.preset(args.preset)
     if args.layers is not None:
@@ -75,14 +76,22 @@ def main(argv=None) -> int:
         p.error(f"--max-new-tokens {args.max_new_tokens}: with the {len(prompt)}-token prompt it needs "
                 f"{max_seq - 1} positions, beyond the model's max_position_embeddings={cfg.max_position_embeddings}")
     why = _no_gpu_reason(cugraph_rt, torch)
-    _check_memory(p, cfg, max_seq, "cpu" if why else "cuda", 4 if why else 2, "reference" if why else "triton")
+    from model.quant.cli import build_weights, plan_quant
+
+    dtype = torch.float32 if why else torch.bfloat16
+    try:
+        quant = plan_quant(args, cfg, dtype)
+    except ValueError as e:
+        p.error(f"--quant {args.quant}: {e}" if args.quant != "none" else str(e))
+    _check_memory(p, cfg, max_seq, "cpu" if why else "cuda", 4 if why else 2, "reference" if why else "triton",
+                  quant.memory_spec)
     print(f"The {args.preset} preset with random weights (seed 0): the tokens it generates mean nothing; "
           "the demo shows the decode machinery, not a trained model.")
     if why is not None:
         print(f"No CUDA graphs here: {why}.\n"
               f"Running instead: the same decode, eagerly on the CPU with the torch reference kernels "
               "(the math the Triton kernels are tested against).")
-        weights = random_weights(cfg, device="cpu", dtype=torch.float32, seed=0)
+        _, weights = build_weights(quant, cfg, "cpu", torch.float32, seed=0)
         dec = Decoder(cfg, weights, max_batch=1, max_seq=max_seq, backend="reference")
         t = time.perf_counter()
         res = Generator(dec, SamplingParams(), use_graph=False).generate([prompt], args.max_new_tokens)
@@ -90,9 +99,9 @@ def main(argv=None) -> int:
         print(f"prompt {prompt}\ngenerated {res.tokens[0]}\n{res.decode_tokens} tokens in {dt:.2f} s on the CPU")
         return 0
 
-    weights = random_weights(cfg, device="cuda", dtype=torch.bfloat16, seed=0)
+    _, weights = build_weights(quant, cfg, "cuda", torch.bfloat16, seed=0)
     dec = Decoder(cfg, weights, max_batch=1, max_seq=max_seq, backend="triton")
-    print(f"{torch.cuda.get_device_name()}: {args.preset} preset, {cfg.num_layers} layers, bf16")
+    print(f"{torch.cuda.get_device_name()}: {args.preset} preset, {cfg.num_layers} layers, {quant.describe()}")
     eager = Generator(dec, SamplingParams(), use_graph=False).generate([prompt], args.max_new_tokens)
     with Generator(dec, SamplingParams(), use_graph=True) as gen:
         graph = gen.generate([prompt], args.max_new_tokens)

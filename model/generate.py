@@ -3,12 +3,15 @@
     python -m model.generate --preset tiny --prompt-ids 1,2,3 --max-new-tokens 32
     python -m model.generate --checkpoint DIR --prompt "Hello" --temperature 0.7 --top-p 0.9
     python -m model.generate --checkpoint DIR --chat --prompt "Why is the sky blue?"
+    python -m model.generate --preset 35b-a3b --quant int4 [--group-size 128] [--lm-head bf16|int4]
 
 Decoding runs through a CUDA graph (cugraph_rt) unless --no-graph; with no GPU it runs the torch
 reference path on the CPU and says so. Every input is checked before anything is allocated
 (config fields, prompt, lengths against the model's context, batch, and the memory the run needs
 against what is free); a bad one ends with a message and exit code 2. Text streams as it is
-generated; the run ends with prefill and decode tokens per second.
+generated; the run ends with prefill and decode tokens per second. `--quant int4` runs int4
+weights through the int4 kernels (an int4 checkpoint always does); `--quant int4-dequant` runs the
+same int4 model's dequantized weights through the bf16 kernels, the reference (model/quant/cli.py).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import collections
 import sys
 from pathlib import Path
 
-from model.cli_args import PRESETS, positive_int, sampling_params, seed
+from model.cli_args import PRESETS, add_quant_args, positive_int, sampling_params, seed
 
 CPU_MAX_BATCH = 256   # the reference path runs attention and experts row by row in Python
 
@@ -61,46 +64,32 @@ def build_parser() -> argparse.ArgumentParser:
                         "at end-of-sequence), 'fixed' (graphs of K steps); tokens still stream")
     p.add_argument("--prefill-chunk", type=positive_int, default=None,
                    help="prompt tokens per prefill step (default 4096; longer prompts run as several chunks)")
-    p.add_argument("--quant", choices=("none", "int4"), default="none",
-                   help="int4: quantize the weights (group-wise HQQ, docs/int4.md) and decode their "
-                        "dequantized values (the int4 reference math; a checkpoint with a "
-                        "quantization_config is int4 already)")
-    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=128,
-                   help="int4 group size for --quant int4 (default %(default)s)")
+    add_quant_args(p)    # --quant none|int4|int4-dequant, --group-size, --lm-head (model/quant/cli.py)
     return p
 
 
-def _load_weights(args, error, cfg, device, dtype):
-    """(cfg, weights): the checkpoint's (an int4 one dequantized) or seeded random ones, quantized
-    to int4 and dequantized where --quant int4 asks."""
-    if args.checkpoint is not None:
-        from model.checkpoint import load_checkpoint
-        from model.quant import load_int4_checkpoint, read_quantization_config
+def _quant_plan(args, error, cfg, dtype):
+    """The int4 plan of --quant/--group-size/--lm-head (and an int4 checkpoint's own config),
+    checked against the model's shapes before anything is allocated."""
+    from model.quant import read_quantization_config
+    from model.quant.cli import plan_quant
 
-        try:
-            qcfg = read_quantization_config(args.checkpoint)
-            if qcfg is not None:
-                print(f"note: int4 checkpoint ({qcfg.method}, group {qcfg.group_size}): decoding its "
-                      f"dequantized weights (the int4 reference math, at {dtype} size)", file=sys.stderr)
-                cfg, _, weights = load_int4_checkpoint(args.checkpoint, device=device, dtype=dtype)
-                return cfg, weights
-            cfg, weights = load_checkpoint(args.checkpoint, device=device, dtype=dtype)
-        except (ValueError, OSError) as e:   # CheckpointError, ConfigError, missing files
-            error(f"--checkpoint {args.checkpoint}: {e}")
-    else:
-        from model.weights import random_weights
+    try:
+        qcfg = read_quantization_config(args.checkpoint) if args.checkpoint is not None else None
+        return plan_quant(args, cfg, dtype, qcfg)
+    except ValueError as e:   # ConfigError included
+        error(f"--quant {args.quant}: {e}" if args.quant != "none" else str(e))
 
-        weights = random_weights(cfg, device=device, dtype=dtype, seed=args.seed)
-    if args.quant == "int4":
-        from model.quant import dequantize_weights, quantize_weights
 
-        try:
-            weights = dequantize_weights(quantize_weights(weights, args.group_size, "hqq"))
-        except ValueError as e:
-            error(f"--quant int4: {e}")
-        print(f"note: --quant int4: decoding the dequantized int4 weights (hqq, group {args.group_size}; the "
-              f"int4 reference math at {dtype} size)", file=sys.stderr)
-    return cfg, weights
+def _load_weights(args, error, cfg, device, dtype, plan):
+    """(cfg, weights) as the plan says: the checkpoint's (int4 kept int4, or quantized while
+    loading) or seeded random ones (built int4 tensor by tensor where asked)."""
+    from model.quant.cli import build_weights
+
+    try:
+        return build_weights(plan, cfg, device, dtype, checkpoint=args.checkpoint, seed=args.seed)
+    except (ValueError, OSError) as e:   # CheckpointError, ConfigError, missing files
+        error(f"--checkpoint {args.checkpoint}: {e}" if args.checkpoint is not None else str(e))
 
 
 def _model_files(args, error):
@@ -179,11 +168,11 @@ def _check_lengths(args, error, cfg, prompt) -> int:
     return need + 1
 
 
-def _check_memory(args, error, cfg, device, dtype_bytes, max_seq, backend):
+def _check_memory(args, error, cfg, device, dtype_bytes, max_seq, backend, quant=None):
     from model.memory_plan import (NotEnoughMemoryError, check_fits, decode_memory, free_memory,
                                    max_layers_that_fit)
 
-    plan = dict(batch=args.batch, max_seq=max_seq, dtype_bytes=dtype_bytes, backend=backend)
+    plan = dict(batch=args.batch, max_seq=max_seq, dtype_bytes=dtype_bytes, backend=backend, quant=quant)
     parts = decode_memory(cfg, **plan)
     free = free_memory(device)
     hints = []
@@ -260,7 +249,8 @@ def main(argv=None) -> int:
     device = "cuda" if on_gpu else "cpu"
     dtype = getattr(torch, args.dtype or "bfloat16") if on_gpu else torch.float32
     backend = "triton" if on_gpu else "reference"
-    _check_memory(args, error, cfg, device, dtype.itemsize, max_seq, backend)
+    quant = _quant_plan(args, error, cfg, dtype)
+    _check_memory(args, error, cfg, device, dtype.itemsize, max_seq, backend, quant.memory_spec)
     if not on_gpu:
         print("note: no CUDA GPU found; CUDA graphs need an NVIDIA GPU. Running the torch reference "
               "path on the CPU, eagerly, in float32"
@@ -274,7 +264,7 @@ def main(argv=None) -> int:
     from model.generation import Generator
     from model.streaming import TokenPrinter
 
-    cfg, weights = _load_weights(args, error, cfg, device, dtype)
+    cfg, weights = _load_weights(args, error, cfg, device, dtype, quant)
     try:
         decoder = Decoder(cfg, weights, max_batch=args.batch, max_seq=max_seq, backend=backend)
     except ValueError as e:

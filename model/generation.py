@@ -63,7 +63,8 @@ class GenerationResult:
 
 
 class Generator:
-    """Prefill and decode through one step function, replayed as a CUDA graph or run eagerly.
+    """Prefill and decode through one step function, replayed as a CUDA graph or run eagerly
+    (use_graph); with use_graph and prefill_graphs=False only the decode step is a graph.
 
     The graph (or eager) step takes `tokens[B]` and `positions[B]` (int64) and returns the sampled
     next tokens `[B]` (int64, on the device); `decoder.logits` keeps the step's logits.
@@ -71,7 +72,7 @@ class Generator:
 
     def __init__(self, decoder, sampling: SamplingParams = SamplingParams(), *,
                  use_graph: bool = True, warmup: int = 2, prefill_chunk: int | None = None,
-                 device_loop=False):
+                 device_loop=False, prefill_graphs: bool = True):
         from .device_loop import check_mode
 
         self.device_loop = check_mode(device_loop)   # generate()'s default; its graphs are made now
@@ -98,20 +99,23 @@ class Generator:
             raise ValueError(f"device_loop={device_loop!r} replays the decode step as a CUDA graph: it needs "
                              "use_graph=True")
         self._loop = None
-        # the chunked prefill step; with graphs, captured per chunk-size bucket now (start-up)
+        # the chunked prefill step; with graphs, captured per chunk-size bucket now (start-up).
+        # prefill_graphs=False keeps the prefill eager: for users of the decode step alone (the
+        # decode benchmarks), who need not pay its capture
         step = decoder.prefill_step(prefill_chunk)
         self._prefill_graphs = None
         if self.use_graph:
-            from .prefill import PrefillGraphs
-
             # warm up and capture the decode step now (Triton JIT, cuBLAS): start-up, and every
             # later capture (the device loop's graphs) then records compiled kernels only
             for _ in range(warmup + 1):
                 self._handle(tokens=example["tokens"], positions=example["positions"])
             if self.device_loop:
                 self._device_loop(self.device_loop)
-            self._prefill_graphs = PrefillGraphs(step)
-            self._prefill_graphs.prepare(row=0)
+            if prefill_graphs:
+                from .prefill import PrefillGraphs
+
+                self._prefill_graphs = PrefillGraphs(step)
+                self._prefill_graphs.prepare(row=0)
             decoder.reset()
             self._sampler.reset()
 

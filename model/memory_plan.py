@@ -42,13 +42,24 @@ def _prefill_bytes(cfg, max_seq, dtype_bytes, backend, chunk) -> int:
     return PrefillStep.workspace_bytes(cfg, chunk, dtype, backend)
 
 
+def weight_bytes(cfg, dtype_bytes: int, quant=None) -> int:
+    """Bytes of the decoder's weights: the model dtype throughout, or with `quant` (a
+    model.quant.QuantizationConfig: group_size, lm_head, scale_dtype) the int4 layout
+    (model.quant.layout.nbytes of it, from the shapes)."""
+    if quant is None:
+        return int(cfg.total_weight_bytes(dtype_bytes))
+    from .quant.build import int4_weight_bytes
+
+    return int4_weight_bytes(cfg, dtype_bytes, quant.group_size, quant.lm_head, quant.torch_scale_dtype.itemsize)
+
+
 def decode_memory(cfg, *, batch: int, max_seq: int, dtype_bytes: int, backend: str = "triton",
-                  extra: dict | None = None, prefill_chunk: int | None = None) -> dict:
+                  extra: dict | None = None, prefill_chunk: int | None = None, quant=None) -> dict:
     """Bytes by part for a decoder of `batch` rows and `max_seq` cache positions in a dtype of
-    `dtype_bytes` bytes: weights, KV cache, GDN states, step workspaces, the chunked prefill
-    step's workspaces (`prefill_chunk` tokens, default model.prefill.DEFAULT_CHUNK, at most
-    max_seq), sampler, and (backend "reference") the temporaries of the plain-torch ops; then
-    `extra` (name -> bytes)."""
+    `dtype_bytes` bytes: weights (int4 where `quant`, a QuantizationConfig, says: weight_bytes),
+    KV cache, GDN states, step workspaces, the chunked prefill step's workspaces (`prefill_chunk`
+    tokens, default model.prefill.DEFAULT_CHUNK, at most max_seq), sampler, and (backend
+    "reference") the temporaries of the plain-torch ops; then `extra` (name -> bytes)."""
     for name, v in (("batch", batch), ("max_seq", max_seq), ("dtype_bytes", dtype_bytes)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -71,7 +82,7 @@ def decode_memory(cfg, *, batch: int, max_seq: int, dtype_bytes: int, backend: s
                   + attention_workspace_numel(B, NH, D, S) * 4
                   + moe_workspace_numel(B, k, cfg.moe_intermediate_size) * db)
     parts = {
-        "weights": int(cfg.total_weight_bytes(db)),
+        "weights": weight_bytes(cfg, db, quant),
         "KV cache": n_att * 2 * B * NKV * S * D * db,
         "GDN states": n_lin * B * (cfg.conv_dim * cfg.linear_conv_kernel_dim * db
                                    + NV * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4),
@@ -84,6 +95,12 @@ def decode_memory(cfg, *, batch: int, max_seq: int, dtype_bytes: int, backend: s
         # per attention row its cache repeated over the query heads (K and V).
         widest = max(V, cfg.gdn_in_proj_rows, cfg.attn_qkv_rows, cfg.router_shared_rows)
         parts["temporaries (reference ops)"] = 4 * B * widest * 4 + 2 * NH * S * D * db
+        if quant is not None:
+            # the int4 references dequantize their weights per call: a layer's experts in the model
+            # dtype, and the unpacking's fp32/int32 temporaries (about 16 bytes a weight) of the largest
+            H, E, I, Is = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
+            largest = max(E * 2 * I * H, V * H if quant.lm_head == "int4" else 0)
+            parts["temporaries (int4 reference dequantization)"] = (3 * E * I * H + H * Is) * db + 16 * largest
     for name, nbytes in (extra or {}).items():
         if not isinstance(nbytes, int) or nbytes < 0:
             raise ValueError(f"extra[{name!r}] must be a byte count (int >= 0), got {nbytes!r}")
@@ -176,3 +193,73 @@ def max_layers_that_fit(cfg, free: int | None, **plan_kwargs) -> int:
         if fits(decode_memory(dataclasses.replace(cfg, num_layers=n), **plan_kwargs), free):
             return n
     return 0
+
+
+def peak_memory(cfg, *, batch: int = 1, max_seq: int = 4096, dtype_bytes: int = 2, quant=None,
+                backend: str = "triton", prefill_chunk: int | None = None) -> dict:
+    """The peak of building the weights then the decoder (and capturing its step, which allocates
+    nothing): {"steady": decode_memory's total, "build": what the weights' build holds at most,
+    "peak": the larger}. In bf16 the weights are built in place (build = weights); in int4 tensor
+    by tensor (random_int4_weights, load_checkpoint(quantize=)): the int4 weights plus one tensor
+    in the model dtype and one chunk's quantizer temporaries (model.quant.build)."""
+    parts = decode_memory(cfg, batch=batch, max_seq=max_seq, dtype_bytes=dtype_bytes, backend=backend,
+                          prefill_chunk=prefill_chunk, quant=quant)
+    build = parts["weights"]
+    if quant is not None:
+        from .quant.build import build_transient_bytes
+
+        build += build_transient_bytes(cfg, dtype_bytes, quant.lm_head)
+    steady = sum(parts.values())
+    return {"steady": steady, "build": build, "peak": max(steady, build), "parts": parts}
+
+
+def main(argv=None) -> int:
+    """python -m model.memory_plan --preset 35b-a3b --quant int4 --max-seq 4096: the plan by part
+    and the peak, for a GPU that need not be here."""
+    import argparse
+
+    from .cli_args import PRESETS, positive_int
+
+    p = argparse.ArgumentParser(prog="python -m model.memory_plan", description=main.__doc__.split(":")[0])
+    p.add_argument("--preset", choices=PRESETS, default="35b-a3b")
+    p.add_argument("--layers", type=positive_int, default=None)
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--max-seq", type=positive_int, default=4096)
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--quant", choices=("none", "int4"), default="none")
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=128)
+    p.add_argument("--lm-head", choices=("bf16", "int4"), default="bf16")
+    p.add_argument("--backend", choices=("triton", "reference"), default="triton")
+    args = p.parse_args(argv)
+    import dataclasses
+
+    from .config import ModelConfig
+
+    cfg = ModelConfig.preset(args.preset)
+    if args.layers is not None:
+        cfg = dataclasses.replace(cfg, num_layers=min(args.layers, cfg.num_layers))
+    db = 2 if args.dtype == "bfloat16" else 4
+    quant = None
+    if args.quant == "int4":
+        from .quant import QuantizationConfig
+
+        quant = QuantizationConfig(group_size=args.group_size, lm_head=args.lm_head, scale_dtype=args.dtype)
+    try:
+        plan = peak_memory(cfg, batch=args.batch, max_seq=args.max_seq, dtype_bytes=db, quant=quant,
+                           backend=args.backend)
+    except ValueError as e:
+        p.error(str(e))
+    what = f"{cfg.name} ({cfg.num_layers} layers), {args.quant if quant is None else f'int4 g{args.group_size} lm_head {args.lm_head}'}"
+    print(f"{what}, {args.dtype}, batch {args.batch}, {args.max_seq} positions, backend {args.backend}")
+    for name, n in plan["parts"].items():
+        print(f"  {name:<44} {n / 1e9:9.3f} GB")
+    print(f"  {'decoder (weights, state, workspaces)':<44} {plan['steady'] / 1e9:9.3f} GB")
+    print(f"  {'building the weights (at most)':<44} {plan['build'] / 1e9:9.3f} GB")
+    print(f"peak device memory {plan['peak'] / 1e9:.2f} GB ({fmt_bytes(plan['peak'])})")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

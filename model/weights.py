@@ -92,7 +92,9 @@ class ModelWeights:
                             self.final_norm, list(self.layers[:n]))
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for _, t in self.tensors())
+        """Bytes of every distinct tensor; an int4 field (model.quant's QuantizedLinear, whose
+        nbytes is a method) counts its codes, scales and zeros."""
+        return sum(t.nbytes() if callable(t.nbytes) else t.numel() * t.element_size() for _, t in self.tensors())
 
     def to_hf_state_dict(self) -> dict:
         """Views under transformers' in-memory `Qwen3_5MoeForCausalLM` names (fused experts)."""
@@ -143,54 +145,58 @@ def empty_weights(cfg: ModelConfig, device, dtype) -> ModelWeights:
 # ------------------------------------------------------------------------------------------------
 # random init
 
+def random_inits(cfg: ModelConfig) -> list:
+    """(name as in ModelWeights.tensors(), init(t, generator)) of every tensor, in the order
+    random_weights draws them: one generator runs through this list, so a builder that allocates
+    the tensors one at a time (model.quant.build's int4 one) draws the very same values.
+
+    Linear weights ~ N(0, 1/fan_in) scaled so that every sublayer adds O(0.1-1) to the residual
+    stream; 1+w norms get w ~ N(0, 0.1^2) and the gated norm 1 + N(0, 0.1^2) so that a missing
+    `1 +` shows; A_log = log U(1, 16) and dt_bias = 1 as in transformers, so the GDN state decays
+    and stays bounded over any number of steps (the delta rule with |k| = 1 and beta < 1 is a
+    contraction)."""
+    H = cfg.hidden_size
+
+    def normal(std, mean=0.0):
+        return lambda t, gen: t.normal_(mean, std, generator=gen)
+
+    def lin(fan_in, gain=1.0):
+        return normal(gain / fan_in ** 0.5)
+
+    norm_w = normal(0.1)
+    out = [("embed", normal(1.0))]
+    if not cfg.tie_word_embeddings:
+        out.append(("lm_head", lin(H)))
+    out.append(("final_norm", norm_w))
+    for i, kind in enumerate(cfg.layer_types):
+        p = f"layers.{i}."
+        out += [(p + "input_norm", norm_w), (p + "post_norm", norm_w)]
+        if kind == LINEAR:
+            out += [(p + "mixer.in_proj", lin(H)), (p + "mixer.conv", normal(0.5)),
+                    (p + "mixer.A_log", lambda t, gen: t.uniform_(1.0, 16.0, generator=gen).log_()),
+                    (p + "mixer.dt_bias", lambda t, gen: t.fill_(1.0)),
+                    (p + "mixer.norm", normal(0.1, mean=1.0)),
+                    (p + "mixer.out_proj", lin(cfg.linear_value_dim, gain=0.5))]
+        else:
+            out += [(p + "mixer.qkv", lin(H)), (p + "mixer.q_norm", norm_w), (p + "mixer.k_norm", norm_w),
+                    (p + "mixer.o_proj", lin(cfg.num_attention_heads * cfg.head_dim, gain=0.5))]
+        out += [(p + "moe.router_shared", lin(H)), (p + "moe.gate_up_proj", lin(H)),
+                (p + "moe.down_proj", lin(cfg.moe_intermediate_size, gain=0.5)),
+                (p + "moe.shared_down", lin(cfg.shared_expert_intermediate_size, gain=0.5))]
+    return out
+
+
 @torch.no_grad()
 def random_weights(cfg: ModelConfig, device="cuda", dtype=torch.bfloat16, seed: int = 0) -> ModelWeights:
     """Seeded random weights generated tensor by tensor on `device`, in place (nothing is built on
-    the host). Linear weights ~ N(0, 1/fan_in) scaled so that every sublayer adds O(0.1-1) to the
-    residual stream; 1+w norms get w ~ N(0, 0.1^2) and the gated norm 1 + N(0, 0.1^2) so that a
-    missing `1 +` shows; A_log = log U(1, 16) and dt_bias = 1 as in transformers, so the GDN state
-    decays and stays bounded over any number of steps (the delta rule with |k| = 1 and beta < 1
-    is a contraction)."""
+    the host); the distributions are random_inits'."""
     device = torch.device(device)
     w = empty_weights(cfg, device, dtype)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    H = cfg.hidden_size
-
-    def normal(t, std, mean=0.0):
-        t.normal_(mean, std, generator=gen)
-
-    def lin(t, fan_in, gain=1.0):
-        normal(t, gain / fan_in ** 0.5)
-
-    def norm_w(t):
-        normal(t, 0.1)
-
-    normal(w.embed, 1.0)
-    if w.lm_head is not w.embed:
-        lin(w.lm_head, H)
-    norm_w(w.final_norm)
-    for L in w.layers:
-        norm_w(L.input_norm)
-        norm_w(L.post_norm)
-        m = L.mixer
-        if L.kind == LINEAR:
-            lin(m.in_proj, H)
-            normal(m.conv, 0.5)
-            m.A_log.uniform_(1.0, 16.0, generator=gen).log_()
-            m.dt_bias.fill_(1.0)
-            normal(m.norm, 0.1, mean=1.0)
-            lin(m.out_proj, cfg.linear_value_dim, gain=0.5)
-        else:
-            lin(m.qkv, H)
-            norm_w(m.q_norm)
-            norm_w(m.k_norm)
-            lin(m.o_proj, cfg.num_attention_heads * cfg.head_dim, gain=0.5)
-        moe = L.moe
-        lin(moe.router_shared, H)
-        lin(moe.gate_up_proj, H)
-        lin(moe.down_proj, cfg.moe_intermediate_size, gain=0.5)
-        lin(moe.shared_down, cfg.shared_expert_intermediate_size, gain=0.5)
+    tensors = dict(w.tensors())
+    for name, init in random_inits(cfg):
+        init(tensors[name], gen)
     return w
 
 

@@ -1,11 +1,16 @@
 """Decode benchmark against the memory-bandwidth floor (a benchmark, not a test).
 
     python tools/bench_decode.py --preset 35b-a3b --batches 1,2,4,8 --context 1024 --out out/bench
+    python tools/bench_decode.py --preset 35b-a3b --quant int4 [--group-size 128] [--lm-head bf16|int4]
 
 For each batch: checks first that graph-replayed tokens equal eager tokens (greedy, from the same
 state), then times with CUDA events (medians over --steps after warmup): our eager step, the
 cugraph_rt replay, and torch.cuda.CUDAGraph capturing the very same step. Then transformers' own
 eager decode at the same widths with --hf-layers layers (memory), and ours cut to the same layers.
+With int4 weights (--quant int4, or an int4 checkpoint) the Triton step is first checked against
+the reference backend on the same weights (--ref-steps teacher-forced steps; nothing is timed if it
+differs), and the floor counts the bytes the int4 step reads (codes, scales and zeros of the active
+weights; the lm_head in its own format: model/quant/cost.py).
 Prints a table with the GPU named and the floor beside each figure; writes bench_decode.json.
 """
 from __future__ import annotations
@@ -25,13 +30,15 @@ from tools import common  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="tools/bench_decode.py", description=__doc__.split("\n")[0])
-    common.add_model_args(p, default_preset="35b-a3b")
+    common.add_model_args(p, default_preset="35b-a3b", quant=True)
     p.add_argument("--batches", type=common.positive_int_list, default=[1, 2, 4, 8],
                    help="comma-separated batch sizes")
     p.add_argument("--context", type=common.positive_int, default=1024)
     p.add_argument("--steps", type=common.positive_int, default=100)
     p.add_argument("--check-steps", type=common.positive_int, default=16, help="graph == eager tokens over N steps")
     p.add_argument("--hf-layers", type=int, default=8, help="layers for transformers' eager decode (0 = skip)")
+    p.add_argument("--ref-steps", type=common.positive_int, default=4,
+                   help="int4: Triton vs reference backend over N teacher-forced steps before timing")
     p.add_argument("--out", type=Path, default=Path("out/bench"))
     args = p.parse_args(argv)
     common.check_batch(p, "--batches", max(args.batches))
@@ -63,6 +70,43 @@ def greedy_tokens(gen, batch: int, steps: int, stream, torch) -> tuple[list, "to
         return out, gen.decoder.logits[:batch].clone()
 
 
+# int4 Triton vs reference logits at 35b-a3b widths: both dequantize to bf16 exactly alike, so they
+# differ by summation order inside bf16 roundings, as the bf16 path (tests/gpu/test_decoder_gpu.py)
+REF_TOL = 0.08
+
+
+def check_against_reference(cfg, weights, batch: int, steps: int, torch) -> dict:
+    """The Triton step against the reference backend on the same weights: `steps` teacher-forced
+    steps of `batch` rows (the same random tokens into both), logits poisoned before each step.
+    SystemExit (no speed reported) when a logit is not finite or a step's max |diff| / max |logit|
+    exceeds REF_TOL; else the worst ratio and the top-1 agreement."""
+    from model.decoder import Decoder
+
+    decs = {b: Decoder(cfg, weights, max_batch=batch, max_seq=steps + 1, backend=b) for b in ("reference", "triton")}
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (steps, batch), generator=g)
+    worst, agree = 0.0, 0
+    for p, tok in enumerate(tokens):
+        out = {}
+        for name, dec in decs.items():
+            dec.logits.fill_(float("nan"))
+            pos = torch.full((batch,), p, dtype=torch.int64, device="cuda")
+            out[name] = dec.decode_step(tok.cuda(), pos).float().clone()
+        tri, ref = out["triton"], out["reference"]
+        if not (torch.isfinite(tri).all() and torch.isfinite(ref).all()):
+            raise SystemExit(f"int4 check, batch {batch}, step {p}: non-finite logits; no speed reported")
+        for r in range(batch):
+            worst = max(worst, float((tri[r] - ref[r]).abs().max()) / max(float(ref[r].abs().max()), 1e-6))
+        agree += int((tri.argmax(-1) == ref.argmax(-1)).sum())
+    del decs
+    gc.collect()
+    torch.cuda.empty_cache()
+    if worst > REF_TOL:
+        raise SystemExit(f"int4 check, batch {batch}: Triton vs reference max |logit diff| / max |logit| = "
+                         f"{worst:.4g} > {REF_TOL}; no speed reported")
+    return {"steps": steps, "max_rel_logit_diff": worst, "top1_agreement": agree / (steps * batch)}
+
+
 def bench_ours(cfg, weights, batch, args, torch):
     from model.decoder import Decoder
     from model.generation import Generator, SamplingParams
@@ -70,7 +114,7 @@ def bench_ours(cfg, weights, batch, args, torch):
     decoder = Decoder(cfg, weights, max_batch=batch, max_seq=args.context + args.check_steps + 8,
                       backend="triton")
     eager = Generator(decoder, SamplingParams(), use_graph=False)
-    graph = Generator(decoder, SamplingParams(), use_graph=True)
+    graph = Generator(decoder, SamplingParams(), use_graph=True, prefill_graphs=False)   # decode only
     stream = graph.handle.stream.torch
     eager_tokens, eager_logits = greedy_tokens(eager, batch, args.check_steps, stream, torch)
     graph_tokens, graph_logits = greedy_tokens(graph, batch, args.check_steps, stream, torch)
@@ -151,12 +195,20 @@ def main(argv=None) -> int:
     bw = common.copy_bandwidth_gbs()
     cfg, weights = common.build_model(args, batch=max(args.batches),
                                       max_seq=args.context + args.check_steps + 8)
+    from model.quant.cost import read_bytes_per_token
+    from model.quant.layout import int4_fields
+
     dtype_bytes = torch.finfo(getattr(torch, args.dtype)).bits // 8
+    fmt = common.weights_format(weights)
+    int4_check = None
+    if int4_fields(weights):     # correctness first: the int4 kernels against their references
+        int4_check = check_against_reference(cfg, weights, min(args.batches), args.ref_steps, torch)
+        print(f"int4 check: {int4_check}", file=sys.stderr)
     rows = []
     for batch in args.batches:
         row = bench_ours(cfg, weights, batch, args, torch)
-        row["bytes"] = cfg.bytes_per_token(dtype_bytes, batch=batch) + \
-            common.kv_bytes_per_token(cfg, args.context, dtype_bytes, batch)
+        row["weight_bytes"] = read_bytes_per_token(weights, batch)["total"]
+        row["bytes"] = row["weight_bytes"] + common.kv_bytes_per_token(cfg, args.context, dtype_bytes, batch)
         row["floor_ms"] = row["bytes"] / (bw * 1e9) * 1e3
         rows.append(row)
         print(f"batch {batch}: {row}", file=sys.stderr)
@@ -172,15 +224,19 @@ def main(argv=None) -> int:
                                                                             min(args.steps, 50), torch),
               "ours_eager_ms": ours_cut["eager_ms"], "ours_cugraph_rt_ms": ours_cut["cugraph_rt_ms"]}
     result = {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "preset": args.preset or args.default_preset,
-              "layers": cfg.num_layers, "dtype": args.dtype, "context": args.context, "steps": args.steps,
+              "layers": cfg.num_layers, "dtype": args.dtype, "weights": fmt, "int4_check": int4_check,
+              "context": args.context, "steps": args.steps,
               "copy_bandwidth_GBs": bw, "rows": rows, "transformers": hf, "argv": sys.argv}
     (args.out / "bench_decode.json").write_text(json.dumps(result, indent=1))
-    print(f"\n{gpu}, {result['preset']} ({cfg.num_layers} layers), {args.dtype}, context {args.context}, "
-          f"copy bandwidth {bw:.0f} GB/s, medians of {args.steps} steps")
-    print(f"{'batch':>5} {'floor ms':>9} {'eager ms':>9} {'cugraph_rt ms':>14} {'torch graph ms':>15} "
+    print(f"\n{gpu}, {result['preset']} ({cfg.num_layers} layers), {args.dtype}, weights {fmt}, context "
+          f"{args.context}, copy bandwidth {bw:.0f} GB/s, medians of {args.steps} steps")
+    if int4_check:
+        print(f"int4 Triton vs reference over {int4_check['steps']} steps: max |logit diff| / max |logit| "
+              f"{int4_check['max_rel_logit_diff']:.3g}, top-1 agreement {int4_check['top1_agreement']:.0%}")
+    print(f"{'batch':>5} {'GB/tok':>7} {'floor ms':>9} {'eager ms':>9} {'cugraph_rt ms':>14} {'torch graph ms':>15} "
           f"{'eager/replay':>12} {'ours/torch':>10} {'tok/s':>8} {'x floor':>8}")
     for r in rows:
-        print(f"{r['batch']:>5} {r['floor_ms']:>9.3f} {r['eager_ms']:>9.3f} {r['cugraph_rt_ms']:>14.3f} "
+        print(f"{r['batch']:>5} {r['bytes'] / 1e9:>7.3f} {r['floor_ms']:>9.3f} {r['eager_ms']:>9.3f} {r['cugraph_rt_ms']:>14.3f} "
               f"{r['torch_graph_ms']:>15.3f} {r['eager_ms'] / r['cugraph_rt_ms']:>12.2f} "
               f"{r['cugraph_rt_ms'] / r['torch_graph_ms']:>10.3f} {r['batch'] * 1e3 / r['cugraph_rt_ms']:>8.1f} "
               f"{r['cugraph_rt_ms'] / r['floor_ms']:>8.2f}")

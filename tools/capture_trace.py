@@ -1,6 +1,7 @@
 """Show what a captured decode step is made of.
 
     python tools/capture_trace.py --preset tiny --out out/trace
+    python tools/capture_trace.py --preset 35b-a3b --quant int4 [--group-size 128] [--lm-head int4] --out out/trace-int4
 
 Builds the decoder, warms up, captures one decode step (decode + on-device sampling) through a
 cugraph_rt.GraphHandle and writes to --out: graph.dot (and graph.svg where graphviz is installed),
@@ -28,7 +29,7 @@ from tools import common  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="tools/capture_trace.py", description=__doc__.split("\n")[0])
-    common.add_model_args(p)
+    common.add_model_args(p, quant=True)
     p.add_argument("--out", type=Path, default=Path("out/trace"), help="output directory")
     p.add_argument("--steps", type=common.positive_int, default=50, help="eager and replayed steps timed")
     p.add_argument("--batch", type=common.positive_int, default=1)
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     cfg, weights = common.build_model(args, batch=args.batch, max_seq=args.context + 8)
     decoder = Decoder(cfg, weights, max_batch=args.batch, max_seq=args.context + 8, backend="triton")
-    gen = Generator(decoder, SamplingParams(), use_graph=True)
+    gen = Generator(decoder, SamplingParams(), use_graph=True, prefill_graphs=False)   # the decode step only
     handle = gen.handle
     tokens = torch.ones(args.batch, dtype=torch.int64)
     positions = torch.full((args.batch,), args.context - 1, dtype=torch.int64)
@@ -144,14 +145,18 @@ def main(argv=None) -> int:
     kernel_text = profile_kernels(args, lambda: handle(tokens=dev_tokens, positions=dev_positions),
                                   stream, len(kernels), torch)
 
+    from model.quant.cost import read_bytes_per_token
+
     dtype_bytes = torch.finfo(getattr(torch, args.dtype)).bits // 8
-    step_bytes = cfg.bytes_per_token(dtype_bytes) + common.kv_bytes_per_token(cfg, args.context, dtype_bytes,
-                                                                              args.batch)
+    # the weights as held (int4 codes, scales and zeros where int4): model/quant/cost.py
+    step_bytes = read_bytes_per_token(weights, args.batch)["total"] + \
+        common.kv_bytes_per_token(cfg, args.context, dtype_bytes, args.batch)
     bw = common.copy_bandwidth_gbs()
     floor_ms = step_bytes / (bw * 1e9) * 1e3
     summary = {
         "gpu": common.gpu_name(), "preset": args.preset or ("checkpoint" if args.checkpoint else "tiny"),
         "layers": cfg.num_layers, "batch": args.batch, "context": args.context, "dtype": args.dtype,
+        "weights": common.weights_format(weights),
         "nodes": len(nodes), "kernel_nodes": len(kernels),
         "kernels_per_layer": round(len(kernels) / cfg.num_layers, 2),
         "warmup_ms": stats.get("warmup_s", 0) * 1e3, "capture_ms": stats.get("capture_s", 0) * 1e3,

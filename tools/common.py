@@ -8,18 +8,23 @@ import statistics
 import sys
 from pathlib import Path
 
-from model.cli_args import (PRESETS, finite_float, nonnegative_int, positive_int,  # noqa: F401 (tools use them)
-                            positive_int_list, seed)
+from model.cli_args import (PRESETS, add_quant_args, finite_float, nonnegative_int,  # noqa: F401 (tools use them)
+                            positive_int, positive_int_list, seed)
 
 
-def add_model_args(p: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
+def add_model_args(p: argparse.ArgumentParser, default_preset: str = "tiny", *, quant: bool = False) -> None:
+    """--preset/--checkpoint/--layers/--dtype/--seed, and with quant=True the int4 flags
+    (--quant none|int4|int4-dequant, --group-size, --lm-head: model/quant/cli.py)."""
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=PRESETS, default=None, help=f"random weights (default {default_preset})")
     src.add_argument("--checkpoint", type=Path, help="Hugging Face safetensors checkpoint directory")
     p.add_argument("--layers", type=positive_int, default=None, help="keep only the first N layers (memory)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--seed", type=seed, default=0)
-    p.set_defaults(default_preset=default_preset)
+    if quant:
+        add_quant_args(p)
+    # build_model reads the int4 flags only where they were added here (a tool may define its own)
+    p.set_defaults(default_preset=default_preset, model_quant_flags=quant)
 
 
 def fail(message: str, code: int = 2):
@@ -58,8 +63,9 @@ def require_gpu(tool: str):
 
 
 def build_model(args, device="cuda", *, batch: int | None = None, max_seq: int | None = None):
-    """(cfg, weights) from --checkpoint or --preset (optionally cut to --layers). With batch and
-    max_seq, the memory a decoder of that size needs is checked against what is free first."""
+    """(cfg, weights) from --checkpoint or --preset (optionally cut to --layers), int4 where --quant
+    (or an int4 checkpoint) says. With batch and max_seq, the memory a decoder of that size needs
+    is checked against what is free first."""
     import dataclasses
 
     import torch
@@ -82,10 +88,20 @@ def build_model(args, device="cuda", *, batch: int | None = None, max_seq: int |
             if not 1 <= args.layers <= cfg.num_layers:
                 fail(f"--layers {args.layers}: must be in [1, {cfg.num_layers}]")
             cfg = dataclasses.replace(cfg, num_layers=args.layers)
+    from model.quant import read_quantization_config
+    from model.quant.cli import build_weights, plan_quant
+
+    flags = args if getattr(args, "model_quant_flags", False) else \
+        argparse.Namespace(quant="none", group_size=None, lm_head=None)   # a tool without them: as stored
+    try:
+        qcfg = read_quantization_config(args.checkpoint) if args.checkpoint is not None else None
+        quant = plan_quant(flags, cfg, dtype, qcfg)
+    except ValueError as e:   # ConfigError of an int4 checkpoint's quantization_config included
+        fail(f"--quant {flags.quant}: {e}" if flags.quant != "none" else str(e))
     if batch is not None and max_seq is not None:
         from model.memory_plan import decode_memory, free_memory, max_layers_that_fit
 
-        plan = dict(batch=batch, max_seq=max_seq, dtype_bytes=dtype.itemsize)
+        plan = dict(batch=batch, max_seq=max_seq, dtype_bytes=dtype.itemsize, quant=quant.memory_spec)
         hints = ["a smaller --context or batch"]
         if args.checkpoint is None:
             n = max_layers_that_fit(cfg, free_memory(device)[0], **plan)
@@ -93,16 +109,23 @@ def build_model(args, device="cuda", *, batch: int | None = None, max_seq: int |
                 hints.insert(0, f"--layers {n} (the first {n} of {cfg.num_layers} layers fit)")
         check_memory(decode_memory(cfg, **plan), f"{cfg.name} ({cfg.num_layers} layers, batch {batch}, "
                      f"{max_seq} positions)", "try " + ", or ".join(hints), device)
-    if args.checkpoint is not None:
-        from model.checkpoint import load_checkpoint
+    try:
+        return build_weights(quant, cfg, device, dtype, checkpoint=args.checkpoint, seed=args.seed)
+    except (ValueError, OSError) as e:
+        fail(f"--checkpoint {args.checkpoint}: {e}" if args.checkpoint is not None else str(e))
 
-        try:
-            return load_checkpoint(args.checkpoint, device=device, dtype=dtype)
-        except (ValueError, OSError) as e:
-            fail(f"--checkpoint {args.checkpoint}: {e}")
-    from model.weights import random_weights
 
-    return cfg, random_weights(cfg, device=device, dtype=dtype, seed=args.seed)
+def weights_format(weights) -> str:
+    """'bf16' or e.g. 'int4 g128, lm_head bf16': what the decoder reads, for tables and JSON."""
+    from model.quant.format import QuantizedLinear
+    from model.quant.layout import int4_fields
+
+    fields = int4_fields(weights)
+    if not fields:
+        return str(weights.dtype).replace("torch.", "")
+    groups = sorted({q.group_size for q in fields.values()})
+    head = "int4" if isinstance(weights.lm_head, QuantizedLinear) else str(weights.dtype).replace("torch.", "")
+    return f"int4 g{'/'.join(map(str, groups))}, lm_head {head}"
 
 
 def gpu_name() -> str:

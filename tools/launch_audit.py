@@ -6,6 +6,7 @@ the profile's architecture, its shared memory checked against the profile's limi
 audits the chunked prefill step's kernels at those chunk sizes instead.
 
     python -m tools.launch_audit --profile l4 --preset 35b-a3b --batch 1,8 [--compile] [--json out.json]
+    python -m tools.launch_audit --profile h200 --quant int4 --compile      (the int4 decode step only)
     python -m tools.launch_audit --profile h200 --prefill 16,4096 --compile
 
 Compiling offline with the Triton version of the GPU machine catches its front-end errors and
@@ -23,10 +24,13 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-# every module holding a decode kernel (the prefill kernels live beside them in other files)
+# every module holding a decode kernel (the prefill kernels live beside them in other files); the
+# int4 ones run where the weights are int4 (a second decode step, with int4 weights, covers them)
 DECODE_MODULES = ("model.ops.norm", "model.ops.conv", "model.ops.sampling",
                   "model.ops.attention.decode", "model.ops.gated_delta.step",
-                  "model.ops.linear.gemv", "model.ops.moe.decode")
+                  "model.ops.linear.gemv", "model.ops.moe.decode",
+                  "model.ops.linear.int4", "model.ops.moe.int4")
+INT4_GROUP_SIZE = 128   # every int4 tensor of the presets groups at 128 (docs/int4.md)
 # modules holding only prefill kernels; the prefill step also launches the norms, the router, the
 # lm_head GEMV and the conv module's prefill kernel
 PREFILL_ONLY_MODULES = ("model.ops.gated_delta.chunk", "model.ops.attention.prefill",
@@ -105,20 +109,23 @@ def recording(modules=DECODE_MODULES):
             setattr(mod, k, v)
 
 
-def run_decode_step(preset: str, batch: int, dtype, max_seq: int = 4096) -> None:
-    """One decode step of ``preset`` at batch ``batch`` on meta tensors, plus the ops the step does
-    not reach at that config (the unfused norms, the unfused gated delta, sampling)."""
+def run_decode_step(preset: str, batch: int, dtype, max_seq: int = 4096, int4: bool = False) -> None:
+    """One decode step of ``preset`` at batch ``batch`` on meta tensors (with int4: every linear,
+    the lm_head too, int4 at group INT4_GROUP_SIZE), plus the ops the step does not reach at that
+    config (the unfused norms, the unfused gated delta, sampling)."""
     import torch
 
     from model import ops
     from model.config import ModelConfig
     from model.decoder import Decoder
+    from model.quant.build import empty_int4_weights
     from model.weights import empty_weights
 
     cfg = ModelConfig.preset(preset)
     dev = torch.device("meta")
-    dec = Decoder(cfg, empty_weights(cfg, dev, dtype), max_batch=batch, max_seq=max_seq,
-                  backend="triton")
+    weights = (empty_int4_weights(cfg, dev, dtype, INT4_GROUP_SIZE, lm_head="int4") if int4
+               else empty_weights(cfg, dev, dtype))
+    dec = Decoder(cfg, weights, max_batch=batch, max_seq=max_seq, backend="triton")
     tokens = torch.zeros(batch, dtype=torch.int64, device=dev)
     dec.forward(tokens, tokens.clone())
     t = ops.backend("triton")
@@ -165,15 +172,17 @@ def record_prefill(profile, preset: str = "35b-a3b", chunks=(16, 4096), dtype=No
     return log
 
 
-def record(profile, preset: str = "35b-a3b", batches=(1, 8), dtype=None) -> list[Launch]:
-    """The launches of the decode step (and the extra ops) under ``profile``."""
+def record(profile, preset: str = "35b-a3b", batches=(1, 8), dtype=None, quants=("bf16", "int4")) -> list[Launch]:
+    """The launches of the decode step (and the extra ops) under ``profile``, with bf16 and with
+    int4 weights (``quants``)."""
     import torch
 
     from model.ops.hardware import use_profile
     dtype = torch.bfloat16 if dtype is None else dtype
     with use_profile(profile), recording() as log:
         for b in batches:
-            run_decode_step(preset, b, dtype)
+            for q in quants:
+                run_decode_step(preset, b, dtype, int4=q == "int4")
     return log
 
 
@@ -259,6 +268,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", default="1,8", help="batches, comma-separated")
     ap.add_argument("--compile", action="store_true", help="also compile each launch (offline)")
     ap.add_argument("--prefill", default=None, help="audit the prefill step at these chunk sizes (comma-separated)")
+    ap.add_argument("--quant", choices=("all", "bf16", "int4"), default="all",
+                    help="the decode step with bf16 weights, int4 ones (every linear and the lm_head), or both")
     ap.add_argument("--json", default=None, help="write the launches here")
     args = ap.parse_args(argv)
     try:
@@ -284,8 +295,9 @@ def main(argv=None) -> int:
         launches = unique(record_prefill(profile, args.preset, chunks))
         expected = prefill_kernel_names()
     else:
-        launches = unique(record(profile, args.preset, batches))
-        expected = decode_kernel_names()
+        quants = ("bf16", "int4") if args.quant == "all" else (args.quant,)
+        launches = unique(record(profile, args.preset, batches, quants=quants))
+        expected = decode_kernel_names() if args.quant == "all" else set()
     bad = 0
     print(f"{profile.name}: sm_{profile.capability[0]}{profile.capability[1]}, {profile.sm_count} SMs, "
           f"{profile.smem_per_block} B shared per block, PDL {'yes' if profile.supports_pdl else 'no'}")

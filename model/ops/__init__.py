@@ -12,6 +12,10 @@ Contract shared by both backends (every function, same signature, same semantics
   output): its rows must have unit inner stride, the row stride is free. Weights, caches, states
   and workspaces are contiguous.
 
+Weights: `w`, `gate_up_proj`, `down_proj` and `shared_down` may be model.quant.QuantizedLinear
+(int4, docs/int4.md): gemv, norm_gemv and moe_experts then run their int4 forms (dispatch.py; the
+experts all int4 or none), which dequantize exactly as QuantizedLinear.dequantize in registers.
+
 linear.gemv(x[B,K], w[N,K], out[B,N])                         out = x @ w.T   (B <= 16)
 linear.norm_gemv(x[B,K] or None, residual[B,K], norm_weight[K], eps, w[N,K], out[B,N],
                  residual_out=None, normed_out=None)       h = residual (+ x), n = rms(h) * (1 + nw),

@@ -10,8 +10,10 @@ from .gated_delta import gated_delta_chunk_reference as gated_delta_chunk, gated
 from .moe import moe_experts_grouped_reference as moe_experts_grouped, moe_grouped_workspace  # noqa: F401
 from .gated_delta import gated_delta_step_reference as gated_delta_step, gated_delta_workspace  # noqa: F401
 from .loop_rows import advance_rows_reference as advance_rows, ctl_numel as loop_ctl_numel  # noqa: F401
-from .linear import gemv_reference as gemv, norm_gemv_reference as norm_gemv  # noqa: F401
-from .moe import moe_experts_reference as moe_experts, moe_workspace, moe_workspace_numel  # noqa: F401
+# the ops that read a weight choose the bf16 or the int4 kernel by its type (dispatch.py)
+from .dispatch import gemv_reference as gemv, norm_gemv_reference as norm_gemv  # noqa: F401
+from .dispatch import moe_experts_reference as moe_experts  # noqa: F401
+from .moe import moe_workspace, moe_workspace_numel  # noqa: F401
 from .moe import router_topk_reference as router_topk  # noqa: F401
 from .norm import add_rmsnorm_reference as add_rmsnorm, gated_rmsnorm_reference as gated_rmsnorm  # noqa: F401
 from .norm import rmsnorm_reference as rmsnorm  # noqa: F401

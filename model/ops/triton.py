@@ -10,8 +10,10 @@ from .gated_delta import gated_delta_chunk_triton as gated_delta_chunk, gated_de
 from .moe import moe_experts_grouped_triton as moe_experts_grouped, moe_grouped_workspace  # noqa: F401
 from .gated_delta import gated_delta_step_triton as gated_delta_step, gated_delta_workspace  # noqa: F401
 from .loop_rows import advance_rows_triton as advance_rows, ctl_numel as loop_ctl_numel  # noqa: F401
-from .linear import gemv_triton as gemv, norm_gemv_triton as norm_gemv  # noqa: F401
-from .moe import moe_experts_triton as moe_experts, moe_workspace, moe_workspace_numel  # noqa: F401
+# the ops that read a weight choose the bf16 or the int4 kernel by its type (dispatch.py)
+from .dispatch import gemv_triton as gemv, norm_gemv_triton as norm_gemv  # noqa: F401
+from .dispatch import moe_experts_triton as moe_experts  # noqa: F401
+from .moe import moe_workspace, moe_workspace_numel  # noqa: F401
 from .moe import router_topk_triton as router_topk  # noqa: F401
 from .norm import add_rmsnorm_triton as add_rmsnorm, gated_rmsnorm_triton as gated_rmsnorm  # noqa: F401
 from .norm import rmsnorm_triton as rmsnorm  # noqa: F401

@@ -90,6 +90,44 @@ def int4_fields(wq: ModelWeights) -> dict:
     return out
 
 
+def check_decoder_weights(w: ModelWeights) -> None:
+    """What the decoder can run: every tensor of w shaped as its config says, a QuantizedLinear only
+    in an int4 field (the linears the int4 kernels read: LAYER_INT4_FIELDS and lm_head) and of the
+    field's logical shape, a layer's three expert weights all int4 with one group size or none,
+    everything on one device. TypeError/ValueError naming the field otherwise."""
+    want = dict(empty_weights(w.cfg, "meta", torch.float32).tensors())
+    got = dict(w.tensors())
+    if got.keys() != want.keys():
+        odd = sorted(got.keys() ^ want.keys())
+        raise ValueError(f"the weights' fields differ from the {w.cfg.name} config's layout: {odd[:4]}")
+    for n, t in got.items():
+        shape = tuple(want[n].shape)
+        if isinstance(t, QuantizedLinear):
+            if not is_int4_field(n, "int4"):
+                raise TypeError(f"{n} is a QuantizedLinear, but the decoder reads {n} as a plain tensor: only "
+                                f"the linear fields ({', '.join(f'{p}.{f}' for p, fs in LAYER_INT4_FIELDS.items() for f in fs)}, "
+                                f"lm_head) can be int4")
+            if t.shape != shape:
+                raise ValueError(f"{n} is a QuantizedLinear of shape {list(t.shape)}; the config's {n} is {list(shape)}")
+        elif isinstance(t, torch.Tensor):
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{n} has shape {list(t.shape)}; the config's {n} is {list(shape)}")
+        else:
+            raise TypeError(f"{n} must be a torch.Tensor or a QuantizedLinear, got {type(t).__name__}")
+        if t.device != w.device:
+            raise ValueError(f"{n} is on {t.device}, the embedding on {w.device}: the weights must share a device")
+    for i, L in enumerate(w.layers):
+        experts = {f: getattr(L.moe, f) for f in ("gate_up_proj", "down_proj", "shared_down")}
+        q = {f: t for f, t in experts.items() if isinstance(t, QuantizedLinear)}
+        if q and len(q) != len(experts):
+            plain = sorted(experts.keys() - q.keys())
+            raise TypeError(f"layers.{i}.moe: {sorted(q)} are int4 but {plain} not; the expert kernels read "
+                            f"gate_up_proj, down_proj and shared_down all int4 or all plain")
+        if len({t.group_size for t in q.values()}) > 1:
+            raise ValueError(f"layers.{i}.moe: the expert weights have group sizes "
+                             f"{ {f: t.group_size for f, t in q.items()} }; the expert kernels take one")
+
+
 def nbytes(wq: ModelWeights) -> int:
     """Bytes of an int4 (or bf16) layout, counting each tensor and int4 part once."""
     total = 0

@@ -200,7 +200,9 @@ def gemv_int4_config(b: int, n: int, k: int, group_size: int, *, norm: bool = Fa
     budget = 8192 if block_b == 1 else 4096
     widest = (1024 if norm else 2048) if block_b == 1 else max(128, budget // block_b)
     block_k = max(group_size, min(next_pow2(k), widest))
-    block_n = max(1, min(16, budget // (block_b * block_k)))
+    # Triton's CPU interpreter runs programs one after another: there, fewer and wider ones
+    cap = 64 if profile.interpreter else 16
+    block_n = max(1, min(cap, budget // (block_b * block_k)))
     while block_n > 1 and triton.cdiv(n, block_n) < profile.stream_programs // 2:
         block_n //= 2
     return GemvInt4Launch(block_b, block_n, block_k, 4, 3)

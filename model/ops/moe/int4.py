@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ...quant.format import QuantizedLinear
 from .._util import MODEL_DTYPES, next_pow2, pdl, pdl_wait
-from ..hardware import profile_for
+from ..hardware import current_profile, profile_for
 from ..linear.int4 import _dequant_tile
 from .decode import MoeLaunch, _check_moe, moe_experts_reference, moe_launch_config
 
@@ -182,11 +182,15 @@ def moe_int4_launch_config(b: int, h: int, i: int, k: int, i_s: int, group_size:
                            profile=None) -> MoeLaunch:
     """moe_launch_config's configuration with the K tiles widened to at least one group (they are
     powers of two, so they then hold whole groups). Not yet tuned on a GPU."""
+    profile = current_profile() if profile is None else profile
     c = moe_launch_config(b, h, i, k, i_s, profile)
     block_h = max(group_size, c.gate_up_block_h)
     block_i2 = max(group_size, c.down_block_i)
-    return MoeLaunch(max(1, min(c.gate_up_block_i, 4096 // block_h)), block_h, c.gate_up_warps, c.gate_up_stages,
-                     max(1, min(c.down_block_ho, 8192 // (next_pow2(k) * block_i2))), block_i2, c.down_warps,
+    block_i, block_ho = c.gate_up_block_i, c.down_block_ho
+    if profile.interpreter:   # Triton's CPU interpreter runs programs one after another: fewer, wider ones
+        block_i, block_ho = next_pow2(i), next_pow2(h)
+    return MoeLaunch(max(1, min(block_i, 4096 // block_h)), block_h, c.gate_up_warps, c.gate_up_stages,
+                     max(1, min(block_ho, 8192 // (next_pow2(k) * block_i2))), block_i2, c.down_warps,
                      c.down_stages)
 
 
