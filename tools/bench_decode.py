@@ -8,7 +8,8 @@ state), then times with CUDA events (medians over --steps after warmup): our eag
 cugraph_rt replay, and torch.cuda.CUDAGraph capturing the very same step. Then transformers' own
 eager decode at the same widths with --hf-layers layers (memory), and ours cut to the same layers.
 With int4 weights (--quant int4, or an int4 checkpoint) the Triton step is first checked against
-the reference backend on the same weights (--ref-steps teacher-forced steps; nothing is timed if it
+the reference backend on the same weights (--ref-steps teacher-forced steps over the first
+--ref-layers layers; nothing is timed if it
 differs), and the floor counts the bytes the int4 step reads (codes, scales and zeros of the active
 weights; the lm_head in its own format: model/quant/cost.py).
 Prints a table with the GPU named and the floor beside each figure; writes bench_decode.json.
@@ -39,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--hf-layers", type=int, default=8, help="layers for transformers' eager decode (0 = skip)")
     p.add_argument("--ref-steps", type=common.positive_int, default=4,
                    help="int4: Triton vs reference backend over N teacher-forced steps before timing")
+    p.add_argument("--ref-layers", type=common.positive_int, default=4,
+                   help="int4: layers of that check (random weights over all 40 layers are chaotic: a "
+                        "summation-order difference grows layer by layer, see DESIGN.md)")
     p.add_argument("--out", type=Path, default=Path("out/bench"))
     args = p.parse_args(argv)
     common.check_batch(p, "--batches", max(args.batches))
@@ -202,7 +206,10 @@ def main(argv=None) -> int:
     fmt = common.weights_format(weights)
     int4_check = None
     if int4_fields(weights):     # correctness first: the int4 kernels against their references
-        int4_check = check_against_reference(cfg, weights, min(args.batches), args.ref_steps, torch)
+        layers = min(args.ref_layers, cfg.num_layers)
+        cut = weights.first_layers(layers)
+        int4_check = check_against_reference(cut.cfg, cut, min(args.batches), args.ref_steps, torch)
+        int4_check["layers"] = layers
         print(f"int4 check: {int4_check}", file=sys.stderr)
     rows = []
     for batch in args.batches:
