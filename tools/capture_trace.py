@@ -9,6 +9,8 @@ nodes.json (every node; counts per kernel), trace.json (Chrome/Perfetto: the pha
 and N replayed steps timed with CUDA events), latency.png (eager vs replay), summary.txt/json,
 and with --profile-steps > 0 the per-kernel GPU time of replays from torch.profiler (CUPTI):
 kernels.txt/json (time per kernel, idle time between kernels) and kernels-trace.json (Perfetto).
+Then the device loop's graph (a conditional WHILE node whose body is the step; docs/device-loop.md):
+loop-tree.txt (node outline, bodies indented) and loop-graph.dot (bodies as clusters).
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--context", type=int, default=1024, help="KV positions the timed steps attend over")
     p.add_argument("--profile-steps", type=int, default=10,
                    help="replays profiled per kernel with torch.profiler (0 = skip)")
+    p.add_argument("--no-device-loop", action="store_true",
+                   help="skip the device loop's graph (a WHILE node around the step: loop-tree.txt, loop-graph.dot)")
     args = p.parse_args(argv)
     if args.context < 1:
         p.error(f"--context must be >= 1, got {args.context}")
@@ -107,6 +111,25 @@ def profile_kernels(args, launch, stream, kernels_per_step: int, torch) -> str:
     return text
 
 
+def device_loop_tree(gen, out: Path) -> str:
+    """Capture the device loop (model/device_loop.py: a conditional WHILE node whose body is the
+    step, sampling and the stop rule) and write its node tree: loop-tree.txt, loop-graph.dot."""
+    from cugraph_rt import ConditionalRecord, conditional, node_tree
+    from cugraph_rt.conditional_records import tree_lines, write_tree_dot
+
+    why = conditional.conditional_support()
+    if why is not None:
+        return f"device loop: not captured ({why})"
+    graph = gen._device_loop("while")._graphs["while"]
+    tree = node_tree(graph)
+    (out / "loop-tree.txt").write_text("\n".join(tree_lines(tree)) + "\n")
+    write_tree_dot(graph, out / "loop-graph.dot")
+    loops = [r for r in tree if isinstance(r, ConditionalRecord)]
+    body = [len(b) for r in loops for b in r.bodies]
+    return (f"device loop graph: {len(tree)} nodes, {len(loops)} conditional ({', '.join(str(r.kind) for r in loops)}),"
+            f" bodies of {body} nodes (loop-tree.txt, loop-graph.dot)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch = common.require_gpu("capture_trace")
@@ -176,6 +199,8 @@ def main(argv=None) -> int:
     text = f"{table}\n\nnodes per kernel (top 20):\n{top}\n"
     if kernel_text:
         text += f"\nGPU time per kernel in a replayed step (torch.profiler, {args.profile_steps} replays):\n{kernel_text}\n"
+    if not args.no_device_loop:
+        text += "\n" + device_loop_tree(gen, args.out) + "\n"
     (args.out / "summary.txt").write_text(text)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(text)
