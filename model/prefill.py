@@ -142,8 +142,7 @@ class PrefillStep:
         torch.index_select(moe_out, 0, self.last_index, out=self.last_x)
         torch.index_select(res, 0, self.last_index, out=self.last_res)
         ops.add_rmsnorm(self.last_x, self.last_res, w.final_norm, eps, self.last_normed)
-        (ops.gemv_int4 if isinstance(w.lm_head, QuantizedLinear) else ops.gemv)(self.last_normed, w.lm_head,
-                                                                                 self.logits)
+        ops.gemv(self.last_normed, w.lm_head, self.logits)     # int4 or not: ops/dispatch.py chooses
         return self.logits
 
     def _gdn(self, i, m, x, out, info):
