@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.chat_template import ChatTemplateError
-from model.cli_args import finite_float, nonnegative_int, positive_int, sampling_params, seed
+from model.cli_args import add_quant_args, finite_float, nonnegative_int, positive_int, sampling_params, seed
 
 DEFAULT_MAX_SEQ = 4096
 MIN_PROMPT_ROOM = 64        # cache positions a turn's prompt gets at least, beside the reply budget
@@ -182,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="bfloat16 (default) on a GPU; the CPU reference path runs in float32")
     p.add_argument("--no-graph", action="store_true", help="decode eagerly instead of replaying graphs")
+    add_quant_args(p)    # --quant none|int4|int4-dequant, --group-size, --lm-head (model/quant/cli.py)
     p.add_argument("--device-loop", choices=("off", "while"), default="off",
                    help="'while': each reply decodes in one graph launch that stops at end-of-sequence")
     return p
@@ -217,7 +218,7 @@ def _text_files(args, error):
     return cfg, tokenizer, template, eos
 
 
-def _plan_cache(args, error, cfg, device, dtype_bytes, backend) -> tuple[int, str]:
+def _plan_cache(args, error, cfg, device, dtype_bytes, backend, quant=None) -> tuple[int, str]:
     """(cache positions, a note or ''): --max-seq checked against the model's context, the reply
     budget and the free memory; the default shrinks (halving) to what the memory holds."""
     from model.memory_plan import NotEnoughMemoryError, check_fits, decode_memory, free_memory
@@ -234,7 +235,7 @@ def _plan_cache(args, error, cfg, device, dtype_bytes, backend) -> tuple[int, st
     floor = min(want, args.max_new_tokens + MIN_PROMPT_ROOM)
     seq = want
     while True:
-        parts = decode_memory(cfg, batch=1, max_seq=seq, dtype_bytes=dtype_bytes, backend=backend)
+        parts = decode_memory(cfg, batch=1, max_seq=seq, dtype_bytes=dtype_bytes, backend=backend, quant=quant)
         try:
             check_fits(parts, device, what=f"--checkpoint {args.checkpoint} ({seq} cache positions)", free=free,
                        suggestion="try a smaller --max-seq or --max-new-tokens, or a GPU with more memory")
@@ -276,7 +277,14 @@ def main(argv=None) -> int:
     device = "cuda" if on_gpu else "cpu"
     dtype = getattr(torch, args.dtype or "bfloat16") if on_gpu else torch.float32
     backend = "triton" if on_gpu else "reference"
-    max_seq, note = _plan_cache(args, error, cfg, device, dtype.itemsize, backend)
+    from model.quant import read_quantization_config
+    from model.quant.cli import build_weights, plan_quant
+
+    try:
+        plan = plan_quant(args, cfg, dtype, read_quantization_config(args.checkpoint))
+    except ValueError as e:   # ConfigError included
+        error(f"--quant {args.quant}: {e}" if args.quant != "none" else str(e))
+    max_seq, note = _plan_cache(args, error, cfg, device, dtype.itemsize, backend, plan.memory_spec)
     if not on_gpu:
         print("note: no CUDA GPU found; CUDA graphs need an NVIDIA GPU. Running the torch reference "
               "path on the CPU, eagerly, in float32"
@@ -284,12 +292,11 @@ def main(argv=None) -> int:
               file=sys.stderr)
     if note:
         print(note, file=sys.stderr)
-    from model.checkpoint import load_checkpoint
     from model.decoder import Decoder
     from model.generation import Generator
 
     try:
-        cfg, weights = load_checkpoint(args.checkpoint, device=device, dtype=dtype)
+        cfg, weights = build_weights(plan, cfg, device, dtype, checkpoint=args.checkpoint)
         decoder = Decoder(cfg, weights, max_batch=1, max_seq=max_seq, backend=backend)
     except (ValueError, OSError) as e:   # CheckpointError, ConfigError, missing files
         error(f"--checkpoint {args.checkpoint}: {e}")

@@ -241,6 +241,11 @@ def test_chat_end_to_end_as_a_user_runs_it(ckpt):
     (["--seed", "-1"], "--seed: expected a seed"),
     (["--dtype", "float8"], "invalid choice: 'float8'"),
     (["--device-loop", "while"], "--device-loop while replays the decode step as a CUDA graph: it needs a CUDA GPU"),
+    (["--group-size", "64"], "--group-size applies when quantizing: add --quant int4 (or int4-dequant)"),
+    (["--quant", "int4", "--group-size", "32"], "--quant int4: layers.0.moe.down_proj: K=16 (shape [8, 32, 16]) is "
+                                                "not a multiple of group_size=32; int4 groups run along K, so K must "
+                                                "be a whole number of groups (no group size of [32, 64, 128] divides "
+                                                "it: this model cannot be int4)"),
 ])
 def test_bad_flags_exit_2_before_loading_weights(ckpt, cpu, monkeypatch, capsys, argv, needle):
     import model.checkpoint

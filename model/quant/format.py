@@ -44,8 +44,9 @@ def check_groupable(shape, group_size: int, name: str = "weight") -> None:
     if K % group_size:
         raise ValueError(f"{name}: K={K} (shape {list(shape)}) is not a multiple of group_size={group_size}; "
                          f"int4 groups run along K, so K must be a whole number of groups "
-                         f"(choose a group size from {[g for g in GROUP_SIZES if K % g == 0] or 'none'} or keep "
-                         f"this tensor in the model dtype)")
+                         + (f"(choose a group size from {fits} or keep this tensor in the model dtype)"
+                            if (fits := [g for g in GROUP_SIZES if K % g == 0]) else
+                            f"(no group size of {list(GROUP_SIZES)} divides it: this model cannot be int4)"))
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
