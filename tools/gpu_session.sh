@@ -4,7 +4,7 @@
 # everything bulky is packed into OUTDIR/artifacts.tar.gz (few files come back from the device).
 set -uo pipefail
 out="${1:?usage: tools/gpu_session.sh OUTDIR [what...]}"; shift
-what="${*:-tests trace bench prefill launch}"
+what="${*:-tests trace bench prefill launch loop int4}"
 mkdir -p "$out/work"
 export PYTHONUNBUFFERED=1
 # every test skip (no GPU visible, CPU-only torch, a missing package, too little free memory) is a
@@ -24,6 +24,9 @@ for step in $what; do
             timeout 120 $py -m model.generate --preset tiny --prompt-ids 1,2,3 --max-new-tokens 24 > "$out/generate.log" 2>&1; echo "generate rc=$?" ;;
     prefill) timeout 300 $py -m tools.bench_prefill --preset 35b-a3b --out "$out/work/prefill" > "$out/bench-prefill.log" 2>&1; echo "bench prefill rc=$?" ;;
     launch) $py tools/bench_launch.py --out "$out/work/launch" > "$out/bench-launch.log" 2>&1; echo "bench launch rc=$?" ;;
+    loop)   timeout 300 $py -m tools.bench_loop --preset 35b-a3b --batches 1,8 --prompt 1024 --out "$out/work/loop" > "$out/bench-loop.log" 2>&1; echo "bench loop rc=$?" ;;
+    int4)   timeout 300 $py tools/bench_decode.py --preset 35b-a3b --quant int4 --batches 1,8 --hf-layers 0 --out "$out/work/int4" > "$out/bench-int4.log" 2>&1; echo "bench int4 rc=$?"
+            timeout 300 $py -m tools.bench_prefill --preset 35b-a3b --quant int4 --hf-layers 0 --out "$out/work/int4-prefill" > "$out/bench-int4-prefill.log" 2>&1; echo "bench int4 prefill rc=$?" ;;
   esac
 done
 tar -czf "$out/artifacts.tar.gz" -C "$out" work && rm -rf "$out/work"
