@@ -204,8 +204,14 @@ class Generator:
             raise ValueError("device_loop='fixed' runs whole K-step graphs, whose steps after the last row "
                              "stopped move the rows' state on: continue rows (start_positions) with "
                              "device_loop='while' or the per-step loop")
-        loop = self._device_loop(mode) if mode else None
         eos = set(int(t) for t in eos_token_ids)
+        if mode:
+            from .ops.loop_rows import EOS_SLOTS
+
+            if len(eos) > EOS_SLOTS:     # refused before the prefill touches any row
+                raise ValueError(f"{len(eos)} end-of-sequence ids; the device loop takes at most {EOS_SLOTS} "
+                                 "(device_loop=False takes any number)")
+        loop = self._device_loop(mode) if mode else None
         rows = len(prompts)
         if rows < self.batch:   # idle rows repeat row 0; their output is ignored
             if start_positions is not None:

@@ -136,6 +136,8 @@ def test_device_loop_needs_graphs_and_says_so(tiny):  # noqa: F811
         gen.generate([[1, 2]], 3, device_loop="while")
     with pytest.raises(ValueError, match=r"device_loop=.fixed. .* \(start_positions\)"):
         gen.generate([[1, 2]], 3, device_loop="fixed", start_positions=[0])
+    with pytest.raises(ValueError, match="17 end-of-sequence ids; the device loop takes at most 16"):
+        gen.generate([[1, 2]], 3, device_loop="while", eos_token_ids=range(17))
     assert gen.generate([[1, 2]], 3).tokens[0]         # still usable
 
 
