@@ -6,8 +6,8 @@ tests/dist_launch.run_ranks with torchrun's environment:
 Each case builds this rank's shard, runs tests/parallel_cases.py's sequence through a
 ParallelDecoder over gloo and stores what it saw in DIR/rank{R}.pt (the test compares it with the
 single-process decoder). Cases `fail` / `stall`: rank 1 raises (at once / after 2 timeouts, alive meanwhile) before a
-collective that rank 0 enters; every rank must end non-zero, rank 0 at once / at the process
-group's timeout (model.parallel.launch.run_rank)."""
+collective that rank 0 enters; every rank must end non-zero, rank 0 at once / at the timeout of
+its process group (model.parallel.launch.run_rank)."""
 from __future__ import annotations
 
 import argparse
@@ -49,11 +49,19 @@ def run(args) -> int:
             dec = _decoder(comm, (cfg, lambda plan: load_checkpoint_shard(args.checkpoint, plan, "cpu")), "reference")
             results[case] = {"greedy": pc.greedy(dec)}
         elif case in ("fail", "stall"):
+            import datetime
+
+            import torch.distributed as dist
+            from model.parallel import Comm
+
+            # a group whose collectives time out after --stall-timeout (the world group's is generous,
+            # so that start-up skew between the ranks never trips it)
+            short = Comm(dist.new_group(timeout=datetime.timedelta(seconds=args.stall_timeout)))
             if comm.rank == 1:
-                if case == "stall":             # alive but stuck: rank 0 must give up at its timeout
-                    time.sleep(2 * args.timeout)
+                if case == "stall":             # alive but stuck: rank 0 must give up at the timeout
+                    time.sleep(2 * args.stall_timeout)
                 raise ValueError(f"injected failure on rank 1 ({case})")
-            comm.all_reduce_(torch.ones(4))     # waits for rank 1, which never comes
+            short.all_reduce_(torch.ones(4))    # waits for rank 1, which never comes
             results[case] = "not reached"
         else:
             raise ValueError(f"unknown case {case!r}")
@@ -67,6 +75,7 @@ def main() -> int:
     p.add_argument("--cases", required=True)
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--stall-timeout", type=float, default=1.5)
     args = p.parse_args()
     from model.parallel import run_rank
 

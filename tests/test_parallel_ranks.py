@@ -73,10 +73,9 @@ def test_ranks_equal_the_single_process_decoder(world, cases, expected, checkpoi
 
 @pytest.mark.parametrize("case", ["fail", "stall"])
 def test_a_failing_rank_ends_every_rank(case, tmp_path):
-    timeout = 2.5
     t0 = time.monotonic()
     res = run_ranks(2, ["-m", "tests.parallel_worker", "--out", tmp_path, "--cases", case,
-                        "--timeout", timeout], timeout=60)
+                        "--stall-timeout", 1.5], timeout=60)
     took = time.monotonic() - t0
     assert [r.returncode for r in res] == [1, 1], [(r.returncode, r.stderr[-500:]) for r in res]
     assert f"rank 1 of 2: failed: ValueError: injected failure on rank 1 ({case})" in res[1].stderr

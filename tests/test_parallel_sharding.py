@@ -16,6 +16,7 @@ from model.decoder import Decoder
 from model.parallel import (LocalComm, ParallelDecoder, ShardPlan, check_world, load_checkpoint_shard,
                             random_shard_weights, shard_weights)
 from model.parallel import load as load_mod
+from model.parallel.vocab import VocabShard, masked_embedding_reference
 from model.weights import random_weights
 
 TINY = ModelConfig.preset("tiny")
@@ -260,14 +261,21 @@ def test_one_rank_is_the_single_process_decoder_bit_for_bit(backend):
     plan = ShardPlan(TINY, 0, 1)
     ref = Decoder(TINY, w, max_batch=2, max_seq=16, backend=backend)
     par = ParallelDecoder(plan, shard_weights(w, plan), LocalComm(), max_batch=2, max_seq=16, backend=backend)
-    prompts = [[3, 1, 4, 1, 5], [9, 2]]
-    for d in (ref, par):
-        d.prefill_step(4)
-        d.logits.fill_(float("nan"))
-    a, b = ref.prefill(prompts).clone(), par.prefill(prompts).clone()
-    assert torch.equal(a, b) and torch.isfinite(a).all()
-    tok, pos = torch.tensor([7, 8]), torch.tensor([5, 2])
-    assert torch.equal(ref.decode_step(tok, pos), par.decode_step(tok, pos))
+    pos = torch.tensor([5, 2])
+    if backend == "reference":      # the prefill too (the Triton one is slow under the interpreter)
+        for d in (ref, par):
+            d.prefill_step(4)
+            d.logits.fill_(float("nan"))
+        a, b = ref.prefill([[3, 1, 4, 1, 5], [9, 2]]).clone(), par.prefill([[3, 1, 4, 1, 5], [9, 2]]).clone()
+        assert torch.equal(a, b) and torch.isfinite(a).all()
+    else:
+        pos = torch.tensor([0, 0])
+    for step in range(2):
+        for d in (ref, par):
+            d.logits.fill_(float("nan"))
+        tok = torch.tensor([7 + step, 8])
+        a, b = ref.decode_step(tok, pos + step).clone(), par.decode_step(tok, pos + step).clone()
+        assert torch.equal(a, b) and torch.isfinite(a).all()
 
 
 def test_parallel_decoder_checks_its_shard_and_comm():
@@ -286,3 +294,41 @@ def test_parallel_decoder_checks_its_shard_and_comm():
         ParallelDecoder(plan, w, TwoRanks(), max_batch=1, max_seq=8, backend="reference")
     with pytest.raises(TypeError, match="Comm or LocalComm"):
         ParallelDecoder(plan, shard_weights(w, plan), object(), max_batch=1, max_seq=8, backend="reference")
+
+
+# ---- the vocabulary split ------------------------------------------------------------------------
+class _Rank(LocalComm):
+    """Rank r of n without a process group: the all-reduce is left to the test (it sums the ranks'
+    outputs), the all-gather takes the other ranks' slices from `others`."""
+
+    def __init__(self, r, n, others=None):
+        self.rank, self.world, self.others = r, n, others
+
+    def all_gather_into(self, out, t):
+        out.view(-1).copy_(torch.cat([t.reshape(-1) if i == self.rank else self.others[i].reshape(-1)
+                                      for i in range(self.world)]))
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_vocab_shards_embed_and_gather_the_whole_vocabulary(n):
+    g = torch.Generator().manual_seed(n)
+    V, H = 64, 8
+    table, head = torch.randn(V, H, generator=g), torch.randn(V, H, generator=g)
+    tokens = torch.tensor([0, 17, 63, 32, 31, 5])
+    rows = [range(r * V // n, (r + 1) * V // n) for r in range(n)]
+    parts = []
+    for r in range(n):
+        vs = VocabShard(_Rank(r, n), rows[r], len(tokens), 3, torch.float32, "cpu")
+        out = torch.full((len(tokens), H), float("nan"))
+        vs.embed(table[rows[r].start:rows[r].stop], tokens, out)
+        assert torch.equal(out, masked_embedding_reference(table[rows[r].start:rows[r].stop], tokens, rows[r].start))
+        parts.append(out)
+    assert torch.equal(sum(parts), table[tokens])       # one non-zero term per row
+    x = torch.randn(3, H, generator=g)
+    for b in (1, 3):
+        slices = [x[:b] @ head[rs.start:rs.stop].t() for rs in rows]     # what the other ranks computed
+        for r in range(n):
+            vs = VocabShard(_Rank(r, n, slices), rows[r], 1, 3, torch.float32, "cpu")
+            logits = torch.full((b, V), float("nan"))
+            vs.logits(lambda xx, w, o: torch.mm(xx, w.t(), out=o), x[:b], head[rows[r].start:rows[r].stop], logits)
+            torch.testing.assert_close(logits, x[:b] @ head.t())

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from ..checkpoint import CheckpointError, _dtype_name, _files, _open, _plan
+from ..checkpoint import _ST_DTYPES, CheckpointError, _dtype_name, _files, _open, _plan
 from ..config import ModelConfig
 from ..weights import ModelWeights, empty_weights, hf_targets
 from .sharding import Pieces, ShardPlan, Span
@@ -76,8 +76,6 @@ def load_checkpoint_shard(ckpt_dir, plan: ShardPlan, device="cuda", dtype=None, 
         return handles[path]
 
     def get_meta(name, path):
-        from ..checkpoint import _ST_DTYPES
-
         sl = handle(path).get_slice(name)
         st = sl.get_dtype()
         return tuple(sl.get_shape()), _ST_DTYPES.get(st, st)
