@@ -95,8 +95,9 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None =
     if backend == "nccl":
         n = torch.cuda.device_count()
         if env["LOCAL_RANK"] >= n:
-            raise ValueError(f"LOCAL_RANK={env['LOCAL_RANK']} but this host shows {n} CUDA device(s): start at most "
-                             f"{n} ranks per host (--nproc-per-node)")
+            raise ValueError(f"LOCAL_RANK={env['LOCAL_RANK']} but this process sees {n} CUDA device(s): start at most "
+                             f"{n} ranks per host (--nproc-per-node), each rank seeing every GPU of the host "
+                             f"(rank k runs on cuda:LOCAL_RANK; do not narrow CUDA_VISIBLE_DEVICES per rank)")
         torch.cuda.set_device(env["LOCAL_RANK"])
         kw["device_id"] = torch.device("cuda", env["LOCAL_RANK"])
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(timeout_s)),
