@@ -148,3 +148,19 @@ def test_int4_experts_skip_other_ranks_experts(fn):
     keep = (ids >= 0).to(w.dtype)
     want = _decode(moe4.moe_experts_int4_reference, (x, gu4, dn4, ids.clamp(min=0), w * keep, sgu, sdn4, sgl))
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_int4_experts_skip_other_ranks_experts():
+    from model.ops.moe import grouped_int4
+
+    g = torch.Generator().manual_seed(8)
+    t, e, k, gs = 6, 4, 2, 32
+    x, gu, dn, ids, w, _, _, sgl = _inputs(g, t, e, k)
+    gu4, dn4 = quantize(gu, gs, "rtn"), quantize(dn, gs, "rtn")
+    sdn4 = quantize(torch.randn(H, 32, generator=g) / 32 ** 0.5, gs, "rtn")
+    sgu = torch.randn(t, 64, generator=g)
+    ids = torch.tensor([[1, -1], [-1, -1], [3, 0], [-1, 2], [0, 1], [2, -1]], dtype=torch.int32)
+    outs = [_grouped(fn, (x, _nan_before(gu4), _nan_before(dn4), ids, w, sgu, sdn4, sgl))
+            for fn in (grouped_int4.moe_experts_grouped_int4_reference, grouped_int4.moe_experts_grouped_int4_triton)]
+    assert torch.isfinite(outs[1]).all()
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)

@@ -55,5 +55,6 @@ def test_torchrun_checkpoint_text_equals_the_single_process_text(tmp_path):
 def test_torchrun_refuses_a_rank_count_that_does_not_divide():
     r = _run(["--preset", "tiny", "--prompt-ids", "1,2", "--max-new-tokens", "2"], nproc=3)
     assert r.returncode != 0
-    assert "--nproc-per-node 3: 3 ranks cannot share the tiny model: num_attention_heads=4" in r.stderr, r.stderr[-3000:]
+    want = "--nproc-per-node 3: 3 ranks cannot share the tiny model: num_attention_heads=4"
+    assert want in r.stderr, r.stderr[-3000:]
     assert "prompt (" not in r.stdout

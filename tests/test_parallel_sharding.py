@@ -73,7 +73,8 @@ def _expected_rows(cfg, r, n):
     model's head structure alone (value head j reads key head j // (NV/NK), query head h reads KV
     head h // (NH/NKV))."""
     D, K, V = cfg.head_dim, cfg.linear_key_head_dim, cfg.linear_value_head_dim
-    NH, NKV, NK, NV = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    NH, NKV = cfg.num_attention_heads, cfg.num_key_value_heads
+    NK, NV = cfg.linear_num_key_heads, cfg.linear_num_value_heads
     E, Is, Vocab = cfg.num_experts, cfg.shared_expert_intermediate_size, cfg.vocab_size
 
     def block(heads, width):

@@ -95,7 +95,8 @@ def bench_rank(args, comm, torch) -> dict:
     kv = common.kv_bytes_per_token(plan.local, args.context, dtype_bytes)
     row = {"rank": comm.rank, "gpu": torch.cuda.get_device_name(device), "shard_GB": w.nbytes() / 1e9,
            "build_s": build_s, "step_ms": step_ms, "read_bytes": read["total"] + kv, "copy_bandwidth_GBs": bw,
-           "floor_ms": (read["total"] + kv) / (bw * 1e9) * 1e3, "check": f"graph == eager over {args.check_steps} steps"}
+           "floor_ms": (read["total"] + kv) / (bw * 1e9) * 1e3,
+           "check": f"graph == eager over {args.check_steps} steps"}
     if args.profile_steps:
         from tools.kernel_profile import profile_replays
 

@@ -53,3 +53,25 @@ def test_122b_a10b_bf16_on_two_gpus_graph_equals_eager(tmp_path):
     for got in ranks:
         assert got["graph"] == got["eager"], f"rank {got['rank']}"
         assert got["shard_GB"] < 130
+
+
+def test_torchrun_generate_runs_graphs_on_two_gpus():
+    """The command line end to end: two ranks on two GPUs (NCCL, graphs), rank 0 prints once."""
+    import subprocess
+    import sys
+
+    from tests.dist_launch import ROOT, child_env
+
+    if torch.cuda.device_count() < 2:
+        skip(f"needs 2 GPUs, {torch.cuda.device_count()} visible")
+    env = child_env()
+    for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(v, None)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "model.generate", "--preset", "35b-a3b", "--layers", "4", "--prompt-ids", "1,2,3",
+                        "--max-new-tokens", "16"], capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-4000:]
+    lines = r.stdout.splitlines()
+    assert len(lines) == 3 and lines[0] == "prompt (3 tokens): [1, 2, 3]", r.stdout
+    assert len(lines[1].split()) == 16
+    assert "graph (cugraph_rt) on 2 x " in lines[2] and "(nccl)" in lines[2], lines[2]
