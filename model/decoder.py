@@ -58,9 +58,7 @@ class Decoder:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         if not isinstance(max_seq, int) or max_seq < 1:
             raise ValueError(f"max_seq must be an int >= 1, got {max_seq!r}")
-        from .quant.layout import check_decoder_weights
-
-        check_decoder_weights(weights)   # shapes, and int4 (QuantizedLinear) only where a kernel reads it
+        self._check_weights(weights)
         self.cfg, self.weights = cfg, weights
         self.max_batch, self.max_seq, self.backend = max_batch, max_seq, backend
         self.device, self.dtype = weights.device, weights.dtype
@@ -80,6 +78,13 @@ class Decoder:
         self.next_positions: list[int | None] = [0] * max_batch
         self._prefill = None     # the chunked prefill step, made on first use (prefill_step())
         self._alloc_workspaces()
+
+    def _check_weights(self, weights: ModelWeights) -> None:
+        """Shapes as the config says, and int4 (QuantizedLinear) only where a kernel reads it (a
+        sharded decoder, model/parallel, checks its shard's shapes instead)."""
+        from .quant.layout import check_decoder_weights
+
+        check_decoder_weights(weights)
 
     # ---- buffers --------------------------------------------------------------------------------
     def _alloc_workspaces(self):
@@ -239,12 +244,17 @@ class Decoder:
         """The chunked prefill step over this decoder (created on first use; `chunk` tokens per
         step, default model.prefill.DEFAULT_CHUNK, never more than the cache holds; a different
         chunk makes a new step)."""
-        from .prefill import DEFAULT_CHUNK, PrefillStep
+        from .prefill import DEFAULT_CHUNK
 
         want = min(DEFAULT_CHUNK, self.max_seq) if chunk is None else min(chunk, self.max_seq)
         if self._prefill is None or (chunk is not None and self._prefill.chunk != want):
-            self._prefill = PrefillStep(self, want)
+            self._prefill = self._prefill_class()(self, want)
         return self._prefill
+
+    def _prefill_class(self):
+        from .prefill import PrefillStep
+
+        return PrefillStep
 
     def _eager_chunk(self, tokens, info):
         return self._prefill.forward(tokens.to(self.device), info.to(self.device))
@@ -304,7 +314,7 @@ class Decoder:
         n = r1 - r0
         res = (self.residual[:n], self.residual_alt[:n])
         mixer_out, moe_out = self.mixer_out[:n], self.moe_out[:n]
-        torch.index_select(w.embed, 0, tokens, out=res[0])
+        self._embed(tokens, res[0])
         cur, delta = 0, None      # the next norm's input: res[cur] (+ delta), written to res[1 - cur]
         for i, L in enumerate(w.layers):
             norm_in = _NormIn(delta, res[cur], L.input_norm, res[1 - cur] if delta is not None else None)
@@ -319,8 +329,18 @@ class Decoder:
         # widths, and each recomputing the norm in its prologue costs more than the kernel
         normed, logits = self.normed[:n], self.logits[r0:r1]
         ops.add_rmsnorm(delta, res[cur], w.final_norm, self.cfg.rms_norm_eps, normed)
-        ops.gemv(normed, w.lm_head, logits)
+        self._lm_head(normed, logits)
         return logits
+
+    # The steps that model/parallel's ParallelDecoder replaces (a sharded vocabulary, local experts)
+    def _embed(self, tokens, out) -> None:
+        torch.index_select(self.weights.embed, 0, tokens, out=out)
+
+    def _lm_head(self, normed, logits) -> None:
+        self.ops.gemv(normed, self.weights.lm_head, logits)
+
+    def _route(self, router_logits, topk_weights, topk_ids) -> None:
+        self.ops.router_topk(router_logits, self.cfg.num_experts_per_tok, topk_weights, topk_ids)
 
     def _norm_gemv(self, norm_in: "_NormIn", w, out) -> None:
         # normed rows always go to the static buffer: the experts read them after the router
@@ -362,7 +382,7 @@ class Decoder:
         rs, normed = self.router_shared[:n], self.normed[:n]
         self._norm_gemv(norm_in, m.router_shared, rs)   # also stores normed, which the experts read
         tw, ti = self.topk_weights[:n], self.topk_ids[:n]
-        ops.router_topk(rs[:, :E], cfg.num_experts_per_tok, tw, ti)
+        self._route(rs[:, :E], tw, ti)
         ops.moe_experts(normed, m.gate_up_proj, m.down_proj, ti, tw, rs[:, E:E + 2 * Is], m.shared_down,
                         rs[:, E + 2 * Is], self.moe_ws, out)
 

@@ -19,6 +19,7 @@ import argparse
 import collections
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from model.cli_args import PRESETS, add_quant_args, positive_int, sampling_params, seed
 
@@ -168,15 +169,20 @@ def _check_lengths(args, error, cfg, prompt) -> int:
     return need + 1
 
 
-def _check_memory(args, error, cfg, device, dtype_bytes, max_seq, backend, quant=None):
+def _check_memory(args, error, cfg, device, dtype_bytes, max_seq, backend, quant=None, *, weights=None,
+                  shard_of=""):
+    """Refuse (exit 2) a run whose memory does not fit. A rank of a parallel run passes its shard's
+    config, its weight bytes (`weights`) and `shard_of` ("rank r of N's shard of")."""
     from model.memory_plan import (NotEnoughMemoryError, check_fits, decode_memory, free_memory,
                                    max_layers_that_fit)
 
     plan = dict(batch=args.batch, max_seq=max_seq, dtype_bytes=dtype_bytes, backend=backend, quant=quant)
     parts = decode_memory(cfg, **plan)
+    if weights is not None:
+        parts["weights"] = weights
     free = free_memory(device)
     hints = []
-    if args.checkpoint is None:
+    if args.checkpoint is None and weights is None:
         n = max_layers_that_fit(cfg, free[0], **plan)
         if 0 < n < cfg.num_layers:
             hints.append(f"--layers {n} (the first {n} of {cfg.num_layers} layers fit)")
@@ -188,8 +194,8 @@ def _check_memory(args, error, cfg, device, dtype_bytes, max_seq, backend, quant
                      "more than a quarter of the total)")
     if device == "cpu":
         hints.append("a GPU with enough memory")
-    what = (f"--checkpoint {args.checkpoint}" if args.checkpoint is not None else f"the {cfg.name} preset"
-            f"{f' cut to {cfg.num_layers} layers' if args.layers else ''}")
+    what = shard_of + (f"--checkpoint {args.checkpoint}" if args.checkpoint is not None else
+                       f"the {cfg.name} preset{f' cut to {cfg.num_layers} layers' if args.layers else ''}")
     try:
         check_fits(parts, device, what=f"{what} (batch {args.batch}, {max_seq} positions)", free=free,
                    suggestion=("try " + ", or ".join(hints)) if hints else "")
@@ -212,10 +218,20 @@ def _format_summary(result, mode, where, batch, startup_s) -> str:
             f"stop: {stop}; start-up (JIT, capture) {startup_s:.2f} s")
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    error = parser.error
+class Inputs(NamedTuple):
+    """What the arguments ask for, checked before anything is allocated."""
+    sampling: object            # SamplingParams
+    cfg: object                 # ModelConfig
+    tokenizer: object
+    template: object
+    eos: tuple
+    prompt: list
+    shown: str
+    max_seq: int
+
+
+def _inputs(args, error) -> Inputs:
+    """Check every argument against the model's config and text files (no weights, no device)."""
     sampling = sampling_params(args, error)
     if args.checkpoint is not None and not args.checkpoint.is_dir():
         error(f"--checkpoint {args.checkpoint}: no such directory")
@@ -231,6 +247,26 @@ def main(argv=None) -> int:
         error(f"--top-k {args.top_k} is larger than the vocabulary ({cfg.vocab_size}); 0 turns top-k off")
     prompt, shown = _prompt(args, error, cfg, tokenizer, template)
     max_seq = _check_lengths(args, error, cfg, prompt)
+    return Inputs(sampling, cfg, tokenizer, template, eos, prompt, shown, max_seq)
+
+
+def main(argv=None) -> int:
+    from model.parallel.env import torchrun_env
+
+    try:
+        as_rank = torchrun_env() is not None
+    except ValueError as e:
+        print(f"python -m model.generate: error: {e}", file=sys.stderr)
+        return 2
+    if as_rank:    # started by torchrun: one rank of a parallel run (model/parallel/cli.py)
+        from model.parallel.cli import main as rank_main
+
+        return rank_main(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    error = parser.error
+    inp = _inputs(args, error)
+    cfg, max_seq = inp.cfg, inp.max_seq
 
     import torch
 
@@ -251,6 +287,20 @@ def main(argv=None) -> int:
     backend = "triton" if on_gpu else "reference"
     quant = _quant_plan(args, error, cfg, dtype)
     _check_memory(args, error, cfg, device, dtype.itemsize, max_seq, backend, quant.memory_spec)
+    _notes(args, cfg, on_gpu)
+    cfg, weights = _load_weights(args, error, cfg, device, dtype, quant)
+    from model.decoder import Decoder
+
+    try:
+        decoder = Decoder(cfg, weights, max_batch=args.batch, max_seq=max_seq, backend=backend)
+    except ValueError as e:
+        error(str(e))
+    where = torch.cuda.get_device_name() if on_gpu else "CPU"
+    return _generate(args, inp, decoder, use_graph=on_gpu and not args.no_graph, device_loop=device_loop,
+                     where=where)
+
+
+def _notes(args, cfg, on_gpu) -> None:
     if not on_gpu:
         print("note: no CUDA GPU found; CUDA graphs need an NVIDIA GPU. Running the torch reference "
               "path on the CPU, eagerly, in float32"
@@ -258,27 +308,24 @@ def main(argv=None) -> int:
               file=sys.stderr)
     if args.checkpoint is None:
         print(f"note: the {cfg.name} preset has random weights: its tokens mean nothing.", file=sys.stderr)
+
+
+def _generate(args, inp: Inputs, decoder, *, use_graph: bool, device_loop, where: str) -> int:
+    """Generate from the prompt, streaming the text, then print the summary line."""
     from tqdm import tqdm
 
-    from model.decoder import Decoder
     from model.generation import Generator
     from model.streaming import TokenPrinter
 
-    cfg, weights = _load_weights(args, error, cfg, device, dtype, quant)
-    try:
-        decoder = Decoder(cfg, weights, max_batch=args.batch, max_seq=max_seq, backend=backend)
-    except ValueError as e:
-        error(str(e))
-    use_graph = on_gpu and not args.no_graph
-    printer = TokenPrinter(tokenizer)
-    print(f"prompt ({len(prompt)} tokens): {shown}", flush=True)
+    printer = TokenPrinter(inp.tokenizer)
+    print(f"prompt ({len(inp.prompt)} tokens): {inp.shown}", flush=True)
     # Tokens stream to stdout; the progress bar goes to stderr only when stdout is not the
     # terminal (interactively the streaming text is the progress, and the two would collide).
     import time
 
     t_start = time.perf_counter()
     try:
-        with Generator(decoder, sampling, use_graph=use_graph, prefill_chunk=args.prefill_chunk,
+        with Generator(decoder, inp.sampling, use_graph=use_graph, prefill_chunk=args.prefill_chunk,
                        device_loop=device_loop) as gen, \
                 tqdm(total=args.max_new_tokens, desc="decode", unit="tok", file=sys.stderr,
                      disable=sys.stdout.isatty()) as bar:
@@ -287,7 +334,7 @@ def main(argv=None) -> int:
                     printer.push(tokens[0])
 
             startup_s = time.perf_counter() - t_start
-            result = gen.generate([prompt] * args.batch, args.max_new_tokens, eos_token_ids=eos,
+            result = gen.generate([inp.prompt] * args.batch, args.max_new_tokens, eos_token_ids=inp.eos,
                                   on_tokens=show, progress=bar)
     except KeyboardInterrupt:
         printer.finish()
@@ -297,7 +344,6 @@ def main(argv=None) -> int:
     print()
     mode = ("graph (cugraph_rt)" + (f", decode loop on the device ({device_loop})" if device_loop else "")
             if use_graph else "eager")
-    where = torch.cuda.get_device_name() if on_gpu else "CPU"
     print(_format_summary(result, mode, where, args.batch, startup_s))
     return 0
 

@@ -95,7 +95,7 @@ class PrefillStep:
         self.router_shared = buf(C, cfg.router_shared_rows)
         self.topk_weights = buf(C, k)
         self.topk_ids = buf(C, k, dtype=torch.int32)
-        self.moe_ws = self.ops.moe_grouped_workspace(C, k, cfg.num_experts, H, cfg.moe_intermediate_size,
+        self.moe_ws = self.ops.moe_grouped_workspace(C, k, self._experts_held(), H, cfg.moe_intermediate_size,
                                                      cfg.shared_expert_intermediate_size, dt, dev)
         # the last valid token's row: its index (n_valid - 1), hidden rows, logits
         self.last_index = torch.zeros(1, device=dev, dtype=torch.int64)
@@ -124,7 +124,7 @@ class PrefillStep:
         eps = cfg.rms_norm_eps
         res, normed = self.residual[:T], self.normed[:T]
         mixer_out, moe_out = self.mixer_out[:T], self.moe_out[:T]
-        torch.index_select(w.embed, 0, tokens, out=res)
+        self._embed(tokens, res)
         for i, L in enumerate(w.layers):
             if i == 0:
                 ops.rmsnorm(res, L.input_norm, eps, normed)
@@ -142,8 +142,21 @@ class PrefillStep:
         torch.index_select(moe_out, 0, self.last_index, out=self.last_x)
         torch.index_select(res, 0, self.last_index, out=self.last_res)
         ops.add_rmsnorm(self.last_x, self.last_res, w.final_norm, eps, self.last_normed)
-        ops.gemv(self.last_normed, w.lm_head, self.logits)     # int4 or not: ops/dispatch.py chooses
+        self._lm_head(self.last_normed, self.logits)
         return self.logits
+
+    # The steps that model/parallel's ParallelPrefillStep replaces (a sharded vocabulary, local experts)
+    def _experts_held(self) -> int:
+        return self.cfg.num_experts
+
+    def _embed(self, tokens, out) -> None:
+        torch.index_select(self.decoder.weights.embed, 0, tokens, out=out)
+
+    def _lm_head(self, normed, logits) -> None:
+        self.ops.gemv(normed, self.decoder.weights.lm_head, logits)   # int4 or not: ops/dispatch.py chooses
+
+    def _route(self, router_logits, topk_weights, topk_ids) -> None:
+        self.ops.router_topk(router_logits, self.cfg.num_experts_per_tok, topk_weights, topk_ids)
 
     def _gdn(self, i, m, x, out, info):
         cfg, ops, st = self.cfg, self.ops, self.decoder.state
@@ -179,7 +192,7 @@ class PrefillStep:
         rs = self.router_shared[:T]
         linear(ops, x, m.router_shared, rs)
         tw, ti = self.topk_weights[:T], self.topk_ids[:T]
-        ops.router_topk(rs[:, :E], cfg.num_experts_per_tok, tw, ti)
+        self._route(rs[:, :E], tw, ti)
         experts = ops.moe_experts_grouped_int4 if isinstance(m.gate_up_proj, QuantizedLinear) \
             else ops.moe_experts_grouped
         experts(x, m.gate_up_proj, m.down_proj, ti, tw, rs[:, E:E + 2 * Is], m.shared_down, rs[:, E + 2 * Is],

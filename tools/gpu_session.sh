@@ -15,7 +15,7 @@ py=python3
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; $py -c "import torch, triton, transformers; from cuda import bindings; print(torch.__version__, triton.__version__, transformers.__version__, bindings.__version__)"; } > "$out/env.txt" 2>&1
 for step in $what; do
   case "$step" in
-    tests)  timeout 420 $py -m pytest -m gpu -q -rs --continue-on-collection-errors --durations=15 ${PYTEST_ARGS:-tests/gpu} > "$out/gpu-tests.log" 2>&1; echo "gpu tests rc=$?" ;;
+    tests)  timeout 420 $py -m pytest -m "gpu and not multigpu" -q -rs --continue-on-collection-errors --durations=15 ${PYTEST_ARGS:-tests/gpu} > "$out/gpu-tests.log" 2>&1; echo "gpu tests rc=$?" ;;
     cpu)    $py -m pytest -q -rs --continue-on-collection-errors -m "not gpu" -x > "$out/cpu-tests.log" 2>&1; echo "cpu tests rc=$?" ;;
     trace)  timeout 200 $py tools/capture_trace.py --preset tiny --out "$out/work/trace-tiny" > "$out/trace-tiny.log" 2>&1; echo "trace tiny rc=$?"
             timeout 200 $py tools/capture_trace.py --preset 35b-a3b --out "$out/work/trace-35b" > "$out/trace-35b.log" 2>&1; echo "trace 35b rc=$?" ;;

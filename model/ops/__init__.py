@@ -49,13 +49,16 @@ attention.decode_attention(q[B,NH,D], k_cache, v_cache, positions[B], qkv[B, >=N
                            out[B,NH*D], workspace)            attend to 0..min(positions[b], S-1),
                                                               x sigmoid(gate), gate of head h =
                                                               qkv[:, h*2D+D : h*2D+2D]
-moe.router_topk(logits[B,E], top_k, weights_out[B,k] (logits dtype), ids_out[B,k] int32)
-                                                              softmax fp32, top-k descending,
-                                                              renormalised
+moe.router_topk(logits[B,E], top_k, weights_out[B,k] (logits dtype), ids_out[B,k] int32,
+                local_experts=None)                           softmax fp32, top-k descending,
+                                                              renormalised; local_experts=(start,
+                                                              n): ids id-start in range, else -1
 moe.moe_experts(x[B,H], gate_up_proj[E,2I,H], down_proj[E,H,I], ids[B,k] int32, weights[B,k],
                 shared_gate_up[B,2Is], shared_down[H,Is], shared_gate_logit[B] or [B,1], act_ws,
                 out[B,H])                                     routed experts + sigmoid(logit) x
-                                                              shared expert (no residual add)
+                                                              shared expert (no residual add); an
+                                                              id < 0 (another rank's expert) adds
+                                                              nothing, its weights are not read
 sampling.sample(logits[B,V], params[B,3] fp32 (temperature, top_k, top_p), rng_state[2] int64
                 (seed, counter; counter += 1 on device), out_tokens[B] int64, workspace)
                                                               greedy when temperature <= 0
@@ -84,7 +87,8 @@ moe.moe_experts_grouped(x[T,H], gate_up_proj, down_proj, ids[T,k], weights[T,k],
                         shared_down, shared_gate_logit, workspace, out[T,H], info=None)
                                                               = moe_experts over T rows, as
                                                               grouped GEMMs (tokens grouped by
-                                                              expert on the device)
+                                                              expert on the device); ids < 0
+                                                              skipped as in moe_experts
 gated_delta_chunk_workspace(T, NV, device); moe_grouped_workspace(T, k, E, H, I, Is, dtype, device)
 
 int4 weights in the chunked prefill (w, gate_up_proj, down_proj, shared_down QuantizedLinear; each

@@ -8,6 +8,8 @@ first) and down_proj [E, H, I]: no gathers. Two kernels:
      plus the shared expert: its gate/up rows come precomputed (a slice of a fused GEMV output),
      its act is formed on the fly, then down_proj and x sigmoid(shared gate logit).
 Rows that pick the same expert read its weights once each (fine for the small decode batch).
+An id < 0 marks a slot whose expert lives on another rank (expert parallel, model/parallel): it
+contributes nothing and its weights are not read; router_topk(local_experts=...) writes such ids.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from ..hardware import DeviceProfile, current_profile, profile_for
 
 
 # ----------------------------------------------------------------------------- router
-def _check_router(logits, top_k, weights_out, ids_out):
+def _check_router(logits, top_k, weights_out, ids_out, local_experts=None):
     b, e = logits.shape
     check_rows("logits", logits, b, e)
     if not 1 <= top_k <= e:
@@ -31,25 +33,37 @@ def _check_router(logits, top_k, weights_out, ids_out):
     check_contiguous("ids_out", ids_out, (b, top_k))
     if ids_out.dtype != torch.int32:
         raise TypeError(f"ids_out must be int32, got {ids_out.dtype}")
+    if local_experts is not None:
+        ok = (isinstance(local_experts, tuple) and len(local_experts) == 2
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in local_experts))
+        if not ok or local_experts[0] < 0 or local_experts[1] < 1 or sum(local_experts) > e:
+            raise ValueError(f"local_experts must be (start, count) of experts inside [0, {e}), "
+                             f"got {local_experts!r}")
     return b, e
 
 
-def router_topk_reference(logits, top_k, weights_out, ids_out) -> None:
+def router_topk_reference(logits, top_k, weights_out, ids_out, *, local_experts=None) -> None:
     """softmax (fp32) -> top-k (descending; ties to the lowest expert id, as the kernel breaks
     them: torch.topk leaves their order unspecified, and bf16 logits tie often) -> renormalise ->
-    rounded to the logits dtype."""
-    _check_router(logits, top_k, weights_out, ids_out)
+    rounded to the logits dtype.
+
+    local_experts=(start, count) (expert parallel: this rank holds experts start..start+count-1):
+    ids_out holds id - start for those and -1 for every other expert; the weights are unchanged."""
+    _check_router(logits, top_k, weights_out, ids_out, local_experts)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     val, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
     val, idx = val[:, :top_k], idx[:, :top_k]
     val = val / val.sum(dim=-1, keepdim=True)
     weights_out.copy_(val.to(logits.dtype))
+    if local_experts is not None:
+        start, count = local_experts
+        idx = torch.where((idx >= start) & (idx < start + count), idx - start, -1)
     ids_out.copy_(idx.to(torch.int32))
 
 
 @triton.jit
-def _router_topk_kernel(logits_ptr, w_ptr, ids_ptr, E, TOPK, stride_l,
-                        BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr):
+def _router_topk_kernel(logits_ptr, w_ptr, ids_ptr, E, TOPK, stride_l, E_START, E_LOCAL,
+                        BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, LOCAL: tl.constexpr, USE_GDC: tl.constexpr):
     pdl_wait(USE_GDC)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_E)
@@ -70,13 +84,16 @@ def _router_topk_kernel(logits_ptr, w_ptr, ids_ptr, E, TOPK, stride_l,
     mk = offs_k < TOPK
     vals = vals / tl.sum(tl.where(mk, vals, 0.0), axis=0)
     tl.store(w_ptr + row * TOPK + offs_k, vals.to(w_ptr.dtype.element_ty), mask=mk)
+    if LOCAL:   # expert parallel: this rank's experts renumbered from 0, every other one -1
+        idxs = tl.where((idxs >= E_START) & (idxs < E_START + E_LOCAL), idxs - E_START, -1)
     tl.store(ids_ptr + row * TOPK + offs_k, idxs, mask=mk)
 
 
-def router_topk_triton(logits, top_k, weights_out, ids_out) -> None:
-    b, e = _check_router(logits, top_k, weights_out, ids_out)
-    _router_topk_kernel[(b,)](logits, weights_out, ids_out, e, top_k, logits.stride(0),
-                              BLOCK_E=next_pow2(e), BLOCK_K=next_pow2(top_k),
+def router_topk_triton(logits, top_k, weights_out, ids_out, *, local_experts=None) -> None:
+    b, e = _check_router(logits, top_k, weights_out, ids_out, local_experts)
+    start, count = local_experts if local_experts is not None else (0, e)
+    _router_topk_kernel[(b,)](logits, weights_out, ids_out, e, top_k, logits.stride(0), start, count,
+                              BLOCK_E=next_pow2(e), BLOCK_K=next_pow2(top_k), LOCAL=local_experts is not None,
                               num_warps=1 if e <= 1024 else 4, **pdl(logits))   # one warp: the top-k reductions stay in shuffles
 
 
@@ -141,6 +158,8 @@ def moe_experts_reference(x, gate_up_proj, down_proj, ids, weights, shared_gate_
         order = torch.argsort(ids[r].long())
         for j in order.tolist():
             ex = int(ids[r, j])
+            if ex < 0:          # another rank's expert (expert parallel): contributes nothing
+                continue
             gate, up = torch.nn.functional.linear(x[r:r + 1], gate_up_proj[ex]).chunk(2, dim=-1)
             y = torch.nn.functional.linear(act(gate) * up, down_proj[ex])[0]
             total = total + (y * weights[r, j]).to(x.dtype)
@@ -161,6 +180,7 @@ def _moe_gate_up_kernel(x_ptr, gu_ptr, ids_ptr, act_ptr, H, I, TOPK, stride_x,
     offs_i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_h = tl.arange(0, BLOCK_H)
     mi = offs_i < I
+    mw = tl.where(e >= 0, mi, False)   # id < 0: another rank's expert, whose weights are not read (act = 0)
     g_rows = gu_ptr + (e * 2 * I + offs_i)[:, None] * H
     u_rows = g_rows + I * H
     acc_g = tl.zeros([BLOCK_I, BLOCK_H], tl.float32)
@@ -169,7 +189,7 @@ def _moe_gate_up_kernel(x_ptr, gu_ptr, ids_ptr, act_ptr, H, I, TOPK, stride_x,
         hh = h0 + offs_h
         mh = hh < H
         xv = tl.load(x_ptr + row * stride_x + hh, mask=mh, other=0.0).to(tl.float32)
-        m2 = mi[:, None] & mh[None, :]
+        m2 = mw[:, None] & mh[None, :]
         wg = tl.load(g_rows + hh[None, :], mask=m2, other=0.0)
         wu = tl.load(u_rows + hh[None, :], mask=m2, other=0.0)
         acc_g += wg.to(tl.float32) * xv[None, :]
@@ -196,19 +216,20 @@ def _moe_down_kernel(act_ptr, dn_ptr, ids_ptr, w_ptr, sgu_ptr, sdn_ptr, sgl_ptr,
     dt = out_ptr.dtype.element_ty
     ids = tl.load(ids_ptr + row * TOPK + offs_k, mask=mk, other=0)
     wts = tl.load(w_ptr + row * TOPK + offs_k, mask=mk, other=0.0).to(tl.float32)
+    mine = mk & (ids >= 0)     # id < 0: another rank's expert: not read, its y is 0 (adds nothing)
     # every chosen expert's [BLOCK_HO, I] slice of down_proj at once: k independent streams in flight,
     # and the shared expert's [BLOCK_HO, IS] slice in the same loop (its act formed on the fly from
     # the precomputed gate/up rows), so its loads overlap the routed ones instead of trailing them
     rows = dn_ptr + (ids.to(tl.int64)[:, None] * H + offs_h[None, :])[:, :, None] * I     # [K, HO, 1]
     a_base = act_ptr + (row * TOPK + offs_k).to(tl.int64)[:, None] * I                      # [K, 1]
     srows = sdn_ptr + offs_h.to(tl.int64)[:, None] * IS                                    # [HO, 1]
-    m3 = mk[:, None, None] & mh[None, :, None]
+    m3 = mine[:, None, None] & mh[None, :, None]
     acc = tl.zeros([BLOCK_K, BLOCK_HO, BLOCK_I], tl.float32)
     acc2 = tl.zeros([BLOCK_HO, BLOCK_I], tl.float32)
     for i0 in range(0, tl.maximum(I, IS), BLOCK_I):
         ii = i0 + offs_i
         mi = ii < I
-        av = tl.load(a_base + ii[None, :], mask=mk[:, None] & mi[None, :], other=0.0).to(tl.float32)
+        av = tl.load(a_base + ii[None, :], mask=mine[:, None] & mi[None, :], other=0.0).to(tl.float32)
         wv = tl.load(rows + ii[None, None, :], mask=m3 & mi[None, None, :], other=0.0)
         ms = ii < IS
         g = tl.load(sgu_ptr + row * stride_sgu + ii, mask=ms, other=0.0).to(tl.float32)

@@ -271,7 +271,8 @@ def _combine_store(acc, sgl_ptr, ids_ptr, y_ptr, info_ptr, out_ptr, offs_m, offs
         slot = tl.min(tl.where(ids == first[:, None], offs_j[None, :], BLOCK_TOPK), axis=1)
         ids = tl.where(offs_j[None, :] == slot[:, None], big, ids)
         pr = offs_m.to(tl.int64) * TOPK + slot
-        yv = tl.load(y_ptr + pr[:, None] * H + offs_n[None, :], mask=routed[:, None] & mn[None, :], other=0.0)
+        mine = routed & (first >= 0)     # id < 0 (another rank's expert) was never grouped: no y row
+        yv = tl.load(y_ptr + pr[:, None] * H + offs_n[None, :], mask=mine[:, None] & mn[None, :], other=0.0)
         total = _rnd(total + yv.to(tl.float32), dt, EMULATE)
     res = _rnd(total + ys, dt, EMULATE)
     tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_out + offs_n[None, :], res.to(dt),

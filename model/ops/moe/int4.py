@@ -81,6 +81,7 @@ def _moe_gate_up_int4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, act_ptr, H, I,
     offs_h = tl.arange(0, BLOCK_H)
     offs_w = tl.arange(0, BLOCK_H // 8)
     mi = offs_i < I
+    mw = tl.where(e >= 0, mi, False)   # id < 0: another rank's expert, whose weights are not read (act = 0)
     g_idx = (e * 2 * I + offs_i)[:, None]          # [BLOCK_I, 1] row of gate_up_proj viewed as [E*2I, H]
     u_idx = g_idx + I
     dt = act_ptr.dtype.element_ty
@@ -92,9 +93,9 @@ def _moe_gate_up_int4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, act_ptr, H, I,
         xv = tl.load(x_ptr + row * stride_x + hh, mask=mh, other=0.0).to(tl.float32)
         ww = h0 // 8 + offs_w
         wg = _dequant_tile(q_ptr + g_idx * (H // 8), s_ptr + g_idx * (H // GROUP), z_ptr + g_idx * (H // GROUP),
-                           ww, mi, H, 0, GROUP, BLOCK_I, BLOCK_H, dt)
+                           ww, mw, H, 0, GROUP, BLOCK_I, BLOCK_H, dt)
         wu = _dequant_tile(q_ptr + u_idx * (H // 8), s_ptr + u_idx * (H // GROUP), z_ptr + u_idx * (H // GROUP),
-                           ww, mi, H, 0, GROUP, BLOCK_I, BLOCK_H, dt)
+                           ww, mw, H, 0, GROUP, BLOCK_I, BLOCK_H, dt)
         acc_g += wg.to(tl.float32) * xv[None, :]
         acc_u += wu.to(tl.float32) * xv[None, :]
     g = tl.sum(acc_g, axis=1).to(dt).to(tl.float32)
@@ -139,8 +140,9 @@ def _moe_down_int4_kernel(act_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, w_ptr, sgu_ptr,
     dt = out_ptr.dtype.element_ty
     ids = tl.load(ids_ptr + row * TOPK + offs_k, mask=mk, other=0)
     wts = tl.load(w_ptr + row * TOPK + offs_k, mask=mk, other=0.0).to(tl.float32)
+    mine = mk & (ids >= 0)     # id < 0: another rank's expert: not read, its y is 0 (adds nothing)
     rows = ids.to(tl.int64)[:, None] * H + offs_h[None, :]          # [K, HO] rows of down_proj as [E*H, I]
-    m_rows = mk[:, None] & mh[None, :]
+    m_rows = mine[:, None] & mh[None, :]
     a_base = act_ptr + (row * TOPK + offs_k).to(tl.int64)[:, None] * I
     srows = offs_h.to(tl.int64)[:, None]                              # [HO, 1] rows of shared_down
     acc = tl.zeros([BLOCK_K, BLOCK_HO, BLOCK_I], tl.float32)
@@ -148,7 +150,7 @@ def _moe_down_int4_kernel(act_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, w_ptr, sgu_ptr,
     for i0 in range(0, tl.maximum(I, IS), BLOCK_I):
         ii = i0 + offs_i
         mi = ii < I
-        av = tl.load(a_base + ii[None, :], mask=mk[:, None] & mi[None, :], other=0.0).to(tl.float32)
+        av = tl.load(a_base + ii[None, :], mask=mine[:, None] & mi[None, :], other=0.0).to(tl.float32)
         wv = _dequant_tile3(q_ptr, s_ptr, z_ptr, rows, m_rows, i0 // 8 + offs_w, I // 8, GROUP, BLOCK_K,
                             BLOCK_HO, BLOCK_I, dt)
         ms = ii < IS
