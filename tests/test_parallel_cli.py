@@ -58,3 +58,10 @@ def test_torchrun_refuses_a_rank_count_that_does_not_divide():
     want = "--nproc-per-node 3: 3 ranks cannot share the tiny model: num_attention_heads=4"
     assert want in r.stderr, r.stderr[-3000:]
     assert "prompt (" not in r.stdout
+
+
+def test_torchrun_symm_mem_allreduce_on_the_cpu_is_refused_before_any_work():
+    r = _run(["--preset", "tiny", "--prompt-ids", "1,2", "--max-new-tokens", "2", "--allreduce", "symm_mem"], nproc=2)
+    assert r.returncode != 0
+    assert "--allreduce symm_mem needs NCCL on CUDA GPUs; on the CPU the ranks use gloo" in r.stderr, r.stderr[-3000:]
+    assert "prompt (" not in r.stdout      # refused before the process group and the weights

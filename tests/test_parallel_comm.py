@@ -67,6 +67,15 @@ def test_one_rank_gloo_group(clean_env):
         with pytest.raises(ValueError, match="1 x 4 elements"):
             comm.all_gather_into(torch.empty(5), t)
         assert init_distributed(timeout_s=30).world == 1        # already started: the same group
+        from model.parallel.symm_comm import SymmMemComm, make_comm
+
+        assert make_comm("nccl", comm, max_batch=2, hidden_size=4, dtype=torch.float32) is comm
+        with pytest.raises(ValueError, match="allreduce must be one of .* got 'mpi'"):
+            make_comm("mpi", comm, max_batch=2, hidden_size=4, dtype=torch.float32)
+        with pytest.raises(ValueError, match="allreduce='symm_mem' needs NCCL on CUDA GPUs .* this process group is gloo"):
+            make_comm("symm_mem", comm, max_batch=2, hidden_size=4, dtype=torch.float32)
+        with pytest.raises(ValueError, match="max_numel must be an int >= 1, got 0"):
+            SymmMemComm(max_numel=0, dtype=torch.float32)
     finally:
         dist.destroy_process_group()
     local = LocalComm()

@@ -34,6 +34,9 @@ def parse_args(argv=None):
     p.add_argument("--check-steps", type=common.positive_int, default=16, help="graph == eager over N steps")
     p.add_argument("--profile-steps", type=common.nonnegative_int, default=10, help="0 skips the profile")
     p.add_argument("--dist-timeout", type=common.finite_float(0, lo_open=True), default=600.0)
+    p.add_argument("--allreduce", choices=("nccl", "symm_mem"), default="nccl",
+                   help="the decode step's all-reduce: NCCL, or torch's symmetric-memory one-shot kernel "
+                        "(model/parallel/symm_comm.py; run both and compare)")
     p.add_argument("--out", type=Path, default=Path("out/parallel"))
     return p.parse_args(argv)
 
@@ -67,6 +70,9 @@ def bench_rank(args, comm, torch) -> dict:
     w = (load_checkpoint_shard(args.checkpoint, plan, device, dtype) if args.checkpoint is not None
          else random_shard_weights(plan, device, dtype, args.seed))
     build_s = time.perf_counter() - t0
+    from model.parallel.symm_comm import make_comm
+
+    comm = make_comm(args.allreduce, comm, max_batch=1, hidden_size=cfg.hidden_size, dtype=dtype)
     dec = ParallelDecoder(plan, w, comm, max_batch=1, max_seq=args.context + args.check_steps + 8, backend="triton")
     eager = Generator(dec, SamplingParams(), use_graph=False)
     graph = Generator(dec, SamplingParams(), use_graph=True, prefill_graphs=False)

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dist-timeout", type=_seconds, default=DEFAULT_TIMEOUT_S,
                    help=f"seconds a collective may wait for the other ranks before this rank fails "
                         f"(default {DEFAULT_TIMEOUT_S:g}; loading a checkpoint shard counts)")
+    p.add_argument("--allreduce", choices=("nccl", "symm_mem"), default="nccl",
+                   help="the decode step's all-reduce: NCCL (default), or torch's symmetric-memory one-shot "
+                        "kernel over NVLink peers (CUDA only; larger reductions stay on NCCL)")
     return p
 
 
@@ -80,6 +83,8 @@ def _main(argv, env) -> int:
     import torch
 
     on_gpu = torch.cuda.is_available()
+    if args.allreduce != "nccl" and not on_gpu:
+        error(f"--allreduce {args.allreduce} needs NCCL on CUDA GPUs; on the CPU the ranks use gloo")
     if on_gpu:
         from model.ops.linear import MAX_BATCH
         if args.batch > MAX_BATCH:
@@ -98,6 +103,9 @@ def _main(argv, env) -> int:
     from .comm import init_distributed
 
     comm = init_distributed(args.dist_timeout)
+    from .symm_comm import make_comm
+
+    comm = make_comm(args.allreduce, comm, max_batch=args.batch, hidden_size=cfg.hidden_size, dtype=dtype)
     if args.checkpoint is not None:
         from .load import load_checkpoint_shard
 

@@ -1,7 +1,7 @@
 """One rank of the multi-GPU tests (tests/gpu/test_parallel_gpu.py), started with torchrun's
 environment by tests/dist_launch.run_ranks, on cuda:LOCAL_RANK with NCCL:
 
-    python -m tests.gpu.parallel_gpu_worker --out DIR --case graph_eager|one_gpu --preset P [--layers L]
+    python -m tests.gpu.parallel_gpu_worker --out DIR --case graph_eager|one_gpu --preset P [--layers L] [--allreduce nccl|symm_mem]
            [--dtype bfloat16|float32] [--steps S]
 
 graph_eager: the Generator's greedy run over S steps eagerly, then replayed as CUDA graphs (decode
@@ -49,11 +49,14 @@ def run(args) -> int:
     from model.config import ModelConfig
     from model.parallel import ParallelDecoder, ShardPlan, init_distributed, random_shard_weights
 
+    from model.parallel.symm_comm import make_comm
+
     comm = init_distributed(timeout_s=args.timeout)
     cfg = ModelConfig.preset(args.preset)
     if args.layers:
         cfg = dataclasses.replace(cfg, num_layers=args.layers)
     dtype = getattr(torch, args.dtype)
+    comm = make_comm(args.allreduce, comm, max_batch=1, hidden_size=cfg.hidden_size, dtype=dtype)
     device = torch.device("cuda", torch.cuda.current_device())
     plan = ShardPlan(cfg, comm.rank, comm.world)
     w = random_shard_weights(plan, device, dtype, seed=0)
@@ -90,6 +93,7 @@ def main() -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--steps", type=int, default=256)
     p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--allreduce", default="nccl")
     args = p.parse_args()
     from model.parallel import run_rank
 

@@ -44,6 +44,19 @@ def test_tokens_equal_the_one_gpu_decoder_fp32(n, tmp_path):
         assert got["tokens"] == got["one_gpu_tokens"], f"rank {got['rank']}"
 
 
+def test_symm_mem_allreduce_graph_equals_eager_and_the_one_gpu_tokens(tmp_path):
+    """torch's symmetric-memory one-shot all-reduce (model/parallel/symm_comm.py) in place of
+    NCCL's: captured with the step, bit-identical to eager, and fp32 tokens equal one GPU's."""
+    ranks = _ranks(2, "graph_eager", tmp_path, "--preset", "35b-a3b", "--layers", "4", "--steps", "64",
+                   "--allreduce", "symm_mem")
+    for got in ranks:
+        assert got["graph"] == got["eager"], f"rank {got['rank']}"
+    ranks = _ranks(2, "one_gpu", tmp_path, "--preset", "35b-a3b", "--layers", "4", "--dtype", "float32",
+                   "--steps", "32", "--allreduce", "symm_mem")
+    for got in ranks:
+        assert got["tokens"] == got["one_gpu_tokens"], f"rank {got['rank']}"
+
+
 def test_122b_a10b_bf16_on_two_gpus_graph_equals_eager(tmp_path):
     if torch.cuda.device_count() >= 2:
         free = min(torch.cuda.mem_get_info(i)[0] for i in range(2))
