@@ -37,3 +37,47 @@ def test_tool_on_the_tiny_preset(tmp_path, monkeypatch, capsys):
     assert "logits HQQ vs bf16 over 3 teacher-forced steps" in capsys.readouterr().out
     assert main(["--preset", "tiny", "--group-size", "64", "--steps", "1"]) == 2
     assert "K=32" in capsys.readouterr().err
+
+
+def test_teacher_forced_rows_are_each_steps_logits():
+    """Decoder returns views of one logits buffer; in fp32 the tool must copy each step's row (it used
+    to stack the last step's logits steps + 1 times)."""
+    import dataclasses
+
+    from model.config import ModelConfig
+    from model.decoder import Decoder
+    from model.quant import map_weights
+    from model.quant.quality import teacher_forced_logits
+    from model.weights import random_weights
+    from tools.quant_quality import _Copying, compare
+
+    cfg = dataclasses.replace(ModelConfig.preset("tiny"), num_layers=2)
+    w = map_weights(random_weights(cfg, "cpu", torch.bfloat16, seed=0), lambda n, t: t.float())
+    dec, other = (Decoder(cfg, w, max_batch=1, max_seq=16, backend="reference") for _ in range(2))
+    a, b = teacher_forced_logits(_Copying(dec), _Copying(other), [1, 2, 3], 4)
+    assert a.shape == (5, cfg.vocab_size) and torch.equal(a, b)
+    assert all(not torch.equal(a[i], a[i + 1]) for i in range(4))
+    dec.reset()
+    x = [dec.prefill([[1, 2, 3]])[0].clone()]
+    for s in range(4):
+        x.append(dec.decode_step(torch.tensor([int(x[-1].argmax())]), torch.tensor([3 + s]))[0].clone())
+    assert torch.equal(torch.stack(x), a)
+    dec.reset()
+    other.reset()
+    m = compare(dec, other, [1, 2, 3], 4)
+    assert m["rel_err"] == 0 and m["rel_err_median"] == 0 and m["rel_err_p90"] == 0 and m["top1"] == 1
+
+
+def test_tool_noise_reference(tmp_path, monkeypatch, capsys):
+    from tools.quant_quality import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "r.json"
+    assert main(["--preset", "tiny", "--layers", "1", "--steps", "2", "--group-size", "32", "--noise", "0.001,0.1",
+                 "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    small, large = r["logits_noise_0.001"], r["logits_noise_0.1"]
+    assert 0 < small["rel_err"] < large["rel_err"] and small["rel_err_median"] <= small["rel_err_p90"]
+    assert "logits noise 0.1 vs bf16 over 2 teacher-forced steps" in capsys.readouterr().out
+    assert main(["--preset", "tiny", "--group-size", "32", "--noise", "0,1"]) == 2
+    assert "--noise wants" in capsys.readouterr().err

@@ -8,6 +8,10 @@ logits against the bf16 model's (relative error, KL, top-1 / top-5 agreement), t
 --preset tiny is widened to expert widths of 32 (its 16 and 24 do not group); preset linears are
 and embedding redrawn from N(0, --init-std^2) (default 0.02, transformers' init; 0 keeps random_weights' init,
 the chaotic regime).
+
+--noise REL[,REL...] also compares the bf16 model with every int4 field multiplied by (1 + REL * N(0, 1))
+(no quantization): how far a weight error of relative size REL moves this model's logits, the scale
+against which the int4 figures are read.
 """
 from __future__ import annotations
 
@@ -33,8 +37,39 @@ def build_parser():
     p.add_argument("--prompt-ids", default="1,2,3,4")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32",
                    help="dtype the logits are computed in (weights are quantized from bf16 either way)")
+    p.add_argument("--noise", default=None, metavar="REL[,REL...]",
+                   help="also compare the bf16 model with its int4 fields times (1 + REL*N(0,1)) (sensitivity reference)")
     p.add_argument("--json", default=None, help="also write the report here")
     return p
+
+
+class _Copying:
+    """A decoder whose prefill/decode_step return copies. Decoder returns views of one static logits
+    buffer, and a float32 tensor's .float() is that same view, so teacher_forced_logits would stack
+    the last step's logits steps + 1 times when the logits are fp32 (this tool's default)."""
+
+    def __init__(self, dec):
+        self.dec, self.device = dec, dec.device
+
+    def prefill(self, prompts):
+        return self.dec.prefill(prompts).clone()
+
+    def decode_step(self, tokens, positions):
+        return self.dec.decode_step(tokens, positions).clone()
+
+
+def compare(ref, dq, prompt, steps) -> dict:
+    """logit_metrics of dq against ref over `steps` teacher-forced steps, with the median and 90th
+    percentile of the per-step relative error (a routing flip shows as a jump in a few steps)."""
+    from model.quant.quality import logit_metrics, teacher_forced_logits
+    import torch
+
+    a, b = teacher_forced_logits(_Copying(ref), _Copying(dq), prompt, steps)
+    m = logit_metrics(b, a)
+    per = (b - a).norm(dim=-1) / a.norm(dim=-1).clamp_min(1e-30)
+    m["rel_err_median"] = float(per.median())
+    m["rel_err_p90"] = float(torch.quantile(per, 0.9))
+    return m
 
 
 def main(argv=None) -> int:
@@ -44,12 +79,20 @@ def main(argv=None) -> int:
     from model.config import ModelConfig
     from model.decoder import Decoder
     from model.quant import dequantize_weights, map_weights, quantize_weights
-    from model.quant.quality import logit_metrics, teacher_forced_logits, tensor_errors, with_init_std
+    from model.quant.layout import is_int4_field
+    from model.quant.quality import tensor_errors, with_init_std
 
     try:
         prompt = [int(t) for t in args.prompt_ids.split(",")]
     except ValueError:
         print(f"error: --prompt-ids wants comma-separated integers, got {args.prompt_ids!r}", file=sys.stderr)
+        return 2
+    try:
+        noise = [float(x) for x in args.noise.split(",")] if args.noise else []
+        if any(not x > 0 for x in noise):
+            raise ValueError
+    except ValueError:
+        print(f"error: --noise wants comma-separated positive numbers, got {args.noise!r}", file=sys.stderr)
         return 2
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
@@ -87,9 +130,17 @@ def main(argv=None) -> int:
             wq = dequantize_weights(quantize_weights(w, args.group_size, method, lm_head=args.lm_head), dtype)
             ref.reset()
             dq = Decoder(cfg, wq, max_batch=1, max_seq=max_seq, backend="reference")
-            a, b = teacher_forced_logits(ref, dq, prompt, args.steps)
-            report[f"logits_{method}"] = logit_metrics(b, a)
+            report[f"logits_{method}"] = compare(ref, dq, prompt, args.steps)
             del dq, wq
+        for rel in noise:
+            g = torch.Generator(device=device).manual_seed(args.seed)
+            wn = map_weights(w, lambda n, t: (t.float() * (1 + rel * torch.randn(t.shape, generator=g, device=t.device))
+                                              ).to(dtype)
+                             if is_int4_field(n, args.lm_head) else t.to(dtype))
+            ref.reset()
+            dn = Decoder(cfg, wn, max_batch=1, max_seq=max_seq, backend="reference")
+            report[f"logits_noise_{rel:g}"] = compare(ref, dn, prompt, args.steps)
+            del dn, wn
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -97,9 +148,10 @@ def main(argv=None) -> int:
     print(f"{'tensor':40s} {'shape':>18s} {'RTN':>8s} {'HQQ':>8s}")
     for r in rows:
         print(f"{r['name']:40s} {str(r['shape']):>18s} {r['rtn']:8.4f} {r['hqq']:8.4f}")
-    for m in ("rtn", "hqq"):
+    for m, label in [("rtn", "RTN"), ("hqq", "HQQ")] + [(f"noise_{r:g}", f"noise {r:g}") for r in noise]:
         x = report[f"logits_{m}"]
-        print(f"logits {m.upper()} vs bf16 over {args.steps} teacher-forced steps: rel err {x['rel_err']:.4f}, "
+        print(f"logits {label} vs bf16 over {args.steps} teacher-forced steps: rel err {x['rel_err']:.4f} "
+              f"(median {x['rel_err_median']:.4f}, p90 {x['rel_err_p90']:.4f}), "
               f"KL {x['kl']:.2e}, top-1 {100 * x['top1']:.1f} %, top-5 overlap {100 * x['top5']:.1f} %")
     if args.json:
         with open(args.json, "w") as f:
