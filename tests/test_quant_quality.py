@@ -40,8 +40,8 @@ def test_tool_on_the_tiny_preset(tmp_path, monkeypatch, capsys):
 
 
 def test_teacher_forced_rows_are_each_steps_logits():
-    """Decoder returns views of one logits buffer; in fp32 the tool must copy each step's row (it used
-    to stack the last step's logits steps + 1 times)."""
+    """Decoder returns views of one logits buffer; in fp32 teacher_forced_logits must copy each step's
+    row (it used to stack the last step's logits steps + 1 times)."""
     import dataclasses
 
     from model.config import ModelConfig
@@ -49,12 +49,12 @@ def test_teacher_forced_rows_are_each_steps_logits():
     from model.quant import map_weights
     from model.quant.quality import teacher_forced_logits
     from model.weights import random_weights
-    from tools.quant_quality import _Copying, compare
+    from tools.quant_quality import compare
 
     cfg = dataclasses.replace(ModelConfig.preset("tiny"), num_layers=2)
     w = map_weights(random_weights(cfg, "cpu", torch.bfloat16, seed=0), lambda n, t: t.float())
     dec, other = (Decoder(cfg, w, max_batch=1, max_seq=16, backend="reference") for _ in range(2))
-    a, b = teacher_forced_logits(_Copying(dec), _Copying(other), [1, 2, 3], 4)
+    a, b = teacher_forced_logits(dec, other, [1, 2, 3], 4)
     assert a.shape == (5, cfg.vocab_size) and torch.equal(a, b)
     assert all(not torch.equal(a[i], a[i + 1]) for i in range(4))
     dec.reset()

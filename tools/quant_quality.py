@@ -43,28 +43,13 @@ def build_parser():
     return p
 
 
-class _Copying:
-    """A decoder whose prefill/decode_step return copies. Decoder returns views of one static logits
-    buffer, and a float32 tensor's .float() is that same view, so teacher_forced_logits would stack
-    the last step's logits steps + 1 times when the logits are fp32 (this tool's default)."""
-
-    def __init__(self, dec):
-        self.dec, self.device = dec, dec.device
-
-    def prefill(self, prompts):
-        return self.dec.prefill(prompts).clone()
-
-    def decode_step(self, tokens, positions):
-        return self.dec.decode_step(tokens, positions).clone()
-
-
 def compare(ref, dq, prompt, steps) -> dict:
     """logit_metrics of dq against ref over `steps` teacher-forced steps, with the median and 90th
     percentile of the per-step relative error (a routing flip shows as a jump in a few steps)."""
     from model.quant.quality import logit_metrics, teacher_forced_logits
     import torch
 
-    a, b = teacher_forced_logits(_Copying(ref), _Copying(dq), prompt, steps)
+    a, b = teacher_forced_logits(ref, dq, prompt, steps)
     m = logit_metrics(b, a)
     per = (b - a).norm(dim=-1) / a.norm(dim=-1).clamp_min(1e-30)
     m["rel_err_median"] = float(per.median())

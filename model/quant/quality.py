@@ -47,13 +47,14 @@ def logit_metrics(a: torch.Tensor, b: torch.Tensor) -> dict:
 @torch.no_grad()
 def teacher_forced_logits(dec_ref, dec_q, prompt: list, steps: int):
     """([steps + 1, V] reference logits, same for the int4 decoder): both prefill `prompt`, then
-    both are fed the reference's greedy token at every step."""
-    ref, q = [dec_ref.prefill([prompt])[0].float()], [dec_q.prefill([prompt])[0].float()]
+    both are fed the reference's greedy token at every step. Each row is copied: a Decoder returns
+    views of one static logits buffer (and an fp32 tensor's .float() is that same view)."""
+    ref, q = [dec_ref.prefill([prompt])[0].float().clone()], [dec_q.prefill([prompt])[0].float().clone()]
     for s in range(steps):
         tok = torch.tensor([int(ref[-1].argmax())], dtype=torch.int64, device=dec_ref.device)
         pos = torch.tensor([len(prompt) + s], dtype=torch.int64, device=dec_ref.device)
-        ref.append(dec_ref.decode_step(tok, pos)[0].float())
-        q.append(dec_q.decode_step(tok.to(dec_q.device), pos.to(dec_q.device))[0].float())
+        ref.append(dec_ref.decode_step(tok, pos)[0].float().clone())
+        q.append(dec_q.decode_step(tok.to(dec_q.device), pos.to(dec_q.device))[0].float().clone())
     return torch.stack(ref), torch.stack(q)
 
 
