@@ -115,6 +115,24 @@ class _Plan:
         return (H, I) if part == "down_proj" else (I, H)
 
 
+class _OpenFiles:
+    """safetensors files opened once each, read lazily: headers (meta) or slices and tensors (handle)."""
+
+    def __init__(self):
+        self.handles = {}
+
+    def handle(self, path):
+        if path not in self.handles:
+            self.handles[path] = _open(path)
+        return self.handles[path]
+
+    def meta(self, name, path):
+        """(shape, torch dtype or the stored dtype name) from the header alone."""
+        sl = self.handle(path).get_slice(name)
+        st = sl.get_dtype()
+        return tuple(sl.get_shape()), _ST_DTYPES.get(st, st)
+
+
 def _plan(cfg: ModelConfig, names: dict, tied: bool, get_meta) -> _Plan:
     shapes = {k: tuple(v.shape) for k, v in hf_targets(empty_weights(cfg, "meta", torch.float32)).items()}
     plan = _Plan(cfg, shapes)
@@ -198,20 +216,11 @@ def load_checkpoint(ckpt_dir, device="cuda", dtype=None, *, verbose: bool = True
                               f"load_int4_checkpoint (dequantized)")
     names = _files(ckpt_dir)
 
-    handles = {}
-
-    def handle(path):
-        if path not in handles:
-            handles[path] = _open(path)
-        return handles[path]
-
-    def get_meta(name, path):
-        sl = handle(path).get_slice(name)
-        st = sl.get_dtype()
-        return tuple(sl.get_shape()), _ST_DTYPES.get(st, st)
+    files = _OpenFiles()
+    handle, handles = files.handle, files.handles
 
     try:
-        plan = _plan(cfg, names, cfg.tie_word_embeddings, get_meta)
+        plan = _plan(cfg, names, cfg.tie_word_embeddings, files.meta)
         ckpt_dtype = next((d for n, _, c, _, _, d in plan.assign if c == "embed_tokens.weight"), None)
         if dtype is None:
             for name, _, _, _, _, d in plan.assign:

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from ..checkpoint import _ST_DTYPES, CheckpointError, _dtype_name, _files, _open, _plan
+from ..checkpoint import CheckpointError, _dtype_name, _files, _OpenFiles, _plan
 from ..config import ModelConfig
 from ..weights import ModelWeights, empty_weights, hf_targets
 from .sharding import Pieces, ShardPlan, Span
@@ -68,20 +68,11 @@ def load_checkpoint_shard(ckpt_dir, plan: ShardPlan, device="cuda", dtype=None, 
     if read_quantization_config(ckpt_dir) is not None:
         raise CheckpointError(f"{ckpt_dir} is an int4 checkpoint: the parallel decoder runs plain (bf16/fp32) "
                               f"weights only")
-    handles = {}
-
-    def handle(path):
-        if path not in handles:
-            handles[path] = _open(path)
-        return handles[path]
-
-    def get_meta(name, path):
-        sl = handle(path).get_slice(name)
-        st = sl.get_dtype()
-        return tuple(sl.get_shape()), _ST_DTYPES.get(st, st)
+    files = _OpenFiles()
+    handle, handles = files.handle, files.handles
 
     try:
-        ck = _plan(cfg, _files(ckpt_dir), cfg.tie_word_embeddings, get_meta)
+        ck = _plan(cfg, _files(ckpt_dir), cfg.tie_word_embeddings, files.meta)
         if dtype is None:
             dtypes = {d for *_, d in ck.assign}
             dtype = next(d for n, _, c, _, _, d in ck.assign if c == "embed_tokens.weight")
