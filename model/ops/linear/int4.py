@@ -30,19 +30,19 @@ from .gemv import (MAX_BATCH, _check_norm_gemv, _h_tile, _input_tile, _inv_rms, 
 
 
 # ----------------------------------------------------------------------------- argument checks
-def _check_qw(w) -> tuple[int, int]:
+def check_int4_linear(name: str, w) -> tuple[int, int]:
     """w: a 2-D QuantizedLinear whose three tensors have contiguous rows; returns (N, K)."""
     if not isinstance(w, QuantizedLinear):
-        raise TypeError(f"w must be a QuantizedLinear, got {type(w).__name__}")
+        raise TypeError(f"{name} must be a QuantizedLinear, got {type(w).__name__}")
     if len(w.shape) != 2:
-        raise ValueError(f"{w.name}: the int4 GEMV takes an [N, K] weight, got shape {list(w.shape)}")
+        raise ValueError(f"{name} ({w.name}) must be an [N, K] int4 weight, got shape {list(w.shape)}")
     n, k = w.shape
     if k % w.group_size:   # QuantizedLinear refuses this too; a mutated one must not reach a kernel
-        raise ValueError(f"{w.name}: K={k} is not a multiple of group_size={w.group_size}")
+        raise ValueError(f"{name} ({w.name}): K={k} is not a multiple of group_size={w.group_size}")
     for attr in ("qweight", "scales", "zeros"):
         t = getattr(w, attr)
         if t.stride(1) != 1:
-            raise ValueError(f"{w.name}.{attr} must have contiguous rows, got strides {t.stride()}")
+            raise ValueError(f"{name}.{attr} ({w.name}) must have contiguous rows, got strides {t.stride()}")
     return n, k
 
 
@@ -53,7 +53,7 @@ def _check_model_dtype(name: str, t: torch.Tensor) -> None:
 
 
 def _check(x, w, out):
-    n, k = _check_qw(w)
+    n, k = check_int4_linear("w", w)
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be [B, {k}], got shape {tuple(getattr(x, 'shape', ()))}")
     b = x.shape[0]
@@ -261,7 +261,7 @@ def gemv_int4_triton(x: torch.Tensor, w: QuantizedLinear, out: torch.Tensor, *,
 
 # ----------------------------------------------------------------------------- RMSNorm + GEMV
 def _check_norm_int4(x, residual, norm_weight, w, out, residual_out, normed_out):
-    n, k = _check_qw(w)
+    n, k = check_int4_linear("w", w)
     if not isinstance(residual, torch.Tensor):
         raise TypeError(f"residual must be a torch.Tensor, got {type(residual).__name__}")
     _check_model_dtype("residual", residual)

@@ -32,27 +32,12 @@ from .._util import INTERPRET, MODEL_DTYPES, check_rows, next_pow2, pdl, pdl_wai
 from ..hardware import DeviceProfile, current_profile, profile_for
 # the model-dtype rounding (exact round-to-nearest-even under the interpreter) and the fp32/MMA dot
 from ..moe.grouped import _mma, _rnd
+from .int4 import check_int4_linear
 
 __all__ = ["GemmInt4Launch", "gemm_int4_config", "gemm_int4_reference", "gemm_int4_triton"]
 
 
 # ----------------------------------------------------------------------------- argument checks
-def check_int4_linear(name: str, w) -> tuple[int, int]:
-    """w: a 2-D QuantizedLinear whose three tensors have contiguous rows; returns (N, K)."""
-    if not isinstance(w, QuantizedLinear):
-        raise TypeError(f"{name} must be a QuantizedLinear, got {type(w).__name__}")
-    if len(w.shape) != 2:
-        raise ValueError(f"{name} ({w.name}) must be an [N, K] int4 weight, got shape {list(w.shape)}")
-    n, k = w.shape
-    if k % w.group_size:   # QuantizedLinear refuses this too; a mutated one must not reach a kernel
-        raise ValueError(f"{name} ({w.name}): K={k} is not a multiple of group_size={w.group_size}")
-    for attr in ("qweight", "scales", "zeros"):
-        t = getattr(w, attr)
-        if t.stride(1) != 1:
-            raise ValueError(f"{name}.{attr} ({w.name}) must have contiguous rows, got strides {t.stride()}")
-    return n, k
-
-
 def _check(x, w, out):
     n, k = check_int4_linear("w", w)
     if not isinstance(x, torch.Tensor) or x.dim() != 2:

@@ -28,36 +28,16 @@ from ..linear.int4_gemm import _int4_tile
 from .grouped import (MoeGroupedLaunch, _block_rows, _check_grouped, _combine_store, _mma, _rnd, _shared_act_tile,
                       moe_experts_grouped_reference, moe_grouped_launch_config)
 from .grouping import group_pairs, max_blocks, pair_chunk
+from .int4 import check_int4_experts
 
 __all__ = ["moe_grouped_int4_launch_config", "moe_experts_grouped_int4_reference", "moe_experts_grouped_int4_triton"]
 
 
 # ----------------------------------------------------------------------------- checks
-def _check_q(name, w, ndim):
-    if not isinstance(w, QuantizedLinear):
-        raise TypeError(f"{name} must be a QuantizedLinear, got {type(w).__name__}")
-    if len(w.shape) != ndim:
-        raise ValueError(f"{name} must be a {ndim}-D int4 weight, got shape {list(w.shape)}")
-    if w.shape[-1] % w.group_size:   # QuantizedLinear refuses this too; a mutated one must not reach a kernel
-        raise ValueError(f"{name}: K={w.shape[-1]} is not a multiple of group_size={w.group_size}")
-    for attr in ("qweight", "scales", "zeros"):
-        t = getattr(w, attr)
-        if not t.is_contiguous():
-            raise ValueError(f"{name}.{attr} must be contiguous, got strides {t.stride()}")
-
-
 def _check_grouped_int4(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_down, shared_gate_logit,
                         workspace, out, info):
     """grouped.py's checks on the logical shapes (meta stand-ins in x's dtype), plus the int4 ones."""
-    for name, w, nd in (("gate_up_proj", gate_up_proj, 3), ("down_proj", down_proj, 3),
-                        ("shared_down", shared_down, 2)):
-        _check_q(name, w, nd)
-    if not isinstance(x, torch.Tensor) or x.dtype not in MODEL_DTYPES:
-        raise TypeError(f"x must be a tensor of one of {[str(d) for d in MODEL_DTYPES]} (the model dtype the "
-                        f"experts are dequantized to), got {getattr(x, 'dtype', type(x).__name__)}")
-    for name, w in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj), ("shared_down", shared_down)):
-        if w.device != x.device:
-            raise ValueError(f"{name} is on {w.device}, x on {x.device}: they must be on one device")
+    check_int4_experts(x, gate_up_proj, down_proj, shared_down)
     meta = [torch.empty(w.shape, device="meta", dtype=x.dtype) for w in (gate_up_proj, down_proj, shared_down)]
     return _check_grouped(x, meta[0], meta[1], ids, weights, shared_gate_up, meta[2], shared_gate_logit,
                           workspace, out, info)

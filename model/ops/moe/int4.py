@@ -36,9 +36,9 @@ def _check_q(name, w, ndim):
             raise ValueError(f"{name}.{attr} must be contiguous, got strides {t.stride()}")
 
 
-def _check_int4_moe(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_down, shared_gate_logit,
-                    act_ws, out):
-    """decode.py's checks on the logical shapes, plus the int4 ones; (b, h, e, i, k, i_s)."""
+def check_int4_experts(x, gate_up_proj, down_proj, shared_down) -> None:
+    """The int4 side of the expert ops' checks (decode and grouped): three QuantizedLinear of the
+    right rank, x in a model dtype (what the experts dequantize to), everything on x's device."""
     for name, w, nd in (("gate_up_proj", gate_up_proj, 3), ("down_proj", down_proj, 3),
                         ("shared_down", shared_down, 2)):
         _check_q(name, w, nd)
@@ -48,6 +48,12 @@ def _check_int4_moe(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, sh
     for name, w in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj), ("shared_down", shared_down)):
         if w.device != x.device:
             raise ValueError(f"{name} is on {w.device}, x on {x.device}: they must be on one device")
+
+
+def _check_int4_moe(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_down, shared_gate_logit,
+                    act_ws, out):
+    """decode.py's checks on the logical shapes, plus the int4 ones; (b, h, e, i, k, i_s)."""
+    check_int4_experts(x, gate_up_proj, down_proj, shared_down)
     # the logical shapes through decode.py's checks (meta stand-ins: only shapes are read)
     meta = {n: torch.empty(w.shape, device="meta") for n, w in
             (("gu", gate_up_proj), ("dn", down_proj), ("sd", shared_down))}
