@@ -129,7 +129,7 @@ def test_gemv_int4_config_holds_whole_groups():
                 for norm in (False, True):
                     c = int4.gemv_int4_config(b, n, k, g, norm=norm, profile=h200)
                     assert c.block_k % g == 0 and c.block_k & (c.block_k - 1) == 0
-                    assert c.block_b >= b and c.block_b * c.block_n * c.block_k <= 8192
+                    assert c.block_b >= b and c.block_b * c.block_n * c.block_k <= int4._INT4_WEIGHTS_PER_PROGRAM
 
 
 # ----------------------------------------------------------------------------- norm + GEMV

@@ -1,6 +1,11 @@
 """The decode step's GEMV shapes against the memory-bandwidth floor, and a sweep of their configs.
 
     python tools/bench_gemv.py --preset 35b-a3b --sweep --out out/gemv
+    python tools/bench_gemv.py --preset 35b-a3b --quant int4 [--group-size 128] --sweep
+
+With --quant int4 each shape's weights are quantized (RTN; the speed does not depend on the method)
+and the int4 GEMV (model/ops/linear/int4.py) is checked against its reference (dequantize, then
+the bf16 GEMV) and timed; the floor counts the codes, scales and zeros.
 
 One entry per projection the decoder runs at batch 1 (GDN in/out, attention qkv/o, the fused
 router + shared-expert rows, lm_head). Each is checked against torch's linear first, then timed in
@@ -35,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--norm", action="store_true",
                    help="the projections that take a fused RMSNorm prologue (norm_gemv) instead")
     p.add_argument("--max-seconds", type=float, default=300.0, help="stop the sweep after this long")
+    p.add_argument("--quant", choices=("none", "int4"), default="none", help="int4: the int4 GEMV kernels")
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=128, help="int4 group size")
     p.add_argument("--out", type=Path, default=Path("out/gemv"))
     args = p.parse_args(argv)
     if not 0 < args.max_seconds < float("inf"):     # nan fails too
@@ -64,19 +71,39 @@ def config_grid(k: int):
             yield bn, bk, w, s
 
 
+def int4_config_grid(k: int, group_size: int):
+    """Candidates of the int4 CUDA-core GEMV at batch 1: its accumulator is one fp32 per word, so
+    programs hold up to 16x the bf16 kernel's weights; K tiles hold whole groups."""
+    from model.ops._util import next_pow2
+
+    for bn, bk, w, s in itertools.product((2, 4, 8, 16, 32, 64), (256, 512, 1024, 2048), (4, 8), (1, 3)):
+        if group_size <= bk <= next_pow2(k) and 4096 <= bn * bk <= 16384 * w:
+            yield bn, bk, w, s
+
+
 class Shape:
     """Weight copies of one GEMV shape, its input and outputs. With norm, the GEMV with the
     residual add + RMSNorm in its prologue (norm_gemv, writing the new residual and normed rows)."""
 
-    def __init__(self, n: int, k: int, torch, device="cuda", seed=0, norm=False):
+    def __init__(self, n: int, k: int, torch, device="cuda", seed=0, norm=False, group_size=None):
         from model.ops import linear
 
         self.torch, self.linear, self.n, self.k, self.norm = torch, linear, n, k, norm
-        self.nbytes = n * k * 2
+        self.int4 = group_size is not None
+        # int4: codes plus a bf16 scale and zero per group
+        self.nbytes = n * k // 2 + 4 * n * (k // group_size) if self.int4 else n * k * 2
         copies = max(1, min(16, -(-4 * L2_BYTES // self.nbytes)))
         g = torch.Generator(device=device).manual_seed(seed)
         bf16 = torch.bfloat16
         self.weights = [(torch.randn(n, k, generator=g, device=device) * 0.02).to(bf16) for _ in range(copies)]
+        if self.int4:
+            from model.quant.quantizers import quantize
+            from model.ops.linear import int4
+
+            self.int4_ops = int4
+            self.weights = [quantize(w, group_size, "rtn") for w in self.weights]
+            assert self.weights[0].nbytes == self.nbytes, "int4 byte count"
+        ref_w = self.weights[0].dequantize(bf16) if self.int4 else self.weights[0]
         self.x = torch.randn(1, k, generator=g, device=device).to(bf16)
         self.outs = [torch.empty(1, n, dtype=bf16, device=device) for _ in range(copies)]
         if norm:
@@ -85,13 +112,33 @@ class Shape:
             self.residual_out = torch.empty(1, k, dtype=bf16, device=device)
             self.normed_out = torch.empty(1, k, dtype=bf16, device=device)
             ref = torch.empty(1, n, dtype=bf16, device=device)
-            linear.norm_gemv_reference(self.x, self.residual, self.norm_weight, 1e-6, self.weights[0], ref)
+            linear.norm_gemv_reference(self.x, self.residual, self.norm_weight, 1e-6, ref_w, ref)
             self.reference = ref.float()
         else:
-            self.reference = torch.nn.functional.linear(self.x, self.weights[0]).float()
+            self.reference = torch.nn.functional.linear(self.x, ref_w).float()
+
+    def default_launch(self):
+        if self.int4:
+            return self.int4_ops.gemv_int4_config(1, self.n, self.k, self.weights[0].group_size, norm=self.norm)
+        return self.linear.gemv_config(1, self.n, self.k, 2, norm=self.norm)
+
+    def launch(self, bn, bk, w, s):
+        kind = self.int4_ops.GemvInt4Launch if self.int4 else self.linear.GemvLaunch
+        return kind(1, bn, bk, w, s)
+
+    def grid(self):
+        if self.int4:
+            return int4_config_grid(self.k, self.weights[0].group_size)
+        return config_grid(self.k)
 
     def _call(self, w, out, launch) -> None:
-        if self.norm:
+        if self.int4 and self.norm:
+            self.int4_ops.norm_gemv_int4_triton(self.x, self.residual, self.norm_weight, 1e-6, w, out,
+                                                residual_out=self.residual_out, normed_out=self.normed_out,
+                                                launch=launch)
+        elif self.int4:
+            self.int4_ops.gemv_int4_triton(self.x, w, out, launch=launch)
+        elif self.norm:
             self.linear.norm_gemv_triton(self.x, self.residual, self.norm_weight, 1e-6, w, out,
                                          residual_out=self.residual_out, normed_out=self.normed_out, launch=launch)
         else:
@@ -128,7 +175,8 @@ def main(argv=None) -> int:
         print(text, flush=True)
         lines.append(text)
 
-    log(f"{common.gpu_name()}: {args.preset} {'norm_gemv' if args.norm else 'GEMV'}s at batch 1, bf16; "
+    weights = f"int4 g{args.group_size}" if args.quant == "int4" else "bf16"
+    log(f"{common.gpu_name()}: {args.preset} {'norm_gemv' if args.norm else 'GEMV'}s at batch 1, {weights} weights; "
         f"copy bandwidth {bw:.0f} GB/s")
     log(f"{'shape':14s} {'N':>7s} {'K':>5s} {'calls':>5s} {'MB':>7s} {'floor us':>8s} {'default us':>10s} "
         f"{'best us':>8s} {'best GB/s':>9s}  best configuration")
@@ -136,16 +184,16 @@ def main(argv=None) -> int:
     if args.norm:   # the decoder fuses the norms into these (the lm_head keeps its own norm kernel)
         shapes = [sh for sh in shapes if sh[0] in NORM_FUSED]
     for name, n, k, calls in shapes:
-        shape = Shape(n, k, torch, norm=args.norm)
-        base = linear.gemv_config(1, n, k, 2, norm=args.norm)
+        shape = Shape(n, k, torch, norm=args.norm, group_size=args.group_size if args.quant == "int4" else None)
+        base = shape.default_launch()
         shape.check(base)
         default_us = shape.time_us(base, args.reps)
         tried = [{**dataclasses.asdict(base), "us": default_us}]
-        for bn, bk, w, s in (config_grid(k) if args.sweep and calls > 1 else ()):   # lm_head: 1 call
+        for bn, bk, w, s in (shape.grid() if args.sweep and calls > 1 else ()):   # lm_head: 1 call
             if time.monotonic() > deadline:
                 log("sweep stopped at --max-seconds")
                 break
-            launch = linear.GemvLaunch(1, bn, bk, w, s)
+            launch = shape.launch(bn, bk, w, s)
             if launch == base:
                 continue
             try:
@@ -169,7 +217,8 @@ def main(argv=None) -> int:
     step_floor = sum(r["floor_us"] * r["calls"] for r in rows)
     log(f"per decode step: default {step_default:.0f} us, best {step_best:.0f} us, floor {step_floor:.0f} us")
     (args.out / "bench_gemv.json").write_text(json.dumps(
-        {"gpu": common.gpu_name(), "preset": args.preset, "copy_bandwidth_GBs": bw, "shapes": rows}, indent=1))
+        {"gpu": common.gpu_name(), "preset": args.preset, "quant": args.quant, "group_size": args.group_size,
+         "copy_bandwidth_GBs": bw, "shapes": rows}, indent=1))
     (args.out / "bench_gemv.txt").write_text("\n".join(lines) + "\n")
     return 0
 

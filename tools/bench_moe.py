@@ -1,6 +1,7 @@
 """Routed-expert kernels against the memory-bandwidth floor, and a sweep of their launch configs.
 
     python tools/bench_moe.py --preset 35b-a3b --batch 1 --sweep --out out/moe
+    python tools/bench_moe.py --preset 35b-a3b --batch 1 --quant int4 --group-size 128 --sweep --out out/moe-int4
 
 Builds --copies layers' worth of distinct expert weights (more than L2 holds, like the real step),
 routes each with its own random router logits, checks every configuration against the torch
@@ -8,6 +9,13 @@ reference first, then times it inside a CUDA graph of one call per copy (graph l
 decode) with CUDA events. Bytes = the distinct chosen experts' gate/up and down rows plus the
 shared expert's down rows; floor = bytes over the measured device copy bandwidth. With --sweep the
 two kernels' configurations are swept separately and the best pair is timed against the default.
+
+--quant int4 [--group-size 128] times the int4 expert kernels (model/ops/moe/int4.py) instead: each
+copy's gate/up, down and shared down weights are quantized on the GPU with RTN (a speed benchmark:
+the codes' quality does not matter), every configuration is checked against
+moe_experts_int4_reference on the same codes, the swept K tiles (gate/up block_h, down block_i)
+hold whole groups, and the bytes count each weight's codes (half a byte) plus a bf16 scale and zero
+per group (QuantizedLinear.nbytes).
 """
 from __future__ import annotations
 
@@ -24,6 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools import common  # noqa: E402
 
+GROUP_SIZES = (32, 64, 128)      # model/quant/format.py's
+DEFAULT_GROUP_SIZE = 128
+QUANT_CHUNK = 1 << 26            # weights quantized at once (bounds quantize()'s ~30 bytes a weight of temporaries)
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="tools/bench_moe.py", description=__doc__.split("\n")[0])
@@ -34,11 +46,62 @@ def parse_args(argv=None):
     p.add_argument("--sweep", action="store_true", help="sweep both kernels' launch configurations")
     p.add_argument("--max-seconds", type=float, default=300.0, help="stop the sweep after this long")
     p.add_argument("--seed", type=common.seed, default=0)
+    p.add_argument("--quant", choices=("none", "int4"), default="none",
+                   help="int4: time the int4 expert kernels over the weights quantized in memory (RTN)")
+    p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=None,
+                   help=f"int4 group size (--quant int4; default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--out", type=Path, default=Path("out/moe"))
     args = p.parse_args(argv)
     if not 0 < args.max_seconds < float("inf"):     # nan fails too
         p.error(f"--max-seconds must be > 0, got {args.max_seconds} (a finite number of seconds)")
+    if args.quant == "none":
+        if args.group_size is not None:
+            p.error("--group-size applies to --quant int4")
+    else:
+        from model.config import ModelConfig
+
+        args.group_size = args.group_size or DEFAULT_GROUP_SIZE
+        if bad := int4_misfits(ModelConfig.preset(args.preset), args.group_size):
+            p.error(f"--quant int4 --group-size {args.group_size}: the {args.preset} experts' {', '.join(bad)} "
+                    f"{'is' if len(bad) == 1 else 'are'} not a multiple of {args.group_size} (int4 groups run "
+                    f"along the input dim)")
     return args
+
+
+def int4_misfits(cfg, group_size: int) -> list:
+    """The experts' input dims (gate/up H, down I, shared down Is) that are not whole groups."""
+    dims = {"hidden_size": cfg.hidden_size, "moe_intermediate_size": cfg.moe_intermediate_size,
+            "shared_expert_intermediate_size": cfg.shared_expert_intermediate_size}
+    return [f"{name}={v}" for name, v in dims.items() if v % group_size]
+
+
+def expert_bytes(distinct, h: int, i: int, i_s: int, group_size: int | None = None, elem: int = 2) -> tuple:
+    """(gate/up, down + shared down) bytes one layer reads: the gate/up [2I, H] and down [H, I] rows
+    of `distinct` experts, and the shared expert's down [H, Is]. bf16 (group_size None): `elem`
+    bytes a weight; int4: the codes (half a byte a weight) plus a scale and a zero of `elem` bytes
+    per row and group of `group_size` inputs (what QuantizedLinear.nbytes counts)."""
+    def matrix(n, k):
+        return n * k * elem if group_size is None else n * k // 2 + 2 * n * (k // group_size) * elem
+
+    return distinct * matrix(2 * i, h), distinct * matrix(h, i) + matrix(h, i_s)
+
+
+def holds_groups(block: int, group_size: int | None) -> bool:
+    """Whether a K tile of `block` columns suits the int4 kernels: a power of two of whole groups."""
+    return group_size is None or (block >= group_size and block % group_size == 0 and not block & (block - 1))
+
+
+def quantize_rtn(w, group_size: int, name: str):
+    """w [..., N, K] as an RTN int4 QuantizedLinear on w's device, a slice of the leading dim at a time."""
+    import torch
+
+    from model.quant.format import QuantizedLinear
+    from model.quant.quantizers import quantize
+
+    step = max(1, QUANT_CHUNK // (w.numel() // len(w)))
+    parts = [quantize(w[j:j + step], group_size, "rtn", name=name) for j in range(0, len(w), step)]
+    return QuantizedLinear(*(torch.cat([getattr(q, f) for q in parts]) for f in ("qweight", "scales", "zeros")),
+                           group_size, tuple(w.shape), name)
 
 
 def gate_up_grid(h: int, i: int):
@@ -61,10 +124,18 @@ def down_grid(h: int, i: int, k: int):
 class Bench:
     """Weights, routed inputs and outputs for --copies layers, plus graph timing of kernel calls."""
 
-    def __init__(self, cfg, batch: int, copies: int, seed: int, torch, device="cuda"):
+    def __init__(self, cfg, batch: int, copies: int, seed: int, torch, device="cuda", group_size: int | None = None):
         from model.ops import moe
 
-        self.torch, self.moe = torch, moe
+        self.torch, self.moe, self.group_size = torch, moe, group_size
+        if group_size is None:
+            self.experts, reference = moe.moe_experts_triton, moe.moe_experts_reference
+            self.gate_up, self.down = moe.launch_moe_gate_up, moe.launch_moe_down
+        else:
+            from model.ops.moe import int4
+
+            self.experts, reference = int4.moe_experts_int4_triton, int4.moe_experts_int4_reference
+            self.gate_up, self.down = int4.launch_moe_gate_up_int4, int4.launch_moe_down_int4
         g = torch.Generator(device=device).manual_seed(seed)
         dt, dev = torch.bfloat16, device
         E, H, I, Is, k = (cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size,
@@ -74,57 +145,72 @@ class Bench:
         def randn(*shape, scale=0.02):
             return (torch.randn(*shape, generator=g, device=dev, dtype=torch.float32) * scale).to(dt)
 
+        def weight(name, *shape):
+            w = randn(*shape)
+            return w if group_size is None else quantize_rtn(w, group_size, name)
+
         self.layers = []
         for _ in range(copies):
             ids = torch.empty(batch, k, dtype=torch.int32, device=dev)
             wts = torch.empty(batch, k, dtype=dt, device=dev)
             moe.router_topk_reference(randn(batch, E, scale=1.0), k, wts, ids)
             self.layers.append(dict(
-                x=randn(batch, H, scale=1.0), gate_up_proj=randn(E, 2 * I, H), down_proj=randn(E, H, I),
-                ids=ids, weights=wts, shared_gate_up=randn(batch, 2 * Is, scale=1.0), shared_down=randn(H, Is),
+                x=randn(batch, H, scale=1.0), gate_up_proj=weight("gate_up_proj", E, 2 * I, H),
+                down_proj=weight("down_proj", E, H, I), ids=ids, weights=wts,
+                shared_gate_up=randn(batch, 2 * Is, scale=1.0), shared_down=weight("shared_down", H, Is),
                 shared_gate_logit=randn(batch, 1, scale=1.0), act_ws=moe.moe_workspace(batch, k, I, dt, dev),
                 out=torch.empty(batch, H, dtype=dt, device=dev)))
         distinct = statistics.mean(len(set(L["ids"].flatten().tolist())) for L in self.layers)
-        self.gate_up_bytes = distinct * 2 * I * H * 2
-        self.down_bytes = distinct * H * I * 2 + H * Is * 2
+        self.gate_up_bytes, self.down_bytes = expert_bytes(distinct, H, I, Is, group_size)
         ref = dict(self.layers[0])
         ref["out"] = torch.empty_like(ref["out"])
         ref["act_ws"] = torch.empty_like(ref["act_ws"])
-        moe.moe_experts_reference(**ref)
+        reference(**ref)
         self.reference = ref["out"].float()
+
+    def default_launch(self):
+        """The kernels' own configuration for these shapes (int4: with K tiles of whole groups)."""
+        if self.group_size is None:
+            return self.moe.moe_launch_config(**self.shape)
+        from model.ops.moe.int4 import moe_int4_launch_config
+
+        return moe_int4_launch_config(**self.shape, group_size=self.group_size)
 
     def check(self, launch) -> float:
         """Run layer 0 with `launch` (compiling it outside any capture); max error relative to the
         reference's largest magnitude. Raises AssertionError past 2%."""
         L = self.layers[0]
-        self.moe.moe_experts_triton(**L, launch=launch)
+        self.experts(**L, launch=launch)
         err = ((L["out"].float() - self.reference).abs().max() / self.reference.abs().max()).item()
         assert err <= 0.02, f"{launch}: relative error {err:.3g} against the reference"
         return err
 
     def time_us(self, part: str, launch, reps: int) -> float:
         """Median device time per layer of a graph holding one `part` call per copy."""
-        moe = self.moe
-
         def step():
             for L in self.layers:
                 if part in ("gate_up", "both"):
-                    moe.launch_moe_gate_up(L["x"], L["gate_up_proj"], L["ids"], L["act_ws"], launch)
+                    self.gate_up(L["x"], L["gate_up_proj"], L["ids"], L["act_ws"], launch)
                 if part in ("down", "both"):
-                    moe.launch_moe_down(L["act_ws"], L["down_proj"], L["ids"], L["weights"], L["shared_gate_up"],
-                                        L["shared_down"], L["shared_gate_logit"], L["out"], launch)
+                    self.down(L["act_ws"], L["down_proj"], L["ids"], L["weights"], L["shared_gate_up"],
+                              L["shared_down"], L["shared_gate_logit"], L["out"], launch)
 
         return common.time_graph_us(step, reps, len(self.layers))
 
 
+def sweep_grids(shape: dict, group_size: int | None = None) -> dict:
+    """{part: [MoeLaunch fields]} swept per kernel; int4 keeps the K tiles that hold whole groups."""
+    g = group_size
+    return {"gate_up": [dict(gate_up_block_i=a, gate_up_block_h=b, gate_up_warps=w, gate_up_stages=s)
+                        for a, b, w, s in gate_up_grid(shape["h"], shape["i"]) if holds_groups(b, g)],
+            "down": [dict(down_block_ho=a, down_block_i=b, down_warps=w, down_stages=s)
+                     for a, b, w, s in down_grid(shape["h"], shape["i"], shape["k"]) if holds_groups(b, g)]}
+
+
 def sweep(bench, base, reps, deadline, log) -> tuple:
     """Best gate/up and down configurations (each swept with the other kernel's default)."""
-    sh = bench.shape
     results = {"gate_up": [], "down": []}
-    grids = {"gate_up": [dict(gate_up_block_i=a, gate_up_block_h=b, gate_up_warps=w, gate_up_stages=s)
-                         for a, b, w, s in gate_up_grid(sh["h"], sh["i"])],
-             "down": [dict(down_block_ho=a, down_block_i=b, down_warps=w, down_stages=s)
-                      for a, b, w, s in down_grid(sh["h"], sh["i"], sh["k"])]}
+    grids = sweep_grids(bench.shape, bench.group_size)
     for part, grid in grids.items():
         nbytes = bench.gate_up_bytes if part == "gate_up" else bench.down_bytes
         for fields in grid:
@@ -149,19 +235,24 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch = common.require_gpu("bench_moe")
     from model.config import ModelConfig
-    from model.ops import moe
 
     t_start = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = ModelConfig.preset(args.preset)
     E, H, I, Is = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
-    per_copy = (3 * E * I * H + H * Is) * 2 + args.batch * (3 * cfg.num_experts_per_tok + 2 * H + 2 * Is + 1) * 2
-    common.check_memory({"expert weight copies": args.copies * per_copy,
-                         "fp32 init temporaries": E * 2 * I * H * 4},
+    g = args.group_size
+    per_copy = sum(expert_bytes(E, H, I, Is, g)) + args.batch * (3 * cfg.num_experts_per_tok + 2 * H + 2 * Is + 1) * 2
+    # the largest transient, per gate/up weight: its fp32 init (int4: the reference's dequantize, ~16 bytes)
+    temps = E * 2 * I * H * (4 if g is None else 16)
+    common.check_memory({"expert weight copies": args.copies * per_copy, "init temporaries": temps},
                         f"{args.copies} copies of the {args.preset} experts", "try fewer --copies")
-    bench = Bench(cfg, args.batch, args.copies, args.seed, torch)
+    t0 = time.monotonic()
+    bench = Bench(cfg, args.batch, args.copies, args.seed, torch, group_size=g)
+    torch.cuda.synchronize()
+    build_s = time.monotonic() - t0
     bw = common.copy_bandwidth_gbs()
-    base = moe.moe_launch_config(**bench.shape)
+    base = bench.default_launch()
+    fmt = "bf16" if g is None else f"int4 g{g}"
     lines = []
 
     def log(text):
@@ -169,7 +260,8 @@ def main(argv=None) -> int:
         lines.append(text)
 
     total = bench.gate_up_bytes + bench.down_bytes
-    log(f"{common.gpu_name()}: {args.preset} experts, batch {args.batch}, {args.copies} weight copies; "
+    log(f"{common.gpu_name()}: {args.preset} experts {fmt}, batch {args.batch}, {args.copies} weight copies "
+        f"(built{'' if g is None else ' and quantized (RTN)'} in {build_s:.1f} s); "
         f"{total / 1e6:.1f} MB per layer (gate/up {bench.gate_up_bytes / 1e6:.1f}, down+shared "
         f"{bench.down_bytes / 1e6:.1f}); copy bandwidth {bw:.0f} GB/s, floor {total / bw / 1e3:.2f} us")
     rows = {}
@@ -189,7 +281,8 @@ def main(argv=None) -> int:
             f"{parts['both']:6.2f} us ({total / (parts['both'] * 1e-6) / 1e9:.0f} GB/s; floor "
             f"{total / bw / 1e3:.2f} us)  err {err:.2g}  {launch}")
     (args.out / "bench_moe.json").write_text(json.dumps(
-        {"gpu": common.gpu_name(), "preset": args.preset, "batch": args.batch, "copy_bandwidth_GBs": bw,
+        {"gpu": common.gpu_name(), "preset": args.preset, "batch": args.batch, "quant": args.quant,
+         "group_size": g, "copy_bandwidth_GBs": bw,
          "bytes_per_layer": total, **rows}, indent=1))
     (args.out / "bench_moe.txt").write_text("\n".join(lines) + "\n")
     return 0

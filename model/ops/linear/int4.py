@@ -81,22 +81,60 @@ def norm_gemv_int4_reference(x, residual, norm_weight, eps, w: QuantizedLinear, 
 
 
 # ----------------------------------------------------------------------------- kernel
+# PTX written out where the compiler's own choice costs instructions per weight (see _dequant_words);
+# Triton's CPU interpreter runs no PTX and takes the plain expressions.
+_PTX = tl.constexpr(not INTERPRET)
+
+
 @triton.jit
-def _dequant_tile(q_rows, s_rows, z_rows, offs_w, mask_n, K, stride_sn,
-                  GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr):
-    """The weight tile [BLOCK_N, BLOCK_K] at words offs_w (BLOCK_K // 8 of them): codes unpacked low
-    nibble first, (q - z) * s in fp32, rounded to DT (the model dtype), as QuantizedLinear.dequantize."""
-    mw = offs_w < K // 8
-    m2 = mask_n[:, None] & mw[None, :]
+def _round_through(w, DT: tl.constexpr):
+    """fp32 w rounded to DT (nearest even), returned as fp32. For bf16, cvt.rn.bf16x2.f32 with a zero
+    low half gives the rounded value's fp32 bits in one instruction, where .to(DT).to(fp32) costs
+    a slower single conversion and a shift."""
+    if _PTX and DT == tl.bfloat16:
+        bits = tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $1, 0f00000000;", "=r,f", [w], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return w.to(DT).to(tl.float32)
+
+
+@triton.jit
+def _dequant_words(words, s, z, DT: tl.constexpr):
+    """[R, W] int32 words (eight codes each, low nibble first) and their groups' scale and zero
+    (fp32 [R, W]) -> the [R, W, 8] weights (code j of word w is column 8w + j), as
+    QuantizedLinear.dequantize rounds them ((q - z) * s in fp32, then DT), held in fp32.
+
+    Few instructions per weight, since decode at batch 1 is otherwise bound by this arithmetic
+    rather than by the bytes: the code is OR-ed into the mantissa of 2^(23 - shift), so subtracting
+    that power gives q exactly without an int-to-float conversion; and fma(q, s, -z*s) is
+    round((q - z) * s), the reference's value, because z*s is exact in fp32 (two bf16/fp16
+    significands) and so is q - z (|z| < 2^20). The mask-and-OR is written as one lop3 (the
+    compiler otherwise emits two: it will not hold the constants in registers)."""
+    nib = tl.arange(0, 8)[None, None, :]
+    src = tl.where(nib < 4, words[:, :, None], (words >> 16)[:, :, None])
+    shift = (nib % 4) * 4
+    power = (150 - shift) << 23                     # the bits of the float 2^(23 - shift)
+    if _PTX:
+        bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r", [src, 15 << shift, power],
+                                         dtype=tl.int32, is_pure=True, pack=1)   # (a & b) | c
+    else:
+        bits = (src & (15 << shift)) | power
+    code = bits.to(tl.float32, bitcast=True) - power.to(tl.float32, bitcast=True)
+    w = tl.fma(code, s[:, :, None], (z * -s)[:, :, None])
+    return _round_through(w, DT)
+
+
+@triton.jit
+def _load_words(q_rows, s_rows, z_rows, offs_w, mask_r, NW, GROUP: tl.constexpr):
+    """The [R, W] words at word columns offs_w of rows q_rows (pointers [R, 1]; NW words per row),
+    and each word's group's scale and zero in fp32 (repeated addresses: served from L1)."""
+    m2 = mask_r & (offs_w < NW)[None, :]
     words = tl.load(q_rows + offs_w[None, :], mask=m2, other=0)
-    # every word lies in one group; the repeated scale/zero addresses are served from cache
-    grp = offs_w // (GROUP // 8)
-    s = tl.load(s_rows + grp[None, :], mask=m2, other=0.0).to(tl.float32)
-    z = tl.load(z_rows + grp[None, :], mask=m2, other=0.0).to(tl.float32)
-    shifts = tl.arange(0, 8) * 4
-    q = ((words[:, :, None] >> shifts[None, None, :]) & 0xF).to(tl.float32)
-    wd = ((q - z[:, :, None]) * s[:, :, None]).to(DT)
-    return tl.reshape(wd, (BLOCK_N, BLOCK_K))   # [n, word, nibble] -> [n, 8 * word + nibble]
+    grp = (offs_w // (GROUP // 8))[None, :]
+    s = tl.load(s_rows + grp, mask=m2, other=0.0).to(tl.float32)
+    z = tl.load(z_rows + grp, mask=m2, other=0.0).to(tl.float32)
+    return words, s, z
 
 
 @triton.jit
@@ -105,9 +143,9 @@ def _gemv_int4_kernel(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, q_ptr, s_ptr, z_
                       GROUP: tl.constexpr, NORM: tl.constexpr, ADD: tl.constexpr, WRITE_R: tl.constexpr,
                       WRITE_N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr, USE_GDC: tl.constexpr):
-    """_gemv_kernel's loop (CUDA-core FMAs into a [BLOCK_B, BLOCK_N, BLOCK_K] fp32 accumulator,
-    optional RMSNorm prologue) over int4 weight tiles dequantized in registers. BLOCK_K is a
-    multiple of GROUP, so a tile holds whole groups."""
+    """_gemv_kernel's loop (CUDA-core FMAs into an fp32 accumulator, optional RMSNorm prologue)
+    over int4 words dequantized in registers; the accumulator is [BLOCK_B, BLOCK_N, words, 8] so
+    that no tile is reshaped but the input rows'. BLOCK_K is a multiple of GROUP."""
     pdl_wait(USE_GDC)
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -133,15 +171,16 @@ def _gemv_int4_kernel(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, q_ptr, s_ptr, z_
                                BLOCK_B, BLOCK_K)
     else:
         inv_rms = tl.zeros([BLOCK_B], tl.float32)
-    acc = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K // 8], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         mk = kk < K
-        w = _dequant_tile(q_rows, s_rows, z_rows, k0 // 8 + offs_w, mask_n, K, stride_sn, GROUP, BLOCK_N,
-                          BLOCK_K, DT)
+        words, s, z = _load_words(q_rows, s_rows, z_rows, k0 // 8 + offs_w, mask_n[:, None], K // 8, GROUP)
+        w = _dequant_words(words, s, z, DT)
         xt = _input_tile(h1, x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, offs_b, kk, mask_b, mk, inv_rms, pid,
                          stride_xb, stride_rb, stride_rob, stride_nob, NORM, ADD, WRITE_R, WRITE_N, ONE_TILE)
-        acc += xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        x4 = tl.reshape(xt.to(tl.float32), (BLOCK_B, 1, BLOCK_K // 8, 8))
+        acc += tl.sum(x4 * w[None, :, :, :], axis=3)   # the eight codes of a word: in-thread FMAs
     res = tl.sum(acc, axis=2)
     out_ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :]
     tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_n[None, :])
@@ -168,8 +207,9 @@ def _gemv_int4_dot_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, B, N, K, stride_x
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         mk = kk < K
-        w = _dequant_tile(q_ptr + rows64 * stride_qn, s_ptr + rows64 * stride_sn, z_ptr + rows64 * stride_sn,
-                          k0 // 8 + offs_w, mask_n, K, stride_sn, GROUP, BLOCK_N, BLOCK_K, dt)
+        words, s, z = _load_words(q_ptr + rows64 * stride_qn, s_ptr + rows64 * stride_sn,
+                                  z_ptr + rows64 * stride_sn, k0 // 8 + offs_w, mask_n[:, None], K // 8, GROUP)
+        w = tl.reshape(_dequant_words(words, s, z, dt), (BLOCK_N, BLOCK_K)).to(dt)
         xt = tl.load(x_cols + kk[:, None], mask=mk[:, None] & mask_b[None, :], other=0.0)
         if DOT_FP32:
             acc += tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
@@ -180,6 +220,11 @@ def _gemv_int4_dot_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, B, N, K, stride_x
 
 
 # ----------------------------------------------------------------------------- launch
+# weights per program of the CUDA-core kernel (x the batch): its accumulator is one fp32 per word
+# ([B, N, K / 8]), so a program can hold many; more weights amortise the per-program index work
+_INT4_WEIGHTS_PER_PROGRAM = 32768
+
+
 @dataclass(frozen=True)
 class GemvInt4Launch:
     """Launch configuration of _gemv_int4_kernel; a pure function of the shape."""
@@ -202,7 +247,7 @@ def gemv_int4_config(b: int, n: int, k: int, group_size: int, *, norm: bool = Fa
     block_k = max(group_size, min(next_pow2(k), widest))
     # Triton's CPU interpreter runs programs one after another: there, fewer and wider ones
     cap = 64 if profile.interpreter else 16
-    block_n = max(1, min(cap, budget // (block_b * block_k)))
+    block_n = max(1, min(cap, _INT4_WEIGHTS_PER_PROGRAM // (block_b * block_k)))
     while block_n > 1 and triton.cdiv(n, block_n) < profile.stream_programs // 2:
         block_n //= 2
     return GemvInt4Launch(block_b, block_n, block_k, 4, 3)

@@ -18,7 +18,7 @@ import triton.language as tl
 from ...quant.format import QuantizedLinear
 from .._util import MODEL_DTYPES, next_pow2, pdl, pdl_wait
 from ..hardware import current_profile, profile_for
-from ..linear.int4 import _dequant_tile
+from ..linear.int4 import _dequant_words, _load_words
 from .decode import MoeLaunch, _check_moe, moe_experts_reference, moe_launch_config
 
 
@@ -77,33 +77,35 @@ def moe_experts_int4_reference(x, gate_up_proj: QuantizedLinear, down_proj: Quan
 def _moe_gate_up_int4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, act_ptr, H, I, TOPK, stride_x,
                              GROUP: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
                              USE_GDC: tl.constexpr):
-    """_moe_gate_up_kernel with the gate and up tiles dequantized from int4 (BLOCK_H whole groups)."""
+    """_moe_gate_up_kernel over int4 gate and up rows (linear/int4.py's _dequant_words: [rows,
+    words, 8] tiles, BLOCK_H whole groups)."""
     pdl_wait(USE_GDC)
     pid = tl.program_id(0)     # row * TOPK + slot
     ib = tl.program_id(1)
     row = pid // TOPK
     e = tl.load(ids_ptr + pid).to(tl.int64)
     offs_i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
-    offs_h = tl.arange(0, BLOCK_H)
     offs_w = tl.arange(0, BLOCK_H // 8)
+    offs_h = tl.arange(0, BLOCK_H)
     mi = offs_i < I
-    mw = tl.where(e >= 0, mi, False)   # id < 0: another rank's expert, whose weights are not read (act = 0)
+    mw = tl.where(e >= 0, mi, False)[:, None]   # id < 0: another rank's expert, not read (act = 0)
     g_idx = (e * 2 * I + offs_i)[:, None]          # [BLOCK_I, 1] row of gate_up_proj viewed as [E*2I, H]
     u_idx = g_idx + I
+    NW = H // 8
+    NG = H // GROUP
     dt = act_ptr.dtype.element_ty
-    acc_g = tl.zeros([BLOCK_I, BLOCK_H], tl.float32)
-    acc_u = tl.zeros([BLOCK_I, BLOCK_H], tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        hh = h0 + offs_h
-        mh = hh < H
-        xv = tl.load(x_ptr + row * stride_x + hh, mask=mh, other=0.0).to(tl.float32)
-        ww = h0 // 8 + offs_w
-        wg = _dequant_tile(q_ptr + g_idx * (H // 8), s_ptr + g_idx * (H // GROUP), z_ptr + g_idx * (H // GROUP),
-                           ww, mw, H, 0, GROUP, BLOCK_I, BLOCK_H, dt)
-        wu = _dequant_tile(q_ptr + u_idx * (H // 8), s_ptr + u_idx * (H // GROUP), z_ptr + u_idx * (H // GROUP),
-                           ww, mw, H, 0, GROUP, BLOCK_I, BLOCK_H, dt)
-        acc_g += wg.to(tl.float32) * xv[None, :]
-        acc_u += wu.to(tl.float32) * xv[None, :]
+    acc_g = tl.zeros([BLOCK_I, BLOCK_H // 8], tl.float32)     # one per word: its eight codes summed in-thread
+    acc_u = tl.zeros([BLOCK_I, BLOCK_H // 8], tl.float32)
+    for w0 in range(0, NW, BLOCK_H // 8):
+        ww = w0 + offs_w
+        hh = w0 * 8 + offs_h
+        # loaded flat and reshaped, so that a thread holds a word's eight inputs (see _dequant_words)
+        xv = tl.reshape(tl.load(x_ptr + row * stride_x + hh, mask=hh < H, other=0.0).to(tl.float32),
+                        (1, BLOCK_H // 8, 8))
+        words, sc, zr = _load_words(q_ptr + g_idx * NW, s_ptr + g_idx * NG, z_ptr + g_idx * NG, ww, mw, NW, GROUP)
+        acc_g += tl.sum(_dequant_words(words, sc, zr, dt) * xv, axis=2)
+        words, sc, zr = _load_words(q_ptr + u_idx * NW, s_ptr + u_idx * NG, z_ptr + u_idx * NG, ww, mw, NW, GROUP)
+        acc_u += tl.sum(_dequant_words(words, sc, zr, dt) * xv, axis=2)
     g = tl.sum(acc_g, axis=1).to(dt).to(tl.float32)
     u = tl.sum(acc_u, axis=1).to(dt).to(tl.float32)
     a = (g * tl.sigmoid(g)).to(dt).to(tl.float32)
@@ -111,63 +113,56 @@ def _moe_gate_up_int4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, act_ptr, H, I,
 
 
 @triton.jit
-def _dequant_tile3(q_ptr, s_ptr, z_ptr, rows, m_rows, ww, NW, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BLOCK_HO: tl.constexpr, BLOCK_I: tl.constexpr, DT: tl.constexpr):
-    """[BLOCK_K, BLOCK_HO, BLOCK_I] weights of the rows `rows` ([BLOCK_K, BLOCK_HO] int64 row
-    indices of a [*, NW * 8] int4 matrix) at words ww: unpacked, (q - z) * s in fp32, rounded to DT."""
-    m3 = m_rows[:, :, None] & (ww < NW)[None, None, :]
-    words = tl.load(q_ptr + rows[:, :, None] * NW + ww[None, None, :], mask=m3, other=0)
-    grp = ww // (GROUP // 8)
-    srow = rows[:, :, None] * (NW // (GROUP // 8)) + grp[None, None, :]
-    s = tl.load(s_ptr + srow, mask=m3, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + srow, mask=m3, other=0.0).to(tl.float32)
-    shifts = tl.arange(0, 8) * 4
-    q = ((words[:, :, :, None] >> shifts[None, None, None, :]) & 0xF).to(tl.float32)
-    w = ((q - z[:, :, :, None]) * s[:, :, :, None]).to(DT)
-    return tl.reshape(w, (BLOCK_K, BLOCK_HO, BLOCK_I))
-
-
-@triton.jit
 def _moe_down_int4_kernel(act_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, w_ptr, sgu_ptr, sq_ptr, ss_ptr, sz_ptr,
                           sgl_ptr, out_ptr, H, I, IS, TOPK, stride_sgu, stride_sgl, stride_out,
                           GROUP: tl.constexpr, BLOCK_HO: tl.constexpr, BLOCK_I: tl.constexpr,
                           BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr):
-    """_moe_down_kernel with the routed and shared down tiles dequantized from int4 (BLOCK_I whole
-    groups); the roundings and the ascending-id sum are decode.py's."""
+    """_moe_down_kernel over int4 routed and shared down rows (BLOCK_I whole groups). The routed
+    rows of all slots are one flat [BLOCK_K * BLOCK_HO] index (slot-major), so every tile is
+    [rows, words, 8]; the roundings and the ascending-id sum are decode.py's."""
     pdl_wait(USE_GDC)
     row = tl.program_id(0)
     hb = tl.program_id(1)
     offs_h = hb * BLOCK_HO + tl.arange(0, BLOCK_HO)
-    offs_i = tl.arange(0, BLOCK_I)
-    offs_w = tl.arange(0, BLOCK_I // 8)
     offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_K * BLOCK_HO)
+    r_k = offs_r // BLOCK_HO            # each flat row's slot
+    r_h = hb * BLOCK_HO + offs_r % BLOCK_HO
+    offs_w = tl.arange(0, BLOCK_I // 8)
+    offs_i = tl.arange(0, BLOCK_I)
     mh = offs_h < H
     mk = offs_k < TOPK
     dt = out_ptr.dtype.element_ty
     ids = tl.load(ids_ptr + row * TOPK + offs_k, mask=mk, other=0)
     wts = tl.load(w_ptr + row * TOPK + offs_k, mask=mk, other=0.0).to(tl.float32)
-    mine = mk & (ids >= 0)     # id < 0: another rank's expert: not read, its y is 0 (adds nothing)
-    rows = ids.to(tl.int64)[:, None] * H + offs_h[None, :]          # [K, HO] rows of down_proj as [E*H, I]
-    m_rows = mine[:, None] & mh[None, :]
-    a_base = act_ptr + (row * TOPK + offs_k).to(tl.int64)[:, None] * I
-    srows = offs_h.to(tl.int64)[:, None]                              # [HO, 1] rows of shared_down
-    acc = tl.zeros([BLOCK_K, BLOCK_HO, BLOCK_I], tl.float32)
-    acc2 = tl.zeros([BLOCK_HO, BLOCK_I], tl.float32)
-    for i0 in range(0, tl.maximum(I, IS), BLOCK_I):
-        ii = i0 + offs_i
-        mi = ii < I
-        av = tl.load(a_base + ii[None, :], mask=mine[:, None] & mi[None, :], other=0.0).to(tl.float32)
-        wv = _dequant_tile3(q_ptr, s_ptr, z_ptr, rows, m_rows, i0 // 8 + offs_w, I // 8, GROUP, BLOCK_K,
-                            BLOCK_HO, BLOCK_I, dt)
+    r_mk = r_k < TOPK
+    r_ids = tl.load(ids_ptr + row * TOPK + r_k, mask=r_mk, other=-1)
+    r_mine = r_mk & (r_ids >= 0) & (r_h < H)   # id < 0: another rank's expert: not read, its y is 0
+    rows = (r_ids.to(tl.int64) * H + r_h)[:, None]                  # rows of down_proj as [E*H, I]
+    a_rows = act_ptr + (row * TOPK + r_k).to(tl.int64)[:, None] * I
+    srows = offs_h.to(tl.int64)[:, None]                              # rows of shared_down
+    NW, NG, SW, SG = I // 8, I // GROUP, IS // 8, IS // GROUP
+    acc = tl.zeros([BLOCK_K * BLOCK_HO, BLOCK_I // 8], tl.float32)   # one per word, as in gate_up
+    acc2 = tl.zeros([BLOCK_HO, BLOCK_I // 8], tl.float32)
+    for w0 in range(0, tl.maximum(NW, SW), BLOCK_I // 8):
+        ww = w0 + offs_w
+        ii = w0 * 8 + offs_i
+        # inputs loaded flat and reshaped, so that a thread holds a word's eight (see _dequant_words)
+        av = tl.load(a_rows + ii[None, :], mask=r_mine[:, None] & (ii < I)[None, :], other=0.0)
+        av = tl.reshape(av.to(tl.float32), (BLOCK_K * BLOCK_HO, BLOCK_I // 8, 8))
+        words, sc, zr = _load_words(q_ptr + rows * NW, s_ptr + rows * NG, z_ptr + rows * NG, ww,
+                                    r_mine[:, None], NW, GROUP)
+        acc += tl.sum(_dequant_words(words, sc, zr, dt) * av, axis=2)
         ms = ii < IS
         g = tl.load(sgu_ptr + row * stride_sgu + ii, mask=ms, other=0.0).to(tl.float32)
         u = tl.load(sgu_ptr + row * stride_sgu + IS + ii, mask=ms, other=0.0).to(tl.float32)
-        ws = _dequant_tile(sq_ptr + srows * (IS // 8), ss_ptr + srows * (IS // GROUP), sz_ptr + srows * (IS // GROUP),
-                           i0 // 8 + offs_w, mh, IS, 0, GROUP, BLOCK_HO, BLOCK_I, dt)
-        acc += wv.to(tl.float32) * av[:, None, :]
         a = ((g * tl.sigmoid(g)).to(dt).to(tl.float32) * u).to(dt).to(tl.float32)
-        acc2 += ws.to(tl.float32) * a[None, :]
-    y = tl.sum(acc, axis=2).to(dt).to(tl.float32)                  # [K, HO], rounded per expert
+        a = tl.reshape(a, (1, BLOCK_I // 8, 8))
+        words, sc, zr = _load_words(sq_ptr + srows * SW, ss_ptr + srows * SG, sz_ptr + srows * SG, ww,
+                                    mh[:, None], SW, GROUP)
+        acc2 += tl.sum(_dequant_words(words, sc, zr, dt) * a, axis=2)
+    y = tl.reshape(tl.sum(acc, axis=1), (BLOCK_K, BLOCK_HO))
+    y = y.to(dt).to(tl.float32)                                      # [K, HO], rounded per expert
     y = (y * wts[:, None]).to(dt).to(tl.float32)
     # add them in ascending expert id (transformers' order), rounding after each add
     order_ids = tl.where(mk, ids, 2147483647)
@@ -192,12 +187,15 @@ def moe_int4_launch_config(b: int, h: int, i: int, k: int, i_s: int, group_size:
     powers of two, so they then hold whole groups). Not yet tuned on a GPU."""
     profile = current_profile() if profile is None else profile
     c = moe_launch_config(b, h, i, k, i_s, profile)
-    block_h = max(group_size, c.gate_up_block_h)
+    # gate/up: K tiles of up to 2048 columns, so that each of the 128 threads holds at least eight
+    # inputs, a whole word's (the compiler then keeps a word's codes in one thread: _dequant_words);
+    # the accumulators are one fp32 per word, so a program holds 4x the bf16 kernel's weights
+    block_h = max(group_size, min(next_pow2(h), 2048))
     block_i2 = max(group_size, c.down_block_i)
     block_i, block_ho = c.gate_up_block_i, c.down_block_ho
     if profile.interpreter:   # Triton's CPU interpreter runs programs one after another: fewer, wider ones
         block_i, block_ho = next_pow2(i), next_pow2(h)
-    return MoeLaunch(max(1, min(block_i, 4096 // block_h)), block_h, c.gate_up_warps, c.gate_up_stages,
+    return MoeLaunch(max(1, min(block_i, 16384 // block_h)), block_h, c.gate_up_warps, c.gate_up_stages,
                      max(1, min(block_ho, 8192 // (next_pow2(k) * block_i2))), block_i2, c.down_warps,
                      c.down_stages)
 
