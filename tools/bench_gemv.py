@@ -102,7 +102,7 @@ class Shape:
 
             self.int4_ops = int4
             self.weights = [quantize(w, group_size, "rtn") for w in self.weights]
-            assert self.weights[0].nbytes == self.nbytes, "int4 byte count"
+            assert self.weights[0].nbytes() == self.nbytes, "int4 byte count"
         ref_w = self.weights[0].dequantize(bf16) if self.int4 else self.weights[0]
         self.x = torch.randn(1, k, generator=g, device=device).to(bf16)
         self.outs = [torch.empty(1, n, dtype=bf16, device=device) for _ in range(copies)]

@@ -220,8 +220,8 @@ def _gemv_int4_dot_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, B, N, K, stride_x
 
 
 # ----------------------------------------------------------------------------- launch
-# weights per program of the CUDA-core kernel (x the batch): its accumulator is one fp32 per word
-# ([B, N, K / 8]), so a program can hold many; more weights amortise the per-program index work
+# the most weights per program of the CUDA-core kernel (x the batch); its accumulator is one fp32
+# per word ([B, N, K / 8]), so a program can hold many (the interpreter's wide programs)
 _INT4_WEIGHTS_PER_PROGRAM = 32768
 
 
@@ -237,17 +237,22 @@ class GemvInt4Launch:
 
 def gemv_int4_config(b: int, n: int, k: int, group_size: int, *, norm: bool = False,
                      profile: DeviceProfile | None = None) -> GemvInt4Launch:
-    """Like gemv_config's bf16 CUDA-core path (same fp32 accumulator budget per program), with the
-    K tile narrowed as the batch grows (the accumulator is B x N x K) and never below one group.
-    Not yet tuned on a GPU."""
+    """The CUDA-core int4 kernel's configuration: K tiles of whole groups, narrowed as the batch
+    grows (the accumulator is B x N x K / 8). At batch 1 (H200, tools/bench_gemv.py --quant int4
+    --sweep at 35b-a3b): 8 rows x 1024 columns per program for the wide K = 2048 projections
+    (gdn in_proj 16.6 -> 13.0 us, attn qkv 14.7 -> 10.1 us against 16 x 2048) and 2 x 2048 for
+    K = 4096 (out/o_proj 7.9 -> 5.8 us against 4 x 2048): the dequantization is compute-bound, and
+    more, smaller programs keep more SMs busy."""
     profile = current_profile() if profile is None else profile
     block_b = next_pow2(b)
     budget = 8192 if block_b == 1 else 4096
-    widest = (1024 if norm else 2048) if block_b == 1 else max(128, budget // block_b)
+    widest = (1024 if norm or (k <= 2048 and n >= 4096) else 2048) if block_b == 1 else max(128, budget // block_b)
     block_k = max(group_size, min(next_pow2(k), widest))
-    # Triton's CPU interpreter runs programs one after another: there, fewer and wider ones
-    cap = 64 if profile.interpreter else 16
-    block_n = max(1, min(cap, _INT4_WEIGHTS_PER_PROGRAM // (block_b * block_k)))
+    if profile.interpreter:   # Triton's CPU interpreter runs programs one after another: fewer, wider ones
+        cap, weights = 64, _INT4_WEIGHTS_PER_PROGRAM
+    else:
+        cap, weights = 16, 8192 if k <= 2048 else 4096
+    block_n = max(1, min(cap, weights // (block_b * block_k)))
     while block_n > 1 and triton.cdiv(n, block_n) < profile.stream_programs // 2:
         block_n //= 2
     return GemvInt4Launch(block_b, block_n, block_k, 4, 3)
