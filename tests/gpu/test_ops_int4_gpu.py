@@ -150,3 +150,22 @@ def test_int4_kernels_capture_in_one_graph_without_allocation():
     torch.cuda.synchronize()
     for k, v in bufs.items():
         assert torch.equal(v, eager[k]), k
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dequantization_on_the_gpu_is_the_reference_bit_for_bit(dtype):
+    """The PTX path of _dequant_words (one lop3; cvt.rn.bf16x2.f32 rounding, which Triton's CPU
+    interpreter cannot run): every weight equals QuantizedLinear.dequantize(dtype), zeros 0 and
+    2^-13 <= |z| <= 16 (tests/test_ops_int4_dequant.py has the CPU side)."""
+    from tests.test_ops_int4_dequant import dequant_by_kernel, random_int4
+
+    n, k, gs = 32, 1024, 128
+    g = torch.Generator().manual_seed(7)
+    mag = torch.exp(torch.empty(n * k // gs).uniform_(-13 * 0.6931, 4 * 0.6931, generator=g))
+    zeros = mag * torch.where(torch.rand(mag.shape, generator=g) < 0.5, -1.0, 1.0)
+    zeros[::5] = 0.0
+    w = random_int4(n, k, gs, zeros).to(DEV)
+    got, ref = dequant_by_kernel(w, dtype), w.dequantize(dtype)
+    assert not got.isnan().any()
+    assert torch.equal(got, ref), f"{(got != ref).sum().item()} of {got.numel()} weights differ"
+

@@ -109,11 +109,12 @@ def _dequant_words(words, s, z, DT: tl.constexpr):
     rather than by the bytes: the code is OR-ed into the mantissa of 2^(23 - shift), so subtracting
     that power gives q exactly without an int-to-float conversion; and fma(q, s, -z*s) is
     round((q - z) * s), the reference's value, because z*s is exact in fp32 (two bf16/fp16
-    significands) and so is q - z when z = 0 or it fits fp32's 24 bits (2^-13 <= |z| < 2^23 for a
-    bf16 zero, |z| >= 2^-10 for fp16). A smaller nonzero zero makes the reference round twice where
-    the kernel rounds once: the two then differ by one bf16 ulp where that flips the last bit. The
-    mask-and-OR is written as one lop3 (the compiler otherwise emits two: it will not hold the
-    constants in registers)."""
+    significands; fp32 scales round it, within an fp32 ulp) and so is q - z when z = 0 or it fits
+    fp32's 24 bits (2^-13 <= |z| < 2^23 for a bf16 zero, |z| >= 2^-10 for fp16). A smaller nonzero
+    zero makes the reference round twice where the kernel rounds once: the two then differ by one
+    bf16 ulp where that flips the last bit (tests/test_ops_int4_dequant.py). The mask-and-OR is
+    written as one lop3 (the compiler otherwise emits two: it will not hold the constants in
+    registers)."""
     nib = tl.arange(0, 8)[None, None, :]
     src = tl.where(nib < 4, words[:, :, None], (words >> 16)[:, :, None])
     shift = (nib % 4) * 4
