@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from ..checkpoint import SKIPPED_PREFIXES, CheckpointError, _files, _open, _plan, _ST_DTYPES, _text_name
+from ..checkpoint import SKIPPED_PREFIXES, CheckpointError, _files, _OpenFiles, _plan, _text_name
 from ..config import ModelConfig
 from ..config_checks import load_json_object
 from ..weights import empty_weights, hf_targets
@@ -32,21 +32,6 @@ def read_quantization_config(ckpt_dir) -> QuantizationConfig | None:
     if q is None and isinstance(d.get("text_config"), dict):
         q = d["text_config"].get("quantization_config")
     return None if q is None else QuantizationConfig.from_dict(q, path)
-
-
-class _Handles:
-    def __init__(self):
-        self.open = {}
-
-    def __call__(self, path):
-        if path not in self.open:
-            self.open[path] = _open(path)
-        return self.open[path]
-
-    def meta(self, name, path):
-        sl = self(path).get_slice(name)
-        st = sl.get_dtype()
-        return tuple(sl.get_shape()), _ST_DTYPES.get(st, st)
 
 
 def _int4_view(names: dict, meta, qcfg: QuantizationConfig):
@@ -102,7 +87,7 @@ def _int4_view(names: dict, meta, qcfg: QuantizationConfig):
     return view, metas, stems
 
 
-def _plan_int4(cfg, qcfg, ckpt_dir, h: _Handles):
+def _plan_int4(cfg, qcfg, ckpt_dir, h: _OpenFiles):
     names = _files(ckpt_dir)
     view, metas, stems = _int4_view(names, h.meta, qcfg)
 
@@ -127,7 +112,7 @@ def open_int4(ckpt_dir, *, strict_config: bool = True):
     tensor), one tensor read at a time."""
     ckpt_dir = os.fspath(ckpt_dir)
     cfg, qcfg = _configs(ckpt_dir, strict_config)
-    h = _Handles()
+    h = _OpenFiles()
     plan, stems, names = _plan_int4(cfg, qcfg, ckpt_dir, h)
     model_dtype = next(d for _, _, c, _, _, d in plan.assign if c == "embed_tokens.weight")
 
@@ -169,9 +154,9 @@ def _configs(ckpt_dir, strict_config):
 
 def _get(h, name, path, stems, names, qcfg):
     if name not in stems:
-        return h(path).get_tensor(name)
+        return h.handle(path).get_tensor(name)
     stem = stems[name]      # the three parts may sit in different shards
-    q, s, z = (h(names[f"{stem}.{p}"]).get_tensor(f"{stem}.{p}") for p in QSUFFIXES)
+    q, s, z = (h.handle(names[f"{stem}.{p}"]).get_tensor(f"{stem}.{p}") for p in QSUFFIXES)
     return QuantizedLinear(q, s, z, qcfg.group_size, (*q.shape[:-1], q.shape[-1] * CODES_PER_WORD), stem)
 
 

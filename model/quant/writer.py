@@ -17,13 +17,13 @@ import sys
 
 import torch
 
-from ..checkpoint import CheckpointError, _files, _plan, _text_name
+from ..checkpoint import CheckpointError, _files, _OpenFiles, _plan, _text_name
 from ..config import ModelConfig
 from ..config_checks import load_json_object
 from .format import QuantizedLinear, check_groupable
 from .qconfig import SCALE_DTYPE_NAMES, QuantizationConfig, qbase
 from .quantizers import quantize
-from .reader import _Handles, read_quantization_config
+from .reader import read_quantization_config
 
 CHUNK_ELEMS = 1 << 26   # weights quantized at once (fp32 temporaries are a few times this)
 
@@ -97,7 +97,7 @@ def quantize_checkpoint(src, dst, *, method: str = "hqq", group_size: int = 128,
     if lm_head == "int4" and cfg.tie_word_embeddings:
         raise ValueError("lm_head='int4' with tied embeddings: the lm_head is the embedding, which stays in "
                          "the model dtype; use lm_head='bf16'")
-    h = _Handles()
+    h = _OpenFiles()
     plan = _plan(cfg, _files(src), cfg.tie_word_embeddings, h.meta)
     model_dtype = next(d for _, _, c, _, _, d in plan.assign if c == "embed_tokens.weight")
     if scale_dtype is None:
@@ -118,7 +118,7 @@ def quantize_checkpoint(src, dst, *, method: str = "hqq", group_size: int = 128,
     out = _ShardWriter(dst, shard_bytes)
     for name, path, int4 in tqdm(todo, desc=f"int4 {method} g{group_size}", unit="tensor", file=sys.stderr,
                                  disable=not progress):
-        t = h(path).get_tensor(name)
+        t = h.handle(path).get_tensor(name)
         if int4:
             ql = quantize_rows(t, group_size, method, qcfg.torch_scale_dtype, name, device)
             stem = qbase(name)
