@@ -9,6 +9,7 @@ import torch
 from model.config import ModelConfig
 from model.ops.moe import int4 as moe4
 from model.quant import QuantizedLinear
+from model.quant.build import quantize_chunked
 from tools import bench_moe
 
 
@@ -53,19 +54,19 @@ def test_int4_bytes_match_quantized_linear_nbytes(group_size):
     """Per expert, the formula equals QuantizedLinear.nbytes of the quantized weights (bf16 scales)."""
     E, H, I, Is = 3, 256, 128, 128
     g = torch.Generator().manual_seed(0)
-    q = {n: bench_moe.quantize_rtn(torch.randn(*s, generator=g).to(torch.bfloat16), group_size, n)
+    q = {n: quantize_chunked(torch.randn(*s, generator=g).to(torch.bfloat16), group_size, "rtn", name=n)
          for n, s in (("gu", (E, 2 * I, H)), ("dn", (E, H, I)), ("sd", (H, Is)))}
     gu, dn = bench_moe.expert_bytes(E, H, I, Is, group_size)
     assert gu == q["gu"].nbytes() and dn == q["dn"].nbytes() + q["sd"].nbytes()
     assert gu < bench_moe.expert_bytes(E, H, I, Is)[0] / 3
 
 
-def test_quantize_rtn_in_slices_equals_one_call(monkeypatch):
+def test_chunked_quantization_equals_one_call():
+    """model.quant.build.quantize_chunked (what the tool quantizes with) in chunks of two experts."""
     from model.quant.quantizers import quantize
 
     w = torch.randn(5, 16, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    monkeypatch.setattr(bench_moe, "QUANT_CHUNK", 2 * 16 * 64)      # slices of two experts: 2 + 2 + 1
-    q, whole = bench_moe.quantize_rtn(w, 32, "w"), quantize(w, 32, "rtn")
+    q, whole = quantize_chunked(w, 32, "rtn", name="w", chunk_elems=2 * 16 * 64), quantize(w, 32, "rtn")
     assert q.shape == (5, 16, 64) and q.group_size == 32
     assert all(torch.equal(getattr(q, f), getattr(whole, f)) for f in ("qweight", "scales", "zeros"))
 

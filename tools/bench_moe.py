@@ -91,19 +91,6 @@ def holds_groups(block: int, group_size: int | None) -> bool:
     return group_size is None or (block >= group_size and block % group_size == 0 and not block & (block - 1))
 
 
-def quantize_rtn(w, group_size: int, name: str):
-    """w [..., N, K] as an RTN int4 QuantizedLinear on w's device, a slice of the leading dim at a time."""
-    import torch
-
-    from model.quant.format import QuantizedLinear
-    from model.quant.quantizers import quantize
-
-    step = max(1, QUANT_CHUNK // (w.numel() // len(w)))
-    parts = [quantize(w[j:j + step], group_size, "rtn", name=name) for j in range(0, len(w), step)]
-    return QuantizedLinear(*(torch.cat([getattr(q, f) for q in parts]) for f in ("qweight", "scales", "zeros")),
-                           group_size, tuple(w.shape), name)
-
-
 def gate_up_grid(h: int, i: int):
     """Candidate (block_i, block_h, warps, stages) for the gate/up kernel."""
     for bi, bh, w, s in itertools.product((2, 4, 8, 16), (256, 512, 1024, 2048), (4, 8), (1, 3)):
@@ -126,6 +113,7 @@ class Bench:
 
     def __init__(self, cfg, batch: int, copies: int, seed: int, torch, device="cuda", group_size: int | None = None):
         from model.ops import moe
+        from model.quant.build import quantize_chunked
 
         self.torch, self.moe, self.group_size = torch, moe, group_size
         if group_size is None:
@@ -147,7 +135,8 @@ class Bench:
 
         def weight(name, *shape):
             w = randn(*shape)
-            return w if group_size is None else quantize_rtn(w, group_size, name)
+            return w if group_size is None else quantize_chunked(w, group_size, "rtn", name=name,
+                                                                 chunk_elems=QUANT_CHUNK)
 
         self.layers = []
         for _ in range(copies):

@@ -9,6 +9,7 @@ whole (35b-a3b: 70 GB in bf16, under 20 GB in int4).
 - int4_weight_bytes(cfg, dtype_bytes, group_size, lm_head, scale_bytes): nbytes() of such a
   layout, from the shapes alone; build_transient_bytes: what building one adds on top, at most
 - quantize_into(w, out, method): quantize a weight into preallocated int4 tensors (or views)
+- quantize_chunked(w, group_size, method): quantize a weight in row chunks on its own device
 """
 from __future__ import annotations
 
@@ -76,6 +77,14 @@ def quantize_into(w: torch.Tensor, out: QuantizedLinear, method: str, *,
     return out
 
 
+def quantize_chunked(w: torch.Tensor, group_size: int, method: str, *, name: str = "weight",
+                     scale_dtype: torch.dtype | None = None, chunk_elems: int = BUILD_CHUNK_ELEMS) -> QuantizedLinear:
+    """quantize(w, group_size, method) on w's device in row chunks of chunk_elems weights (the
+    quantizer's temporaries stay one chunk's), into new int4 tensors; scales in w's dtype by default."""
+    sdt = scale_dtype or w.dtype
+    return quantize_into(w, _empty_q(tuple(w.shape), group_size, w.device, sdt, name), method, chunk_elems=chunk_elems)
+
+
 def _empty_q(shape, group_size, device, sdt, name) -> QuantizedLinear:
     *lead, K = shape
     return QuantizedLinear(torch.empty(*lead, K // CODES_PER_WORD, device=device, dtype=torch.int32),
@@ -117,8 +126,7 @@ def random_int4_weights(cfg: ModelConfig, device="cuda", dtype=torch.bfloat16, s
         t = torch.empty(shapes[name].shape, device=device, dtype=dtype)
         init(t, gen)
         if is_int4_field(name, lm_head):   # the bf16 values go as t is rebound
-            t = quantize_into(t, _empty_q(tuple(t.shape), group_size, device, sdt, name), method,
-                              chunk_elems=chunk_elems)
+            t = quantize_chunked(t, group_size, method, name=name, scale_dtype=sdt, chunk_elems=chunk_elems)
         built[name] = t
     return map_weights(empty_weights(cfg, "meta", dtype), lambda n, _: built.pop(n))
 
