@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.config import ModelConfig
 from model.decoder import Decoder
 from model.weights import random_weights
 
+from tests.checkpoint_files import per_expert, write_checkpoint
 from tests.hf_reference import hf_greedy, hf_model, ours_greedy
 
 PROMPT = [9, 8, 7, 100, 200]
@@ -27,42 +27,6 @@ def _same_weights(a, b):
     assert na.keys() == nb.keys()
     for k in na:
         assert torch.equal(na[k], nb[k].to(na[k].dtype)), k
-
-
-def _write(path, tensors: dict, config: dict, shards: int = 1):
-    """Write a safetensors checkpoint (sharded with an index when shards > 1)."""
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config))
-    tensors = {k: v.detach().clone().contiguous() for k, v in tensors.items()}
-    if shards == 1:
-        save_file(tensors, str(path / "model.safetensors"))
-        return
-    names = sorted(tensors)
-    weight_map = {}
-    for s in range(shards):
-        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: tensors[n] for n in names[s::shards]}
-        save_file(part, str(path / fname))
-        weight_map.update({n: fname for n in part})
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-
-
-def _per_expert(sd, cfg):
-    """transformers' on-disk layout: experts one tensor per expert."""
-    out, I = {}, cfg.moe_intermediate_size
-    for k, v in sd.items():
-        if k.endswith("mlp.experts.gate_up_proj"):
-            p = k[: -len("gate_up_proj")]
-            for e in range(v.shape[0]):
-                out[f"{p}{e}.gate_proj.weight"] = v[e, :I]
-                out[f"{p}{e}.up_proj.weight"] = v[e, I:]
-        elif k.endswith("mlp.experts.down_proj"):
-            p = k[: -len("down_proj")]
-            for e in range(v.shape[0]):
-                out[f"{p}{e}.down_proj.weight"] = v[e]
-        else:
-            out[k] = v
-    return out
 
 
 def test_save_pretrained_checkpoint_loads_and_matches_transformers(tiny, tmp_path):
@@ -83,7 +47,7 @@ def test_fused_experts_layout(tiny, tmp_path):
     cfg, w = tiny
     sd = w.to_hf_state_dict()
     assert any(k.endswith("experts.gate_up_proj") for k in sd)
-    _write(tmp_path, sd, cfg.to_hf_dict())
+    write_checkpoint(tmp_path, sd, cfg.to_hf_dict())
     _, w2 = load_checkpoint(tmp_path, device="cpu")
     _same_weights(w, w2)
 
@@ -91,14 +55,14 @@ def test_fused_experts_layout(tiny, tmp_path):
 def test_multimodal_prefix_extras_nested_config_sharded(tiny, tmp_path, capsys):
     cfg, w = tiny
     sd = {}
-    for k, v in _per_expert(w.to_hf_state_dict(), cfg).items():
+    for k, v in per_expert(w.to_hf_state_dict(), cfg).items():
         sd[k if k.startswith("lm_head") else "model.language_model." + k[len("model."):]] = v
     sd["model.visual.blocks.0.attn.qkv.weight"] = torch.zeros(6, 4)
     sd["model.visual.merger.linear_fc1.weight"] = torch.zeros(4, 4)
     sd["mtp.fc.weight"] = torch.zeros(4, 8)
     config = {"model_type": "qwen3_5_moe", "architectures": ["Qwen3_5MoeForConditionalGeneration"],
               "text_config": cfg.to_hf_dict(), "vision_config": {"depth": 1}, "tie_word_embeddings": False}
-    _write(tmp_path, sd, config, shards=3)
+    write_checkpoint(tmp_path, sd, config, shards=3)
     cfg2, w2 = load_checkpoint(tmp_path, device="cpu")
     assert cfg2 == cfg
     _same_weights(w, w2)
@@ -109,14 +73,14 @@ def test_multimodal_prefix_extras_nested_config_sharded(tiny, tmp_path, capsys):
 def test_dtype_converted_on_request_only(tiny, tmp_path):
     cfg, w = tiny
     sd = w.to_hf_state_dict()
-    _write(tmp_path / "a", sd, cfg.to_hf_dict())
+    write_checkpoint(tmp_path / "a", sd, cfg.to_hf_dict())
     _, wb = load_checkpoint(tmp_path / "a", device="cpu", dtype=torch.bfloat16)
     assert wb.dtype == torch.bfloat16 and all(t.dtype == torch.bfloat16 for _, t in wb.tensors())
     assert torch.equal(wb.embed, w.embed.to(torch.bfloat16))
 
     mixed = dict(sd)
     mixed["model.layers.0.linear_attn.A_log"] = sd["model.layers.0.linear_attn.A_log"].to(torch.bfloat16)
-    _write(tmp_path / "b", mixed, cfg.to_hf_dict())
+    write_checkpoint(tmp_path / "b", mixed, cfg.to_hf_dict())
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.linear_attn\.A_log is bfloat16 .*float32.*dtype="):
         load_checkpoint(tmp_path / "b", device="cpu")
     _, w3 = load_checkpoint(tmp_path / "b", device="cpu", dtype=torch.float32)
@@ -127,13 +91,13 @@ def test_missing_tensor(tiny, tmp_path):
     cfg, w = tiny
     sd = dict(w.to_hf_state_dict())
     del sd["model.layers.3.self_attn.k_norm.weight"]
-    _write(tmp_path / "a", sd, cfg.to_hf_dict())
+    write_checkpoint(tmp_path / "a", sd, cfg.to_hf_dict())
     with pytest.raises(CheckpointError, match=r"lacks .*layers\.3\.self_attn\.k_norm\.weight \[16\]"):
         load_checkpoint(tmp_path / "a", device="cpu")
 
-    per = _per_expert(w.to_hf_state_dict(), cfg)
+    per = per_expert(w.to_hf_state_dict(), cfg)
     del per["model.layers.1.mlp.experts.5.up_proj.weight"]
-    _write(tmp_path / "b", per, cfg.to_hf_dict())
+    write_checkpoint(tmp_path / "b", per, cfg.to_hf_dict())
     with pytest.raises(CheckpointError, match=r"layers\.1\.mlp\.experts\.5\.up_proj\.weight \[16, 32\]"):
         load_checkpoint(tmp_path / "b", device="cpu")
 
@@ -142,16 +106,16 @@ def test_unexpected_tensor(tiny, tmp_path):
     cfg, w = tiny
     sd = dict(w.to_hf_state_dict())
     sd["model.layers.0.mlp.mystery.weight"] = torch.zeros(3, 3)
-    _write(tmp_path, sd, cfg.to_hf_dict())
+    write_checkpoint(tmp_path, sd, cfg.to_hf_dict())
     with pytest.raises(CheckpointError, match=r"unexpected tensor model\.layers\.0\.mlp\.mystery\.weight \[3, 3\]"):
         load_checkpoint(tmp_path, device="cpu")
 
 
 def test_unexpected_expert_index(tiny, tmp_path):
     cfg, w = tiny
-    per = _per_expert(w.to_hf_state_dict(), cfg)
+    per = per_expert(w.to_hf_state_dict(), cfg)
     per["model.layers.0.mlp.experts.8.down_proj.weight"] = torch.zeros(32, 16)
-    _write(tmp_path, per, cfg.to_hf_dict())
+    write_checkpoint(tmp_path, per, cfg.to_hf_dict())
     with pytest.raises(CheckpointError, match=r"unexpected tensor model\.layers\.0\.mlp\.experts\.8\.down_proj"):
         load_checkpoint(tmp_path, device="cpu")
 
@@ -160,12 +124,12 @@ def test_misshaped_tensor(tiny, tmp_path):
     cfg, w = tiny
     sd = dict(w.to_hf_state_dict())
     sd["model.layers.2.linear_attn.in_proj_z.weight"] = torch.zeros(60, 32)
-    _write(tmp_path / "a", sd, cfg.to_hf_dict())
+    write_checkpoint(tmp_path / "a", sd, cfg.to_hf_dict())
     with pytest.raises(CheckpointError, match=r"in_proj_z\.weight has shape \[60, 32\], the config expects \[64, 32\]"):
         load_checkpoint(tmp_path / "a", device="cpu")
     sd = dict(w.to_hf_state_dict())
     sd["model.layers.0.mlp.experts.gate_up_proj"] = torch.zeros(8, 30, 32)
-    _write(tmp_path / "b", sd, cfg.to_hf_dict())
+    write_checkpoint(tmp_path / "b", sd, cfg.to_hf_dict())
     with pytest.raises(CheckpointError, match=r"gate_up_proj has shape \[8, 30, 32\], the config expects \[8, 32, 32\]"):
         load_checkpoint(tmp_path / "b", device="cpu")
 

@@ -131,14 +131,18 @@ def _nan_before(q: QuantizedLinear) -> QuantizedLinear:
                            q.shape, q.name)
 
 
+def _int4_inputs(seed: int, rows: int, gs: int = 32):
+    """_inputs for 4 experts and top-2 with the experts and the shared down projection in int4 (RTN,
+    group gs, shared width 32): (x, gate_up, down, weights, shared_gate_up, shared_down, gate logit)."""
+    g = torch.Generator().manual_seed(seed)
+    x, gu, dn, _, w, _, _, sgl = _inputs(g, rows, 4, 2)
+    sdn4 = quantize(torch.randn(H, 32, generator=g) / 32 ** 0.5, gs, "rtn")
+    return x, quantize(gu, gs, "rtn"), quantize(dn, gs, "rtn"), w, torch.randn(rows, 64, generator=g), sdn4, sgl
+
+
 @pytest.mark.parametrize("fn", [moe4.moe_experts_int4_reference, moe4.moe_experts_int4_triton])
 def test_int4_experts_skip_other_ranks_experts(fn):
-    g = torch.Generator().manual_seed(7)
-    b, e, k, gs = 3, 4, 2, 32
-    x, gu, dn, ids, w, sgu, sdn, sgl = _inputs(g, b, e, k)
-    gu4, dn4 = quantize(gu, gs, "rtn"), quantize(dn, gs, "rtn")
-    sdn4 = quantize(torch.randn(H, 32, generator=g) / 32 ** 0.5, gs, "rtn")
-    sgu = torch.randn(b, 64, generator=g)
+    x, gu4, dn4, w, sgu, sdn4, sgl = _int4_inputs(7, 3)
     ids = torch.tensor([[1, -1], [-1, -1], [3, 0]], dtype=torch.int32)
     act = []
     out = _decode(fn, (x, _nan_before(gu4), _nan_before(dn4), ids, w, sgu, sdn4, sgl), act)
@@ -153,12 +157,7 @@ def test_int4_experts_skip_other_ranks_experts(fn):
 def test_grouped_int4_experts_skip_other_ranks_experts():
     from model.ops.moe import grouped_int4
 
-    g = torch.Generator().manual_seed(8)
-    t, e, k, gs = 6, 4, 2, 32
-    x, gu, dn, ids, w, _, _, sgl = _inputs(g, t, e, k)
-    gu4, dn4 = quantize(gu, gs, "rtn"), quantize(dn, gs, "rtn")
-    sdn4 = quantize(torch.randn(H, 32, generator=g) / 32 ** 0.5, gs, "rtn")
-    sgu = torch.randn(t, 64, generator=g)
+    x, gu4, dn4, w, sgu, sdn4, sgl = _int4_inputs(8, 6)
     ids = torch.tensor([[1, -1], [-1, -1], [3, 0], [-1, 2], [0, 1], [2, -1]], dtype=torch.int32)
     outs = [_grouped(fn, (x, _nan_before(gu4), _nan_before(dn4), ids, w, sgu, sdn4, sgl))
             for fn in (grouped_int4.moe_experts_grouped_int4_reference, grouped_int4.moe_experts_grouped_int4_triton)]

@@ -4,11 +4,9 @@ of its heads / experts / vocabulary (checked against transformers' tensors with 
 formula); random shards equal the single-process weights cut; checkpoint shards equal the whole
 checkpoint cut, reading only the rank's slices; at one rank the parallel decoder is the decoder."""
 import dataclasses
-import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from model.checkpoint import load_checkpoint
 from model.config import ModelConfig
@@ -18,6 +16,7 @@ from model.parallel import (LocalComm, ParallelDecoder, ShardPlan, check_world, 
 import model.checkpoint as checkpoint_mod
 from model.parallel.vocab import VocabShard, masked_embedding_reference
 from model.weights import random_weights
+from tests.checkpoint_files import per_expert, write_checkpoint
 
 TINY = ModelConfig.preset("tiny")
 # KV heads and GDN key heads split at 2 and 4 ranks, replicated at 8; tied embeddings
@@ -141,37 +140,9 @@ def test_random_shards_equal_the_single_process_weights_cut(cfg):
 
 # ---- checkpoints ---------------------------------------------------------------------------------
 def _save(path, sd, config, shards=1, prefix="model."):
-    """safetensors files (an index when shards > 1) with the names under `prefix`."""
-    path.mkdir(parents=True, exist_ok=True)
-    names = sorted(sd)
-    sd = {(k if k.startswith("lm_head") else prefix + k[len("model."):]): v.contiguous() for k, v in sd.items()}
-    names = sorted(sd)
-    files, index = [], {}
-    for i in range(shards):
-        part = {k: sd[k] for k in names[i::shards]}
-        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors" if shards > 1 else "model.safetensors"
-        save_file(part, str(path / fname))
-        index.update({k: fname for k in part})
-        files.append(fname)
-    if shards > 1:
-        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
-    (path / "config.json").write_text(json.dumps(config))
-
-
-def _per_expert(sd, cfg):
-    out, I = {}, cfg.moe_intermediate_size
-    for k, v in sd.items():
-        if k.endswith("experts.gate_up_proj"):
-            p = k[:-len("gate_up_proj")]
-            for e in range(v.shape[0]):
-                out[f"{p}{e}.gate_proj.weight"], out[f"{p}{e}.up_proj.weight"] = v[e, :I], v[e, I:]
-        elif k.endswith("experts.down_proj"):
-            p = k[:-len("down_proj")]
-            for e in range(v.shape[0]):
-                out[f"{p}{e}.down_proj.weight"] = v[e]
-        else:
-            out[k] = v
-    return out
+    """write_checkpoint with the names under `prefix`."""
+    sd = {(k if k.startswith("lm_head") else prefix + k[len("model."):]): v for k, v in sd.items()}
+    write_checkpoint(path, sd, config, shards)
 
 
 @pytest.fixture(scope="module", params=["per_expert_sharded", "fused_multimodal", "tied"])
@@ -181,7 +152,7 @@ def checkpoint(request, tmp_path_factory):
     sd = w.to_hf_state_dict()
     path = tmp_path_factory.mktemp(request.param)
     if request.param == "per_expert_sharded":
-        _save(path, _per_expert(sd, cfg), cfg.to_hf_dict(), shards=3)
+        _save(path, per_expert(sd, cfg), cfg.to_hf_dict(), shards=3)
     elif request.param == "fused_multimodal":
         _save(path, sd, {"model_type": "qwen3_5_moe", "text_config": cfg.to_hf_dict(), "vision_config": {}},
               prefix="model.language_model.")

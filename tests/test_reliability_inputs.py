@@ -10,13 +10,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.config import ConfigError, ModelConfig
 from model.decoder import Decoder
 from model.generation import Generator
 from model.weights import random_weights
+from tests.checkpoint_files import write_checkpoint
 
 
 # ---- decoder and generator ----------------------------------------------------------------------
@@ -141,22 +141,7 @@ def test_generator_graph_needs_cuda(tiny):
 
 # ---- loader ---------------------------------------------------------------------------------------
 def _write_ckpt(path, cfg, w, config=None, shards=1):
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config if config is not None else cfg.to_hf_dict()))
-    sd = {k: v.contiguous() for k, v in w.to_hf_state_dict().items()}
-    if shards == 1:
-        save_file(sd, str(path / "model.safetensors"))
-        return [path / "model.safetensors"]
-    names = sorted(sd)
-    files, weight_map = [], {}
-    for s in range(shards):
-        fname = f"model-{s + 1}-of-{shards}.safetensors"
-        part = {n: sd[n] for n in names[s::shards]}
-        save_file(part, str(path / fname))
-        weight_map.update({n: fname for n in part})
-        files.append(path / fname)
-    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    return files
+    return write_checkpoint(path, w.to_hf_state_dict(), config if config is not None else cfg.to_hf_dict(), shards)
 
 
 def _truncate(f, keep):
@@ -185,10 +170,10 @@ def test_truncated_shard_and_missing_shard_named(tiny, tmp_path):
     cfg, w = tiny
     files = _write_ckpt(tmp_path / "a", cfg, w, shards=3)
     _truncate(files[1], -64)
-    with pytest.raises(CheckpointError, match="model-2-of-3.safetensors"):
+    with pytest.raises(CheckpointError, match=files[1].name):
         load_checkpoint(tmp_path / "a", device="cpu")
     files[1].unlink()
-    with pytest.raises(CheckpointError, match="to model-2-of-3.safetensors, which is not in"):
+    with pytest.raises(CheckpointError, match=f"to {files[1].name}, which is not in"):
         load_checkpoint(tmp_path / "a", device="cpu")
     (tmp_path / "a" / "model.safetensors.index.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="index.json is not a valid safetensors index"):
