@@ -100,10 +100,11 @@ def _round_through(w, DT: tl.constexpr):
 
 
 @triton.jit
-def _dequant_words(words, s, z, DT: tl.constexpr):
-    """[R, W] int32 words (eight codes each, low nibble first) and their groups' scale and zero
-    (fp32 [R, W]) -> the [R, W, 8] weights (code j of word w is column 8w + j), as
-    QuantizedLinear.dequantize rounds them ((q - z) * s in fp32, then DT), held in fp32.
+def _dequant_codes(src, s, z, nib, DT: tl.constexpr):
+    """The weights of words `src` (int32 [..., 1]) at code positions `nib` ([1, ..., 8], the same
+    rank), given their groups' scale and zero (fp32, broadcastable): [..., 8] in fp32, as
+    QuantizedLinear.dequantize rounds them ((q - z) * s in fp32, then DT). Any rank: the callers
+    shape the operands (_dequant_words for [R, W] words).
 
     Few instructions per weight, since decode at batch 1 is otherwise bound by this arithmetic
     rather than by the bytes: the code is OR-ed into the mantissa of 2^(23 - shift), so subtracting
@@ -115,8 +116,7 @@ def _dequant_words(words, s, z, DT: tl.constexpr):
     bf16 ulp where that flips the last bit (tests/test_ops_int4_dequant.py). The mask-and-OR is
     written as one lop3 (the compiler otherwise emits two: it will not hold the constants in
     registers)."""
-    nib = tl.arange(0, 8)[None, None, :]
-    src = tl.where(nib < 4, words[:, :, None], (words >> 16)[:, :, None])
+    src = tl.where(nib < 4, src, src >> 16)
     shift = (nib % 4) * 4
     power = (150 - shift) << 23                     # the bits of the float 2^(23 - shift)
     if _PTX:
@@ -125,8 +125,16 @@ def _dequant_words(words, s, z, DT: tl.constexpr):
     else:
         bits = (src & (15 << shift)) | power
     code = bits.to(tl.float32, bitcast=True) - power.to(tl.float32, bitcast=True)
-    w = tl.fma(code, s[:, :, None], (z * -s)[:, :, None])
+    w = tl.fma(code, s, z * -s)
     return _round_through(w, DT)
+
+
+@triton.jit
+def _dequant_words(words, s, z, DT: tl.constexpr):
+    """[R, W] int32 words (eight codes each, low nibble first) and their groups' scale and zero
+    (fp32 [R, W] or [R, 1]) -> the [R, W, 8] weights (code j of word w is column 8w + j), in fp32
+    (_dequant_codes)."""
+    return _dequant_codes(words[:, :, None], s[:, :, None], z[:, :, None], tl.arange(0, 8)[None, None, :], DT)
 
 
 @triton.jit

@@ -18,7 +18,7 @@ import triton.language as tl
 from ...quant.format import QuantizedLinear
 from .._util import MODEL_DTYPES, next_pow2, pdl, pdl_wait
 from ..hardware import current_profile, profile_for
-from ..linear.int4 import _dequant_words, _load_words
+from ..linear.int4 import _dequant_codes, _dequant_words, _load_words
 from .decode import MoeLaunch, _check_moe, moe_experts_reference, moe_launch_config
 
 
@@ -94,7 +94,8 @@ def _moe_gate_up_int4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, act_ptr, H, I,
     NW = H // 8
     NG = H // GROUP
     dt = act_ptr.dtype.element_ty
-    acc_g = tl.zeros([BLOCK_I, BLOCK_H // 8], tl.float32)     # one per word: its eight codes summed in-thread
+    # one fp32 per word (its eight products summed in-thread): a program can hold 2 x 8 x 2048 weights
+    acc_g = tl.zeros([BLOCK_I, BLOCK_H // 8], tl.float32)
     acc_u = tl.zeros([BLOCK_I, BLOCK_H // 8], tl.float32)
     for w0 in range(0, NW, BLOCK_H // 8):
         ww = w0 + offs_w
@@ -113,55 +114,71 @@ def _moe_gate_up_int4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, act_ptr, H, I,
 
 
 @triton.jit
+def _group_params(s_rows, z_rows, ww, w0, m_row, m, GROUP: tl.constexpr, BLOCK_I: tl.constexpr):
+    """The scale and zero (fp32) of the groups of words ww (starting at word w0) for row pointers
+    s_rows/z_rows [..., 1]: when BLOCK_I == GROUP the tile is one group, so one pair per row
+    ([..., 1], mask m_row) rather than one per word (mask m)."""
+    if BLOCK_I == GROUP:
+        sc = tl.load(s_rows + w0 // (GROUP // 8), mask=m_row, other=0.0).to(tl.float32)
+        zr = tl.load(z_rows + w0 // (GROUP // 8), mask=m_row, other=0.0).to(tl.float32)
+    else:
+        sc = tl.load(s_rows + ww // (GROUP // 8), mask=m, other=0.0).to(tl.float32)
+        zr = tl.load(z_rows + ww // (GROUP // 8), mask=m, other=0.0).to(tl.float32)
+    return sc, zr
+
+
+@triton.jit
 def _moe_down_int4_kernel(act_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, w_ptr, sgu_ptr, sq_ptr, ss_ptr, sz_ptr,
                           sgl_ptr, out_ptr, H, I, IS, TOPK, stride_sgu, stride_sgl, stride_out,
                           GROUP: tl.constexpr, BLOCK_HO: tl.constexpr, BLOCK_I: tl.constexpr,
                           BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr):
     """_moe_down_kernel over int4 routed and shared down rows (BLOCK_I whole groups). The routed
-    rows of all slots are one flat [BLOCK_K * BLOCK_HO] index (slot-major), so every tile is
-    [rows, words, 8]; the roundings and the ascending-id sum are decode.py's."""
+    tiles are [slots, rows, words, 8]: each slot's activations loaded once for its rows, and with
+    BLOCK_I == GROUP one scale and zero per row and tile; the roundings and the ascending-id sum
+    are decode.py's."""
     pdl_wait(USE_GDC)
     row = tl.program_id(0)
     hb = tl.program_id(1)
     offs_h = hb * BLOCK_HO + tl.arange(0, BLOCK_HO)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_K * BLOCK_HO)
-    r_k = offs_r // BLOCK_HO            # each flat row's slot
-    r_h = hb * BLOCK_HO + offs_r % BLOCK_HO
     offs_w = tl.arange(0, BLOCK_I // 8)
     offs_i = tl.arange(0, BLOCK_I)
+    nib = tl.arange(0, 8)[None, None, None, :]
     mh = offs_h < H
     mk = offs_k < TOPK
     dt = out_ptr.dtype.element_ty
     ids = tl.load(ids_ptr + row * TOPK + offs_k, mask=mk, other=0)
     wts = tl.load(w_ptr + row * TOPK + offs_k, mask=mk, other=0.0).to(tl.float32)
-    r_mk = r_k < TOPK
-    r_ids = tl.load(ids_ptr + row * TOPK + r_k, mask=r_mk, other=-1)
-    r_mine = r_mk & (r_ids >= 0) & (r_h < H)   # id < 0: another rank's expert: not read, its y is 0
-    rows = (r_ids.to(tl.int64) * H + r_h)[:, None]                  # rows of down_proj as [E*H, I]
-    a_rows = act_ptr + (row * TOPK + r_k).to(tl.int64)[:, None] * I
-    srows = offs_h.to(tl.int64)[:, None]                              # rows of shared_down
+    mine = mk & (ids >= 0)     # id < 0: another rank's expert: not read, its y is 0 (adds nothing)
+    rows = ids.to(tl.int64)[:, None] * H + offs_h[None, :]          # [K, HO] rows of down_proj as [E*H, I]
+    m_rows = (mine[:, None] & mh[None, :])[:, :, None]              # [K, HO, 1]
+    a_base = act_ptr + (row * TOPK + offs_k).to(tl.int64)[:, None] * I
+    srows = offs_h.to(tl.int64)[:, None]                              # [HO, 1] rows of shared_down
     NW, NG, SW, SG = I // 8, I // GROUP, IS // 8, IS // GROUP
-    acc = tl.zeros([BLOCK_K * BLOCK_HO, BLOCK_I // 8], tl.float32)   # one per word, as in gate_up
-    acc2 = tl.zeros([BLOCK_HO, BLOCK_I // 8], tl.float32)
+    acc = tl.zeros([BLOCK_K, BLOCK_HO, BLOCK_I // 8, 8], tl.float32)   # one FMA a weight; reduced after the loop
+    acc2 = tl.zeros([BLOCK_HO, BLOCK_I // 8, 8], tl.float32)
     for w0 in range(0, tl.maximum(NW, SW), BLOCK_I // 8):
         ww = w0 + offs_w
         ii = w0 * 8 + offs_i
-        # inputs loaded flat and reshaped, so that a thread holds a word's eight (see _dequant_words)
-        av = tl.load(a_rows + ii[None, :], mask=r_mine[:, None] & (ii < I)[None, :], other=0.0)
-        av = tl.reshape(av.to(tl.float32), (BLOCK_K * BLOCK_HO, BLOCK_I // 8, 8))
-        words, sc, zr = _load_words(q_ptr + rows * NW, s_ptr + rows * NG, z_ptr + rows * NG, ww,
-                                    r_mine[:, None], NW, GROUP)
-        acc += tl.sum(_dequant_words(words, sc, zr, dt) * av, axis=2)
+        # inputs loaded flat and reshaped, so that a thread holds a word's eight (see _dequant_codes)
+        av = tl.load(a_base + ii[None, :], mask=mine[:, None] & (ii < I)[None, :], other=0.0)
+        av = tl.reshape(av.to(tl.float32), (BLOCK_K, 1, BLOCK_I // 8, 8))
+        m3 = m_rows & (ww < NW)[None, None, :]
+        words = tl.load(q_ptr + rows[:, :, None] * NW + ww[None, None, :], mask=m3, other=0)
+        sc, zr = _group_params((s_ptr + rows * NG)[:, :, None], (z_ptr + rows * NG)[:, :, None],
+                               ww[None, None, :], w0, m_rows, m3, GROUP, BLOCK_I)
+        acc += _dequant_codes(words[:, :, :, None], sc[:, :, :, None], zr[:, :, :, None], nib, dt) * av
         ms = ii < IS
         g = tl.load(sgu_ptr + row * stride_sgu + ii, mask=ms, other=0.0).to(tl.float32)
         u = tl.load(sgu_ptr + row * stride_sgu + IS + ii, mask=ms, other=0.0).to(tl.float32)
         a = ((g * tl.sigmoid(g)).to(dt).to(tl.float32) * u).to(dt).to(tl.float32)
         a = tl.reshape(a, (1, BLOCK_I // 8, 8))
-        words, sc, zr = _load_words(sq_ptr + srows * SW, ss_ptr + srows * SG, sz_ptr + srows * SG, ww,
-                                    mh[:, None], SW, GROUP)
-        acc2 += tl.sum(_dequant_words(words, sc, zr, dt) * a, axis=2)
-    y = tl.reshape(tl.sum(acc, axis=1), (BLOCK_K, BLOCK_HO))
+        m2 = mh[:, None] & (ww < SW)[None, :]
+        words = tl.load(sq_ptr + srows * SW + ww[None, :], mask=m2, other=0)
+        sc, zr = _group_params(ss_ptr + srows * SG, sz_ptr + srows * SG, ww[None, :], w0, mh[:, None], m2, GROUP,
+                               BLOCK_I)
+        acc2 += _dequant_words(words, sc, zr, dt) * a
+    y = tl.sum(tl.sum(acc, axis=3), axis=2)
     y = y.to(dt).to(tl.float32)                                      # [K, HO], rounded per expert
     y = (y * wts[:, None]).to(dt).to(tl.float32)
     # add them in ascending expert id (transformers' order), rounding after each add
@@ -173,7 +190,7 @@ def _moe_down_int4_kernel(act_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, w_ptr, sgu_ptr,
         order_ids = tl.where(offs_k == slot, 2147483647, order_ids)
         yj = tl.sum(tl.where(offs_k[:, None] == slot, y, 0.0), axis=0)
         total = (total + yj).to(dt).to(tl.float32)
-    ys = tl.sum(acc2, axis=1).to(dt).to(tl.float32)
+    ys = tl.sum(tl.sum(acc2, axis=2), axis=1).to(dt).to(tl.float32)
     gl = tl.load(sgl_ptr + row * stride_sgl).to(tl.float32)
     gs = tl.sigmoid(gl).to(dt).to(tl.float32)
     ys = (gs * ys).to(dt).to(tl.float32)
@@ -190,6 +207,8 @@ def moe_int4_launch_config(b: int, h: int, i: int, k: int, i_s: int, group_size:
     # gate/up: K tiles of up to 2048 columns, so that each of the 128 threads holds at least eight
     # inputs, a whole word's (the compiler then keeps a word's codes in one thread: _dequant_words);
     # the accumulators are one fp32 per word, so a program holds 4x the bf16 kernel's weights
+    # (fewer, 4 x 1024, with one FMA a weight into [rows, words, 8]: 8.9 instructions a weight
+    # against 8.3, counted in the compiled loop)
     block_h = max(group_size, min(next_pow2(h), 2048))
     block_i2 = max(group_size, c.down_block_i)
     block_i, block_ho = c.gate_up_block_i, c.down_block_ho
