@@ -48,8 +48,10 @@ def test_add_rmsnorm(device, dtype, b, h):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("b,nv,v", [(1, 4, 32), (3, 3, 20)])
+@pytest.mark.parametrize("b,nv,v", [(1, 4, 32), (3, 3, 20), (1367, 3, 20)])
 def test_gated_rmsnorm(device, dtype, b, nv, v):
+    """The last shape has enough (row, head) pairs for several per program (a prefill chunk), a
+    count that does not divide them."""
     g = torch.Generator().manual_seed(nv * v)
     o = _rand(g, b, nv, v, dtype=dtype, device=device)
     zbig = _rand(g, b, nv * v + 7, dtype=dtype, device=device)

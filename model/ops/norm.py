@@ -113,27 +113,37 @@ def add_rmsnorm_triton(x, residual, weight, eps, out) -> None:
 
 
 @triton.jit
-def _gated_rmsnorm_kernel(o_ptr, z_ptr, w_ptr, out_ptr, NV, V, eps, stride_o, stride_z, stride_out,
-                          BLOCK_V: tl.constexpr, USE_GDC: tl.constexpr):
+def _gated_rmsnorm_kernel(o_ptr, z_ptr, w_ptr, out_ptr, R, NV, V, eps, stride_o, stride_z, stride_out,
+                          HEADS: tl.constexpr, BLOCK_V: tl.constexpr, USE_GDC: tl.constexpr):
+    """HEADS (row, head) pairs per program, each normed over its V channels."""
     pdl_wait(USE_GDC)
-    pid = tl.program_id(0)
-    row = pid // NV
-    head = pid % NV
+    pair = tl.program_id(0) * HEADS + tl.arange(0, HEADS)     # flat (row, head) index
+    row = (pair // NV).to(tl.int64)[:, None]
+    head = (pair % NV)[:, None]
     offs = tl.arange(0, BLOCK_V)
-    mask = offs < V
-    col = head * V + offs
+    mask = (pair < R * NV)[:, None] & (offs < V)[None, :]
+    col = head * V + offs[None, :]
     o = tl.load(o_ptr + row * stride_o + col, mask=mask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + row * stride_z + col, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    w = tl.load(w_ptr + offs, mask=offs < V, other=0.0)[None, :]
     dt = out_ptr.dtype.element_ty
-    var = tl.sum(o * o, axis=0) / V
-    hn = (o * tl.math.rsqrt(var + eps)).to(dt)
+    var = tl.sum(o * o, axis=1) / V
+    hn = (o * tl.math.rsqrt(var + eps)[:, None]).to(dt)
     hw = (w.to(tl.float32) * hn.to(tl.float32)).to(dt).to(tl.float32)
     y = hw * (z * tl.sigmoid(z))
     tl.store(out_ptr + row * stride_out + col, y.to(dt), mask=mask)
 
 
+def gated_rmsnorm_heads(pairs: int, v: int) -> int:
+    """(row, head) pairs per program: one at decode (a few dozen pairs), up to 8 when a prefill
+    chunk brings thousands (one 1-warp program per pair made 32k programs for 1,024 tokens)."""
+    return 1 if pairs <= 4096 else max(1, min(8, 1024 // next_pow2(v)))
+
+
 def gated_rmsnorm_triton(o, z, weight, eps, out) -> None:
     b, nv, v, o2, z2 = _check_gated(o, z, weight, out)
-    _gated_rmsnorm_kernel[(b * nv,)](o2, z2, weight, out, nv, v, float(eps), o2.stride(0), z2.stride(0),
-                                     out.stride(0), BLOCK_V=next_pow2(v), num_warps=1 if v <= 256 else 4, **pdl(out))
+    heads = gated_rmsnorm_heads(b * nv, v)
+    width = heads * next_pow2(v)
+    _gated_rmsnorm_kernel[(triton.cdiv(b * nv, heads),)](
+        o2, z2, weight, out, b, nv, v, float(eps), o2.stride(0), z2.stride(0), out.stride(0), HEADS=heads,
+        BLOCK_V=next_pow2(v), num_warps=1 if width <= 256 else 4, **pdl(out))
