@@ -25,7 +25,9 @@ from __future__ import annotations
 import torch
 
 from .config import LINEAR
+from .ops._util import pdl_allowed
 from .quant.format import QuantizedLinear
+from .settings import SETTINGS
 
 # Token buckets of the prefill graphs; a prompt is cut into chunks of at most the largest.
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -116,7 +118,12 @@ class PrefillStep:
     def forward(self, tokens: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
         """One chunk: tokens int64 [T] (T <= chunk, padding past n_valid), info int64 [3] =
         (row, start, n_valid), both on the decoder's device. No value checks (Decoder.prefill
-        does them on the host); returns the [1, V] logits of token n_valid - 1."""
+        does them on the host); returns the [1, V] logits of token n_valid - 1. Its kernels are
+        launched without PDL unless MODEL_PREFILL_PDL=1 (model/settings.py says why)."""
+        with pdl_allowed(SETTINGS.prefill_pdl):
+            return self._forward(tokens, info)
+
+    def _forward(self, tokens: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
         ops, w, cfg = self.ops, self.decoder.weights, self.cfg
         T = tokens.shape[0]
         if not 1 <= T <= self.chunk:

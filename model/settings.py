@@ -7,6 +7,10 @@ TRITON_INTERPRET  1 / true / on / yes: Triton kernels run on CPU tensors under T
                   fill-the-GPU shrinking and PDL is off. Triton reads the same variable.
 MODEL_PDL         1 (default) / 0: programmatic dependent launch for the decode kernels on
                   sm_90+ GPUs; 0 turns it off (e.g. for exclusive per-kernel times in a trace).
+MODEL_PREFILL_PDL 0 (default) / 1: PDL for the kernels of a prefill step too. Off by default:
+                  prefill kernels run many waves, and the next kernel's programs, scheduled early
+                  by PDL, hold SM slots that the running kernel's later waves need
+                  (docs/prefill.md has the measurement).
 """
 from __future__ import annotations
 
@@ -35,11 +39,13 @@ def _flag(env, name: str, default: bool) -> bool:
 class Settings:
     interpret: bool = False    # TRITON_INTERPRET
     pdl: bool = True           # MODEL_PDL
+    prefill_pdl: bool = False  # MODEL_PREFILL_PDL
 
     @classmethod
     def from_env(cls, env=None) -> "Settings":
         env = os.environ if env is None else env
-        return cls(interpret=_flag(env, "TRITON_INTERPRET", False), pdl=_flag(env, "MODEL_PDL", True))
+        return cls(interpret=_flag(env, "TRITON_INTERPRET", False), pdl=_flag(env, "MODEL_PDL", True),
+                   prefill_pdl=_flag(env, "MODEL_PREFILL_PDL", False))
 
 
 SETTINGS = Settings.from_env()

@@ -65,6 +65,9 @@ def test_profile_lookup_and_settings():
         assert _util.FILL_PROGRAMS == profile_for(torch.zeros(1, device="cuda")).fill_programs
     assert Settings.from_env({"MODEL_PDL": "0"}).pdl is False
     assert Settings.from_env({}).pdl is True and Settings.from_env({"TRITON_INTERPRET": "true"}).interpret
+    assert Settings.from_env({}).prefill_pdl is False and Settings.from_env({"MODEL_PREFILL_PDL": "1"}).prefill_pdl
+    with pytest.raises(ValueError, match="MODEL_PREFILL_PDL='2'"):
+        Settings.from_env({"MODEL_PREFILL_PDL": "2"})
     with pytest.raises(ValueError, match="MODEL_PDL='maybe'"):
         Settings.from_env({"MODEL_PDL": "maybe"})
     with use_profile(PRESETS["h100"]):

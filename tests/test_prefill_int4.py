@@ -109,3 +109,4 @@ def test_int4_prefill_launches_at_35b_shapes_are_valid():
     assert kernels.count("_gemm_int4_kernel") == 2 * 40 * 3
     for L in log:
         assert not launch_audit.problems(L, h200, pdl_enabled=_util.HAVE_GDC), L
+        assert not L.options.get("launch_pdl")     # a prefill step launches without PDL by default

@@ -50,6 +50,7 @@ class Launch:
     options: dict          # num_warps, num_stages, launch_pdl
     jit: object = field(repr=False, default=None)
     compiled: dict | None = None
+    pdl_allowed: bool = True   # launched where PDL may be used (not inside a prefill step by default)
 
 
 class _Recorder:
@@ -63,6 +64,7 @@ class _Recorder:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
+            from model.ops import _util
             bound = dict(zip(self.names, args))
             opts = {k: kwargs.pop(k) for k in list(kwargs) if k in _OPTIONS}
             bound.update(kwargs)
@@ -72,7 +74,8 @@ class _Recorder:
             cx = {k: v for k, v in bound.items() if k in self.constexpr}
             rt = {k: v for k, v in bound.items() if k not in self.constexpr}
             g = grid(cx) if callable(grid) else grid
-            self.log.append(Launch(self.name, tuple(g), rt, cx, opts, self.jit))
+            self.log.append(Launch(self.name, tuple(g), rt, cx, opts, self.jit,
+                                   pdl_allowed=_util._pdl_allowed.get()))
         return launch
 
 
@@ -207,7 +210,7 @@ def problems(launch: Launch, profile, *, pdl_enabled: bool = True) -> list[str]:
     for k, v in launch.constexprs.items():
         if k.startswith("BLOCK") and not (isinstance(v, int) and _pow2(v)):
             out.append(f"{k}={v} is not a power of two")
-    want = pdl_enabled and profile.supports_pdl
+    want = pdl_enabled and profile.supports_pdl and launch.pdl_allowed
     if launch.constexprs.get("USE_GDC") is not want or bool(launch.options.get("launch_pdl")) != want:
         out.append(f"PDL: USE_GDC={launch.constexprs.get('USE_GDC')} launch_pdl="
                    f"{launch.options.get('launch_pdl')} on a device {'with' if profile.supports_pdl else 'without'} it")

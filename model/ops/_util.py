@@ -2,6 +2,9 @@
 facts come from the device's profile, model/ops/hardware.py; settings from model/settings.py)."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 import triton
 import triton.language as tl
@@ -110,9 +113,24 @@ _PDL_OFF = {"USE_GDC": False}
 _PDL_ON = {"USE_GDC": True, "launch_pdl": True}
 
 
+_pdl_allowed = contextvars.ContextVar("model_pdl_allowed", default=True)
+
+
+@contextlib.contextmanager
+def pdl_allowed(allowed: bool):
+    """Launches inside the block (and a capture of them) use PDL only if `allowed` (and PDL is on
+    at all): a prefill step turns it off for its many-wave kernels (SETTINGS.prefill_pdl)."""
+    token = _pdl_allowed.set(bool(allowed) and _pdl_allowed.get())
+    try:
+        yield
+    finally:
+        _pdl_allowed.reset(token)
+
+
 def pdl_options(profile: DeviceProfile) -> dict:
     """Launch keywords for a kernel taking USE_GDC, on a device of this profile."""
-    return _PDL_ON if HAVE_GDC and SETTINGS.pdl and profile.supports_pdl else _PDL_OFF
+    on = HAVE_GDC and SETTINGS.pdl and profile.supports_pdl and _pdl_allowed.get()
+    return _PDL_ON if on else _PDL_OFF
 
 
 def pdl(t: torch.Tensor) -> dict:
