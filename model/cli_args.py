@@ -85,6 +85,8 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
                    help=f"int4 group size when quantizing (default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--lm-head", choices=("bf16", "int4"), default=None,
                    help="the lm_head's format when quantizing (default bf16: kept in the model dtype)")
+    p.add_argument("--quant-method", choices=("hqq", "rtn"), default=None,
+                   help="the quantizer when quantizing (default hqq; rtn: round-to-nearest, faster to build)")
 
 
 def sampling_params(args, error):

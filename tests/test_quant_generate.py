@@ -123,12 +123,34 @@ def test_int4_checkpoint_runs_the_int4_kernels_end_to_end(ckpts, cpu, capsys):
     assert tokens == _main_tokens(["--checkpoint", str(dst), "--quant", "int4-dequant"], capsys)[0]
 
 
+def test_quant_method_picks_the_quantizer(ckpts):
+    """--quant-method rtn quantizes a bf16 checkpoint with round-to-nearest (hqq is the default)."""
+    from model.checkpoint import load_checkpoint
+    from model.generate import _load_weights, _quant_plan, build_parser
+    from model.quant import int4_fields
+
+    cfg, _, src, _ = ckpts
+    _, bf16 = load_checkpoint(src, "cpu", torch.float32)
+    for method in ("rtn", None):
+        args = build_parser().parse_args(["--checkpoint", str(src), "--quant", "int4", "--group-size", "32"]
+                                         + (["--quant-method", method] if method else []))
+        plan = _quant_plan(args, None, cfg, torch.float32)
+        assert plan.spec.method == (method or "hqq")
+        _, got = _load_weights(args, None, cfg, "cpu", torch.float32, plan)
+        want = int4_fields(quantize_weights(bf16, 32, method or "hqq"))
+        for n, q in int4_fields(got).items():
+            assert torch.equal(q.zeros, want[n].zeros) and torch.equal(q.qweight, want[n].qweight), n
+
+
 def test_flags_that_cannot_be(ckpts, cpu, capsys):
     _, _, _, dst = ckpts
     for argv, msg in ((["--preset", "tiny", "--quant", "int4", "--group-size", "32"], "--quant int4: layers.0.moe.down_proj: K=16"),
                       (["--preset", "tiny", "--group-size", "32"], "--group-size applies when quantizing: add --quant int4"),
                       (["--checkpoint", str(dst), "--lm-head", "int4"],
-                       "--lm-head int4: the checkpoint is int4 already, with lm-head bf16")):
+                       "--lm-head int4: the checkpoint is int4 already, with lm-head bf16"),
+                      (["--preset", "tiny", "--quant-method", "rtn"], "--quant-method applies when quantizing"),
+                      (["--checkpoint", str(dst), "--quant-method", "rtn"],
+                       "--quant-method rtn: the checkpoint is int4 already, with quant-method hqq")):
         with pytest.raises(SystemExit) as e:
             main(argv + ["--max-new-tokens", "2"])
         assert e.value.code == 2
