@@ -20,7 +20,10 @@ def test_int4_arguments():
 def test_int4_options_without_quant_are_refused(capsys):
     with pytest.raises(SystemExit):
         bench_prefill.parse_args(["--group-size", "64"])
-    assert "--group-size and --lm-head apply to --quant int4" in capsys.readouterr().err
+    assert "--group-size, --lm-head and --quant-method apply to --quant int4" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_prefill.parse_args(["--quant-method", "rtn"])
+    assert "--quant-method apply to --quant int4" in capsys.readouterr().err
 
 
 def test_quantize_gives_the_int4_layout_only_under_quant_int4():
@@ -34,6 +37,12 @@ def test_quantize_gives_the_int4_layout_only_under_quant_int4():
     w4 = bench_prefill.quantize(w, bench_prefill.parse_args(["--quant", "int4", "--group-size", "32", "--lm-head",
                                                              "int4"]))
     assert isinstance(w4.lm_head, QuantizedLinear)
+    from model.quant.layout import quantize_weights
+    wr = bench_prefill.quantize(w, bench_prefill.parse_args(["--quant", "int4", "--group-size", "32",
+                                                             "--quant-method", "rtn"]))
+    want = quantize_weights(w, 32, "rtn").layers[0].mixer.in_proj
+    assert torch.equal(wr.layers[0].mixer.in_proj.zeros, want.zeros)
+    assert not torch.equal(want.zeros, m.mixer.in_proj.zeros)     # HQQ's differ: the method was used
 
 
 def test_int4_weight_floor():

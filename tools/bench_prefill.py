@@ -69,9 +69,11 @@ def parse_args(argv=None):
                    help="int4: quantize the weights in memory (HQQ, docs/int4.md) and prefill over the packed weights")
     p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=128, help="int4 group size (--quant int4)")
     p.add_argument("--lm-head", choices=("bf16", "int4"), default="bf16", help="the lm_head under --quant int4")
+    p.add_argument("--quant-method", choices=("hqq", "rtn"), default="hqq",
+                   help="the quantizer under --quant int4 (rtn: faster to build; the kernels are the same)")
     args = p.parse_args(argv)
-    if args.quant == "none" and (args.group_size != 128 or args.lm_head != "bf16"):
-        p.error("--group-size and --lm-head apply to --quant int4")
+    if args.quant == "none" and (args.group_size != 128 or args.lm_head != "bf16" or args.quant_method != "hqq"):
+        p.error("--group-size, --lm-head and --quant-method apply to --quant int4")
     if args.hf_layers < 0:
         p.error(f"--hf-layers must be >= 0 (0 skips transformers), got {args.hf_layers}")
     if args.profile_tokens < 0:
@@ -110,13 +112,13 @@ def weight_floor_ms(cfg, tokens: int, bandwidth_gbs: float, args=None) -> float:
 
 
 def quantize(weights, args):
-    """The int4 layout of `weights` under --quant int4 (HQQ, as model.generate --quant int4); the
-    weights as they are otherwise."""
+    """The int4 layout of `weights` under --quant int4 (--quant-method, HQQ by default as in
+    model.generate --quant int4); the weights as they are otherwise."""
     if args.quant == "none":
         return weights
     from model.quant.layout import quantize_weights
 
-    return quantize_weights(weights, args.group_size, "hqq", lm_head=args.lm_head)
+    return quantize_weights(weights, args.group_size, args.quant_method, lm_head=args.lm_head)
 
 
 def rel(a, b) -> float:
@@ -304,13 +306,13 @@ def main(argv=None) -> int:
                                          for t, o in zip(theirs, ours_cut["rows"])]}
     result = {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "preset": args.preset or args.default_preset,
               "layers": cfg.num_layers, "dtype": args.dtype,
-              "quant": None if args.quant == "none" else {"bits": 4, "method": "hqq", "group_size": args.group_size,
+              "quant": None if args.quant == "none" else {"bits": 4, "method": args.quant_method, "group_size": args.group_size,
                                                           "lm_head": args.lm_head, "quantize_s": quantize_s},
               "dense_bf16_TFLOPs": tflops, "copy_bandwidth_GBs": bw, "check": checked,
               "ours": ours, "chunk_sweep": sweep, "transformers": hf, "argv": sys.argv}
     (args.out / "bench_prefill.json").write_text(json.dumps(result, indent=1))
     weights_kind = args.dtype if args.quant == "none" else \
-        f"int4 weights (hqq, group {args.group_size}, lm_head {args.lm_head}; quantized in {quantize_s:.0f} s), {args.dtype}"
+        f"int4 weights ({args.quant_method}, group {args.group_size}, lm_head {args.lm_head}; quantized in {quantize_s:.0f} s), {args.dtype}"
     print(f"\n{gpu}, {result['preset']} ({cfg.num_layers} layers), {weights_kind}, batch 1, chunk {ours['chunk']}, "
           f"dense bf16 {tflops:.0f} TFLOP/s; start-up (JIT + capture of {len(ours['buckets'])} buckets) "
           f"{ours['startup_s']:.1f} s, workspaces {ours['workspace_MB']:.0f} MB, graph memory {ours['graph_mem_MB']:.0f} MB")
