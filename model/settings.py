@@ -10,7 +10,7 @@ MODEL_PDL         1 (default) / 0: programmatic dependent launch for the decode 
 MODEL_PREFILL_PDL 0 (default) / 1: PDL for the kernels of a prefill step too. Off by default:
                   prefill kernels run many waves, and the next kernel's programs, scheduled early
                   by PDL, hold SM slots that the running kernel's later waves need
-                  (docs/prefill.md has the measurement).
+                  (docs/benchmarks.md has the measurement).
 """
 from __future__ import annotations
 

@@ -243,6 +243,8 @@ def bench_transformers(cfg, layers, lengths, reps, torch) -> list:
 
     small = dataclasses.replace(cfg, num_layers=layers)
     hf_cfg = small.to_hf()
+    # seeded: every run times the same weights and routing (its times moved 2x between two runs)
+    torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16)
     model.eval()
@@ -251,14 +253,14 @@ def bench_transformers(cfg, layers, lengths, reps, torch) -> list:
         for n in lengths:
             ids = torch.randint(0, cfg.vocab_size, (1, n), device="cuda")
             times = []
-            for _ in range(reps + 1):
+            for _ in range(reps + 2):
                 cache = DynamicCache(config=hf_cfg)
                 torch.cuda.synchronize()
                 t = time.perf_counter()
                 model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
                 torch.cuda.synchronize()
                 times.append((time.perf_counter() - t) * 1e3)
-            out.append({"tokens": n, "ms": statistics.median(times[1:])})
+            out.append({"tokens": n, "ms": statistics.median(times[2:])})   # two warm-up calls
     del model
     gc.collect()
     torch.cuda.empty_cache()
