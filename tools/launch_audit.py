@@ -75,7 +75,7 @@ class _Recorder:
             rt = {k: v for k, v in bound.items() if k not in self.constexpr}
             g = grid(cx) if callable(grid) else grid
             self.log.append(Launch(self.name, tuple(g), rt, cx, opts, self.jit,
-                                   pdl_allowed=_util._pdl_allowed.get()))
+                                   pdl_allowed=_util.pdl_allowed_here()))
         return launch
 
 

@@ -127,9 +127,14 @@ def pdl_allowed(allowed: bool):
         _pdl_allowed.reset(token)
 
 
+def pdl_allowed_here() -> bool:
+    """False inside a pdl_allowed(False) block (tools/launch_audit.py records it per launch)."""
+    return _pdl_allowed.get()
+
+
 def pdl_options(profile: DeviceProfile) -> dict:
     """Launch keywords for a kernel taking USE_GDC, on a device of this profile."""
-    on = HAVE_GDC and SETTINGS.pdl and profile.supports_pdl and _pdl_allowed.get()
+    on = HAVE_GDC and SETTINGS.pdl and profile.supports_pdl and pdl_allowed_here()
     return _PDL_ON if on else _PDL_OFF
 
 
