@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from tests.gpu._capture import capture_without_allocation
+from tests.gpu._int4 import nan_full as _nan, quantized as _q, randn as _randn
 
 from model.ops import moe
 from model.ops.linear import int4
 from model.ops.moe import int4 as moe4
-from model.quant import quantize
 
 pytestmark = pytest.mark.gpu
 
@@ -25,19 +25,6 @@ E, TOPK, I, IS = 256, 8, 512, 512
 
 def _tol(dtype):
     return dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-
-
-def _randn(*shape, dtype, scale=1.0, seed=0):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    return (torch.randn(*shape, generator=g, device=DEV) * scale).to(dtype)
-
-
-def _q(*shape, dtype, seed, group_size=128, method="rtn"):
-    return quantize(_randn(*shape, dtype=dtype, scale=shape[-1] ** -0.5, seed=seed), group_size, method)
-
-
-def _nan(*shape, dtype):
-    return torch.full(shape, float("nan"), dtype=dtype, device=DEV)
 
 
 # 35b-a3b's 2-D int4 linears (N, K): in_proj (linear attention), out_proj, qkv (full attention),

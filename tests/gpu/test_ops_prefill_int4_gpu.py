@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.gpu._capture import capture_without_allocation
+from tests.gpu._int4 import nan_full as _nan, quantized as _q, randn as _randn
 
 from model.config import ModelConfig
 from model.decoder import Decoder
@@ -20,7 +21,6 @@ from model.ops import moe
 from model.ops.linear import int4_gemm
 from model.ops.moe import grouped_int4 as gi
 from model.prefill import PrefillGraphs
-from model.quant import quantize
 from model.quant.layout import quantize_weights
 from model.weights import random_weights
 
@@ -39,19 +39,6 @@ def _exact_reference_matmuls(monkeypatch):
     """cuBLAS may otherwise reduce bf16 GEMMs in reduced precision: keep the reference's roundings canonical."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-
-
-def _randn(*shape, dtype, scale=1.0, seed=0):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    return (torch.randn(*shape, generator=g, device=DEV) * scale).to(dtype)
-
-
-def _q(*shape, dtype, seed, group_size=128):
-    return quantize(_randn(*shape, dtype=dtype, scale=shape[-1] ** -0.5, seed=seed), group_size, "rtn")
-
-
-def _nan(*shape, dtype):
-    return torch.full(shape, float("nan"), dtype=dtype, device=DEV)
 
 
 def _check(got, want, dtype):
