@@ -8,8 +8,8 @@ REPLAY  later calls copy inputs into the static buffers (cudaMemcpyAsync) and la
 EAGER   with ``capture=False`` every call copies its inputs into the static buffers and runs the
         step eagerly on the handle's stream: never captured (debugging, or a step that cannot be).
 Outputs stay on the device (the same static arrays every replay) unless host copies are asked
-for. A rejected call changes nothing. close(): sync -> exec -> graph -> buffers -> pools -> stream
-(a stream the handle borrowed goes back to the per-device pool: see stream_pool.py).
+for. A rejected call changes nothing. close(): sync -> outputs -> exec -> graph -> buffers -> pools
+-> stream (a stream the handle borrowed goes back to the per-device pool: see stream_pool.py).
 
 Every framework touch goes through an adapter (cugraph_rt.framework) picked from the example
 inputs (torch tensors, CuPy/numpy arrays) or named by ``framework=``.
@@ -389,7 +389,7 @@ class GraphHandle:
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
-        """Release everything: sync -> exec -> graph -> buffers -> pools -> stream. Idempotent."""
+        """Release everything: sync -> outputs -> exec -> graph -> buffers -> pools -> stream. Idempotent."""
         self._fast = None
         self._finalizer()
 

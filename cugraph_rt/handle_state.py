@@ -1,5 +1,5 @@
 """GraphHandle's bookkeeping: its stats, and the resources it owns with their release order
-(sync -> exec -> graph -> buffers -> pools -> stream back to the pool)."""
+(sync -> outputs -> exec -> graph -> buffers -> pools -> stream back to the pool)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
