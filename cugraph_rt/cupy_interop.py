@@ -69,6 +69,16 @@ class PrivatePool:
             self.pool.free_all_blocks()
 
 
+def _keeping_pool(mp, pool):
+    """``mp`` (from a CuPy pool) as a pointer whose memory also holds ``pool``: CuPy's pooled memory
+    refers to its pool only weakly, and its blocks die with the pool, so an output a caller keeps
+    after closing the handle (which drops the private pool) would point at freed memory. The owner
+    tuple is released last item first: the block goes back to the pool, then the pool may go."""
+    owner = (pool, mp)
+    mem = cupy.cuda.UnownedMemory(mp.ptr, mp.mem.size, owner, mp.device_id)
+    return cupy.cuda.MemoryPointer(mem, 0)
+
+
 class _Routing:
     """While begun, CuPy allocations on this thread come from the private pool (and are counted)."""
 
@@ -87,7 +97,7 @@ class _Routing:
         err, previous = _rt.cudaThreadExchangeStreamCaptureMode(_RELAXED)
         check((err,), "cudaThreadExchangeStreamCaptureMode")
         try:
-            return self.pool.pool.malloc(nbytes)
+            return _keeping_pool(self.pool.pool.malloc(nbytes), self.pool)
         finally:
             check(_rt.cudaThreadExchangeStreamCaptureMode(previous)[:1], "cudaThreadExchangeStreamCaptureMode")
 

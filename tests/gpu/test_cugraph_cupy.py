@@ -112,6 +112,27 @@ def test_captured_temporaries_come_from_a_private_pool():
         assert all(bool((j == 7.0).all()) for j in junk), "a replay wrote into eager CuPy memory"
 
 
+def test_an_output_kept_after_close_keeps_its_memory():
+    """The replayed outputs live in the handle's private CuPy pool, which close() drops: a caller
+    who keeps one must still read its values after other arrays have taken freed memory (CuPy's
+    pooled memory refers to its pool only weakly; cupy_interop._keeping_pool holds it)."""
+    w = cp.random.rand(32, 16, dtype=cp.float32)
+    x = cp.random.rand(64, 32, dtype=cp.float32)
+    h = cg.GraphHandle(step, {"x": x, "w": w}, warmup=1)
+    h(x=x, w=w)
+    out, rows = h(x=x, w=w)                      # a replay: the static outputs
+    want_out, want_rows = (a.get() for a in step(x, w))
+    h.close()
+    del h
+    import gc
+    gc.collect()
+    fill = [cp.full(n, -7.0, dtype=cp.float32) for n in (64 * 16, 64, 32 * 1024, 64 * 16 * 32) for _ in range(8)]
+    cp.cuda.runtime.deviceSynchronize()
+    np.testing.assert_allclose(out.get(), want_out, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(rows.get(), want_rows, rtol=1e-6, atol=1e-6)
+    del fill
+
+
 def test_cupy_only_process_never_imports_torch():
     code = textwrap.dedent("""
         import sys
