@@ -87,7 +87,6 @@ class _Resources:
         self.graphs.clear()
 
     def _release_buffers(self) -> None:
-        self.outputs.clear()
         for per_bucket in self.statics.values():
             for st in per_bucket.values():
                 st.close()

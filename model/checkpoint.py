@@ -19,7 +19,7 @@ import torch
 
 from .config import ModelConfig
 from .config_checks import FieldReader, load_json_object
-from .weights import ModelWeights, empty_weights, hf_targets
+from .weights import empty_weights, hf_targets
 
 
 class CheckpointError(ValueError):

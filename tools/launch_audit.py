@@ -57,14 +57,16 @@ class _Recorder:
     """Stands in for a @triton.jit kernel: ``kernel[grid](...)`` records the launch."""
 
     def __init__(self, name, jit, log):
+        from model.ops._util import pdl_allowed_here
+
         self.name, self.jit, self.log = name, jit, log
+        self.pdl_allowed_here = pdl_allowed_here
         params = inspect.signature(jit.fn).parameters
         self.names = list(params)
         self.constexpr = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            from model.ops import _util
             bound = dict(zip(self.names, args))
             opts = {k: kwargs.pop(k) for k in list(kwargs) if k in _OPTIONS}
             bound.update(kwargs)
@@ -75,7 +77,7 @@ class _Recorder:
             rt = {k: v for k, v in bound.items() if k not in self.constexpr}
             g = grid(cx) if callable(grid) else grid
             self.log.append(Launch(self.name, tuple(g), rt, cx, opts, self.jit,
-                                   pdl_allowed=_util.pdl_allowed_here()))
+                                   pdl_allowed=self.pdl_allowed_here()))
         return launch
 
 

@@ -51,32 +51,34 @@ class QuantPlan:
 
 
 def plan_quant(args, cfg, dtype, checkpoint_qcfg=None) -> QuantPlan:
-    """The QuantPlan of --quant/--group-size/--lm-head/--quant-method for a model of `cfg` in `dtype`, given the
-    checkpoint's quantization_config (None: bf16 checkpoint or preset). ValueError naming the flag
-    for a combination that cannot be: a group size that does not divide every int4 weight, an int4
-    lm_head on tied embeddings, flags that contradict an int4 checkpoint."""
+    """The QuantPlan of --quant/--group-size/--lm-head/--quant-method for a model of `cfg` in
+    `dtype`, given the checkpoint's quantization_config (None: bf16 checkpoint or preset).
+    ValueError naming the flag for a combination that cannot be: a group size that does not divide
+    every int4 weight, an int4 lm_head on tied embeddings, flags that contradict an int4 checkpoint.
+    A tool that defines its own int4 flags may lack --quant-method."""
     from . import QuantizationConfig
     from .build import check_int4_fields
 
+    method = getattr(args, "quant_method", None)
     if checkpoint_qcfg is not None:
         q = checkpoint_qcfg
         for flag, given, stored in (("--group-size", args.group_size, q.group_size),
                                     ("--lm-head", args.lm_head, q.lm_head),
-                                    ("--quant-method", getattr(args, "quant_method", None), q.method)):
+                                    ("--quant-method", method, q.method)):
             if given is not None and given != stored:
                 raise ValueError(f"{flag} {given}: the checkpoint is int4 already, with {flag[2:]} {stored} "
                                  f"(its quantization_config); leave {flag} out")
         return QuantPlan("int4-dequant" if args.quant == "int4-dequant" else "int4", q, True)
     if args.quant == "none":
         for flag, given in (("--group-size", args.group_size), ("--lm-head", args.lm_head),
-                            ("--quant-method", getattr(args, "quant_method", None))):
+                            ("--quant-method", method)):
             if given is not None:
                 raise ValueError(f"{flag} applies when quantizing: add --quant int4 (or int4-dequant)")
         return QuantPlan("none")
     G = args.group_size or DEFAULT_GROUP_SIZE
     lm_head = args.lm_head or "bf16"
     check_int4_fields(cfg, G, lm_head)      # every int4 weight's K against G, tied lm_head: before any work
-    spec = QuantizationConfig(method=getattr(args, "quant_method", None) or METHOD, group_size=G, lm_head=lm_head,
+    spec = QuantizationConfig(method=method or METHOD, group_size=G, lm_head=lm_head,
                               scale_dtype=str(dtype).replace("torch.", ""))
     return QuantPlan(args.quant, spec)
 

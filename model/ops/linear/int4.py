@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...quant.format import CODES_PER_WORD, QuantizedLinear
+from ...quant.format import QuantizedLinear
 from .._util import INTERPRET, MODEL_DTYPES, check_rows, next_pow2, pdl, pdl_wait
 from ..hardware import DeviceProfile, current_profile, profile_for
 from .gemv import (MAX_BATCH, _check_norm_gemv, _h_tile, _input_tile, _inv_rms, gemv_dot_block_n, gemv_reference,

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ...quant.format import QuantizedLinear
-from .._util import INTERPRET, MODEL_DTYPES, next_pow2, pdl, pdl_wait
+from .._util import INTERPRET, next_pow2, pdl, pdl_wait
 from ..linear.int4_gemm import _int4_tile
 from .grouped import (MoeGroupedLaunch, _block_rows, _check_grouped, _combine_store, _mma, _rnd, _shared_act_tile,
                       moe_experts_grouped_reference, moe_grouped_launch_config)
