@@ -3,6 +3,7 @@
 capture is currently unsupported", cupy-cuda13x on an H200), replays equal to eager, host (numpy) inputs and pinned outputs, buckets, ordering after
 CuPy's current stream, the private pool keeping graph memory from eager code, and a process that
 never imports torch."""
+import gc
 import subprocess
 import sys
 import textwrap
@@ -124,7 +125,6 @@ def test_an_output_kept_after_close_keeps_its_memory():
     want_out, want_rows = (a.get() for a in step(x, w))
     h.close()
     del h
-    import gc
     gc.collect()
     fill = [cp.full(n, -7.0, dtype=cp.float32) for n in (64 * 16, 64, 32 * 1024, 64 * 16 * 32) for _ in range(8)]
     cp.cuda.runtime.deviceSynchronize()
