@@ -91,7 +91,8 @@ def test_int4_grids_hold_whole_groups(group_size):
     assert (group_size == 128) == (len(grids["down"]) < len(plain["down"]))
 
 
-@pytest.mark.parametrize("fields", [{}, dict(gate_up_block_i=4, gate_up_block_h=32, down_block_ho=8, down_block_i=32)])
+@pytest.mark.parametrize("fields", [{}, dict(gate_up_block_i=4, gate_up_block_h=32, down_block_ho=8, down_block_i=32,
+                                                gate_up_tc=False, down_tc=False)])
 def test_int4_configurations_match_the_int4_reference(fields):
     bench = bench_moe.Bench(_tiny32(), batch=2, copies=2, seed=3, torch=torch, device="cpu", group_size=32)
     L = bench.layers[0]

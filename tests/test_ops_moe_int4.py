@@ -57,7 +57,7 @@ def test_moe_int4_act_workspace_matches_the_bf16_kernel_on_dequantized_experts()
     dequantized experts (fp32: same products, same sums up to order)."""
     b, h, e, i, i_s, k, G = 2, 64, 5, 32, 32, 3, 32
     x, gu, dn, ids, w, sgu, sdn, sgl = _inputs(11, b, h, e, i, i_s, k, G, torch.float32)
-    cfg = moe4.moe_int4_launch_config(b, h, i, k, i_s, G)
+    cfg = moe4.moe_int4_launch_config(b, h, i, k, i_s, G, tc=False)   # fp32: the CUDA-core kernel
     ws4 = torch.full((b * k * i,), float("nan"))
     ws = ws4.clone()
     moe4.launch_moe_gate_up_int4(x, gu, ids, ws4, cfg)
@@ -117,5 +117,118 @@ def test_moe_int4_launch_config_holds_whole_groups():
                 c = moe4.moe_int4_launch_config(b, h, i, k, i_s, G, h200)
                 for v in (c.gate_up_block_h, c.down_block_i):
                     assert v % G == 0 and v & (v - 1) == 0
-                assert c.gate_up_block_i * c.gate_up_block_h <= 16384   # accumulators: one fp32 per word
-                assert c.down_block_ho * 8 * c.down_block_i <= 8192
+                # the tensor-core kernels: dots of K >= 16 words, 16-row MMA blocks; gate/up up to
+                # TC_MAX_BATCH rows, down from DOWN_TC_MIN_BATCH rows
+                assert c.gate_up_tc == (b <= moe4.TC_MAX_BATCH)
+                assert c.down_tc == (moe4.DOWN_TC_MIN_BATCH <= b <= moe4.TC_MAX_BATCH)
+                if c.gate_up_tc:
+                    assert c.gate_up_block_h >= 128 and c.gate_up_block_i == 16
+                else:
+                    assert c.gate_up_block_i * c.gate_up_block_h <= 16384   # accumulators: one fp32 per word
+                if c.down_tc:
+                    assert c.down_block_i >= 128 and c.down_block_ho == 16
+                else:
+                    assert c.down_block_ho * 8 * c.down_block_i <= 8192
+
+
+def _no_cuda_core_kernels(monkeypatch):
+    """Batch 1 in bf16/fp16 must take the tensor-core kernels, not fall back to today's."""
+    monkeypatch.setattr(moe4, "_moe_gate_up_int4_kernel", None)
+    monkeypatch.setattr(moe4, "_moe_down_int4_kernel", None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("h,e,i,i_s,k,group_size,launch", [
+    (640, 9, 96, 128, 8, 32, None),          # H: a masked tail K tile (512 + 128); I, Is < the 128-column tile
+    (384, 11, 384, 256, 8, 64, None),        # H < the 512-column tile; I: a masked tail down tile (256 + 128)
+    (256, 6, 256, 384, 4, 128, None),        # 4 slots of 8; Is > I
+    (256, 9, 96, 128, 8, 32, moe4.MoeInt4Launch(64, 128, 2, 3, 16, 128, 4, 3, True, True)),   # several programs
+])
+def test_moe_int4_tc_matches_reference(monkeypatch, dtype, h, e, i, i_s, k, group_size, launch):
+    """B = 1, bf16/fp16: the tensor-core kernels (outputs poisoned with NaN first) against the
+    reference on the dequantized experts, one slot's id -1 (another rank's expert: its act is 0);
+    fp16, which the interpreter rounds as the GPU does, within the fp32 summation order; bf16 (whose
+    roundings the interpreter truncates, 8 of them in the ascending sum) against today's kernels."""
+    x, gu, dn, ids, w, sgu, sdn, sgl = _inputs(h + i + group_size, 1, h, e, i, i_s, k, group_size, dtype)
+    ids[0, 1] = -1
+    args = (x, gu, dn, ids, w, sgu, sdn, sgl)
+    launch = launch or moe4.moe_int4_launch_config(1, h, i, k, i_s, group_size, tc=True)
+    ref, _ = _run(moe4.moe_experts_int4_reference, args, 1, h, k, i, dtype)
+    if dtype == torch.bfloat16:
+        old = moe4.moe_int4_launch_config(1, h, i, k, i_s, group_size, tc=False)
+        ref, _ = _run(moe4.moe_experts_int4_triton, args, 1, h, k, i, dtype, launch=old)
+    _no_cuda_core_kernels(monkeypatch)
+    out, ws = _run(moe4.moe_experts_int4_triton, args, 1, h, k, i, dtype, launch=launch)
+    tol = TOL[torch.bfloat16] if dtype == torch.bfloat16 else dict(atol=2e-3, rtol=2e-3)
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+    # the act rows: silu(gate) * up with the reference's roundings; the foreign slot's is 0
+    deq = gu.dequantize(dtype)
+    for j in range(k):
+        row = ws[j * i:(j + 1) * i]
+        if ids[0, j] < 0:
+            assert torch.equal(row, torch.zeros_like(row))
+            continue
+        g, u = torch.nn.functional.linear(x, deq[int(ids[0, j])]).chunk(2, dim=-1)
+        torch.testing.assert_close(row.float(), (torch.nn.functional.silu(g) * u)[0].float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_moe_int4_batch1_default_is_tc_gate_up_and_cuda_core_down(monkeypatch, dtype):
+    """B = 1, bf16/fp16, default launch: gate/up on the tensor cores, down on the CUDA cores (the
+    faster pair on an H200), each the other path's kernel removed; equals the CUDA-core pair."""
+    b, h, e, i, i_s, k, G = 1, 256, 9, 128, 128, 8, 32
+    args = _inputs(43, b, h, e, i, i_s, k, G, dtype)
+    c = moe4.moe_int4_launch_config(b, h, i, k, i_s, G)
+    assert c.gate_up_tc and not c.down_tc
+    ref, ref_ws = _run(moe4.moe_experts_int4_triton, args, b, h, k, i, dtype,
+                       launch=moe4.moe_int4_launch_config(b, h, i, k, i_s, G, tc=False))
+    monkeypatch.setattr(moe4, "_moe_gate_up_int4_kernel", None)
+    monkeypatch.setattr(moe4, "_moe_down_int4_tc_kernel", None)
+    out, ws = _run(moe4.moe_experts_int4_triton, args, b, h, k, i, dtype)
+    tol = TOL[torch.bfloat16] if dtype == torch.bfloat16 else dict(atol=2e-3, rtol=2e-3)
+    assert not torch.isnan(out).any() and not torch.isnan(ws).any()
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+    torch.testing.assert_close(ws.float(), ref_ws.float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_moe_int4_tc_takes_several_rows(monkeypatch, dtype):
+    """B = 3 (each row its own experts, one row with a foreign id -1): the tensor-core kernels, outputs
+    poisoned first, equal the reference (fp16, which the interpreter rounds as the GPU does) or
+    today's kernels (bf16, whose roundings the interpreter truncates); the act rows equal today's."""
+    b, h, e, i, i_s, k, G = 3, 256, 9, 128, 128, 4, 32
+    args = _inputs(41, b, h, e, i, i_s, k, G, dtype)
+    args[3][1, 2] = -1
+    c = moe4.moe_int4_launch_config(b, h, i, k, i_s, G)
+    assert c.gate_up_tc and c.down_tc
+    old = moe4.moe_int4_launch_config(b, h, i, k, i_s, G, tc=False)
+    ref, ref_ws = _run(moe4.moe_experts_int4_triton, args, b, h, k, i, dtype, launch=old)
+    if dtype == torch.float16:
+        ref, _ = _run(moe4.moe_experts_int4_reference, args, b, h, k, i, dtype)
+    _no_cuda_core_kernels(monkeypatch)
+    out, ws = _run(moe4.moe_experts_int4_triton, args, b, h, k, i, dtype)
+    tol = TOL[torch.bfloat16] if dtype == torch.bfloat16 else dict(atol=2e-3, rtol=2e-3)
+    assert not torch.isnan(out).any() and not torch.isnan(ws).any()
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+    torch.testing.assert_close(ws.float(), ref_ws.float(), **tol)
+    foreign = (1 * k + 2) * i
+    assert torch.equal(ws[foreign:foreign + i], torch.zeros(i, dtype=dtype))
+
+
+def test_moe_int4_tc_refusals():
+    """Tensor-core tiles must be >= 128 columns; the tensor-core kernels take batch 1 in bf16/fp16 only."""
+    b, h, e, i, i_s, k, G = 1, 256, 4, 128, 128, 2, 32
+    x, gu, dn, ids, w, sgu, sdn, sgl = _inputs(5, b, h, e, i, i_s, k, G, torch.float32)
+    ws, out = moe.moe_workspace(b, k, i, torch.float32, "cpu"), torch.empty(b, h)
+    cfg = moe4.moe_int4_launch_config(b, h, i, k, i_s, G)
+    with pytest.raises(ValueError, match="tensor-core expert kernels take batches up to 8, <= 8 slots and bf16/fp16"):
+        moe4.moe_experts_int4_triton(x, gu, dn, ids, w, sgu, sdn, sgl, ws, out, launch=cfg)
+    with pytest.raises(ValueError, match="gate_up_block_h=64 must be .* at least 128 columns"):
+        moe4.moe_experts_int4_triton(x.bfloat16(), gu, dn, ids, w, sgu, sdn, sgl, ws.bfloat16(), out.bfloat16(),
+                                     launch=moe4.MoeInt4Launch(16, 64, 2, 3, 16, 128, 4, 3, True, True))
+    with pytest.raises(ValueError, match="down_block_i=64 must be .* at least 128 columns"):
+        moe4.moe_experts_int4_triton(x.bfloat16(), gu, dn, ids, w, sgu, sdn, sgl, ws.bfloat16(), out.bfloat16(),
+                                     launch=moe4.MoeInt4Launch(16, 128, 2, 3, 16, 64, 4, 3, False, True))
+    # fp32 rows at batch 1 keep the CUDA-core kernels
+    moe4.moe_experts_int4_triton(x, gu, dn, ids, w, sgu, sdn, sgl, ws, out)

@@ -148,6 +148,16 @@ def run_decode_step(preset: str, batch: int, dtype, max_seq: int = 4096, int4: b
     vocab = cfg.vocab_size
     t.sample(e(batch, vocab), e(batch, 3, dt=torch.float32), e(2, dt=torch.int64),
              e(batch, dt=torch.int64), e(t.sample_workspace_numel(batch, vocab), dt=torch.float32))
+    if int4:   # the CUDA-core expert kernels, which fp32 rows and batches past the tensor-core ones take
+        from model.ops import moe
+        from model.ops.moe import int4 as moe4
+
+        m, K, I, Is = dec.weights.layers[0].moe, cfg.num_experts_per_tok, cfg.moe_intermediate_size, \
+            cfg.shared_expert_intermediate_size
+        launch = moe4.moe_int4_launch_config(batch, H, I, K, Is, INT4_GROUP_SIZE, tc=False)
+        moe4.moe_experts_int4_triton(e(batch, H), m.gate_up_proj, m.down_proj, e(batch, K, dt=torch.int32),
+                                     e(batch, K), e(batch, 2 * Is), m.shared_down, e(batch, 1),
+                                     moe.moe_workspace(batch, K, I, dtype, dev), e(batch, H), launch=launch)
 
 
 def run_prefill_step(preset: str, tokens: int, dtype) -> None:

@@ -231,6 +231,44 @@ def _gemv_int4_dot_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, B, N, K, stride_x
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_b[None, :])
 
 
+# building blocks of the tensor-core expert kernels (moe/int4.py): one code position over a tile
+@triton.jit
+def _code(src, J: tl.constexpr):
+    """Code J (0..3: the nibble at bit 4J) of each int32 word of src, as an exact fp32: the lop3
+    and the subtraction of _dequant_codes, for one code position over a whole tile."""
+    power = tl.full(src.shape, (150 - 4 * J) << 23, tl.int32)   # the bits of the float 2^(23 - 4J)
+    mask = tl.full(src.shape, 15 << (4 * J), tl.int32)
+    if _PTX:
+        bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r", [src, mask, power],
+                                         dtype=tl.int32, is_pure=True, pack=1)   # (a & b) | c
+    else:
+        bits = (src & mask) | power
+    return bits.to(tl.float32, bitcast=True) - power.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _to_dt(w, DT: tl.constexpr):
+    """fp32 -> DT, nearest even, two values per cvt (the compiler converts one at a time and
+    packs them with a PRMT)."""
+    if _PTX and DT == tl.bfloat16:
+        return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,f,f", [w], dtype=tl.bfloat16,
+                                         is_pure=True, pack=2)
+    elif _PTX and DT == tl.float16:
+        return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [w], dtype=tl.float16,
+                                         is_pure=True, pack=2)
+    else:
+        return w.to(DT)
+
+
+@triton.jit
+def _per_word(v, R: tl.constexpr, G: tl.constexpr, GW: tl.constexpr):
+    """[R, G] per-group values -> [R, G * GW], each repeated over its group's GW words. Loading
+    them per word instead makes the compiler lay the word tile out along the rows (the scale
+    pointers are not contiguous along K), and the tile then reaches the tensor cores through
+    shared memory one element at a time."""
+    return tl.reshape(tl.broadcast_to(v[:, :, None], (R, G, GW)), (R, G * GW))
+
+
 # ----------------------------------------------------------------------------- launch
 # the most weights per program of the CUDA-core kernel (x the batch); its accumulator is one fp32
 # per word ([B, N, K / 8]), so a program can hold many (the interpreter's wide programs)
