@@ -202,6 +202,21 @@ def _moe_gate_up_kernel(x_ptr, gu_ptr, ids_ptr, act_ptr, H, I, TOPK, stride_x,
 
 
 @triton.jit
+def _ascending_sum(y, ids, offs_k, mk, TOPK, BLOCK_K: tl.constexpr, BLOCK_HO: tl.constexpr, dt: tl.constexpr):
+    """The slots' rows y [K, HO] added in ascending expert id (transformers' order), rounded to dt
+    after each add."""
+    order_ids = tl.where(mk, ids, 2147483647)
+    total = tl.zeros([BLOCK_HO], tl.float32)
+    for _ in range(0, TOPK):
+        e32 = tl.min(order_ids, axis=0)
+        slot = tl.min(tl.where(order_ids == e32, offs_k, BLOCK_K), axis=0)
+        order_ids = tl.where(offs_k == slot, 2147483647, order_ids)
+        yj = tl.sum(tl.where(offs_k[:, None] == slot, y, 0.0), axis=0)
+        total = (total + yj).to(dt).to(tl.float32)
+    return total
+
+
+@triton.jit
 def _moe_down_kernel(act_ptr, dn_ptr, ids_ptr, w_ptr, sgu_ptr, sdn_ptr, sgl_ptr, out_ptr,
                      H, I, IS, TOPK, stride_sgu, stride_sgl, stride_out,
                      BLOCK_HO: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr):
@@ -240,15 +255,7 @@ def _moe_down_kernel(act_ptr, dn_ptr, ids_ptr, w_ptr, sgu_ptr, sdn_ptr, sgl_ptr,
         acc2 += ws.to(tl.float32) * a[None, :]
     y = tl.sum(acc, axis=2).to(dt).to(tl.float32)                  # [K, HO], rounded per expert
     y = (y * wts[:, None]).to(dt).to(tl.float32)
-    # add them in ascending expert id (transformers' order), rounding after each add
-    order_ids = tl.where(mk, ids, 2147483647)
-    total = tl.zeros([BLOCK_HO], tl.float32)
-    for _ in range(0, TOPK):
-        e32 = tl.min(order_ids, axis=0)
-        slot = tl.min(tl.where(order_ids == e32, offs_k, BLOCK_K), axis=0)
-        order_ids = tl.where(offs_k == slot, 2147483647, order_ids)
-        yj = tl.sum(tl.where(offs_k[:, None] == slot, y, 0.0), axis=0)
-        total = (total + yj).to(dt).to(tl.float32)
+    total = _ascending_sum(y, ids, offs_k, mk, TOPK, BLOCK_K, BLOCK_HO, dt)
     ys = tl.sum(acc2, axis=1).to(dt).to(tl.float32)
     gl = tl.load(sgl_ptr + row * stride_sgl).to(tl.float32)
     gs = tl.sigmoid(gl).to(dt).to(tl.float32)

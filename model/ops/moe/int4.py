@@ -21,7 +21,7 @@ from ...quant.format import QuantizedLinear
 from .._util import INTERPRET, MODEL_DTYPES, next_pow2, pdl, pdl_wait
 from ..hardware import current_profile, profile_for
 from ..linear.int4 import _code, _dequant_codes, _dequant_words, _load_words, _per_word, _to_dt
-from .decode import MoeLaunch, _check_moe, moe_experts_reference, moe_launch_config
+from .decode import MoeLaunch, _ascending_sum, _check_moe, moe_experts_reference, moe_launch_config
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -127,21 +127,6 @@ def _group_params(s_rows, z_rows, ww, w0, m_row, m, GROUP: tl.constexpr, BLOCK_I
         sc = tl.load(s_rows + ww // (GROUP // 8), mask=m, other=0.0).to(tl.float32)
         zr = tl.load(z_rows + ww // (GROUP // 8), mask=m, other=0.0).to(tl.float32)
     return sc, zr
-
-
-@triton.jit
-def _ascending_sum(y, ids, offs_k, mk, TOPK, BLOCK_K: tl.constexpr, BLOCK_HO: tl.constexpr, dt: tl.constexpr):
-    """The slots' rows y [K, HO] added in ascending expert id (transformers' order), rounded to dt
-    after each add."""
-    order_ids = tl.where(mk, ids, 2147483647)
-    total = tl.zeros([BLOCK_HO], tl.float32)
-    for _ in range(0, TOPK):
-        e32 = tl.min(order_ids, axis=0)
-        slot = tl.min(tl.where(order_ids == e32, offs_k, BLOCK_K), axis=0)
-        order_ids = tl.where(offs_k == slot, 2147483647, order_ids)
-        yj = tl.sum(tl.where(offs_k[:, None] == slot, y, 0.0), axis=0)
-        total = (total + yj).to(dt).to(tl.float32)
-    return total
 
 
 @triton.jit
