@@ -82,8 +82,10 @@ def test_skewed_routing(device, dtype):
     want = _run(moe.moe_experts_grouped_reference, args, ws)
     _close(_run(moe.moe_experts_grouped_triton, args, ws), want, dtype)
     cfg = moe.moe_grouped_launch_config(t, H, I, k, e, IS)
-    small = moe.MoeGroupedLaunch(**{**cfg.__dict__, "block_m": 16})
-    _close(_run(moe.moe_experts_grouped_triton, args, _workspace(t, k, e, dtype, device), launch=small), want, dtype)
+    for block_m in (16, 128):   # seven blocks of expert 5; one block of 128 holding all its 100 rows
+        launch = moe.MoeGroupedLaunch(**{**cfg.__dict__, "block_m": block_m})
+        _close(_run(moe.moe_experts_grouped_triton, args, _workspace(t, k, e, dtype, device), launch=launch),
+               want, dtype)
 
 
 def test_grouping_is_a_padded_sort_by_expert(device):
@@ -193,7 +195,7 @@ def test_argument_checks(device):
         with pytest.raises(ValueError, match="out"):
             fn(*args, ws, out[:, :-1])
     cfg = moe.moe_grouped_launch_config(t, H, I, k, e, IS)
-    with pytest.raises(ValueError, match="block_m"):
+    with pytest.raises(ValueError, match=r"block_m=8 .* must be one of \(16, 32, 64, 128\)"):
         moe.moe_experts_grouped_triton(*args, ws, out, launch=moe.MoeGroupedLaunch(**{**cfg.__dict__, "block_m": 8}))
     with pytest.raises(ValueError, match="tokens"):
         moe.moe_grouped_workspace(0, k, e, H, I, IS, torch.float32, device)

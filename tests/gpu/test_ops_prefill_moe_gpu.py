@@ -80,7 +80,7 @@ def _both(args, t, dtype, info=None):
     return got, want
 
 
-@pytest.mark.parametrize("t", [1, 16, 128, 2048])
+@pytest.mark.parametrize("t", [1, 16, 128, 2048, 4096])
 def test_grouped_moe_bf16(t):
     got, want = _both(_args(t, torch.bfloat16, seed=10 + t), t, torch.bfloat16)
     _check(got, want, torch.bfloat16)

@@ -34,8 +34,8 @@ from .grouping import group_pairs, max_blocks, pair_chunk
 __all__ = ["MoeGroupedLaunch", "MoeGroupedWorkspace", "moe_grouped_launch_config", "moe_grouped_workspace",
            "moe_experts_grouped_reference", "moe_experts_grouped_triton"]
 
-_MAX_BLOCK_M = 64
-_MIN_BLOCK_M = 16          # tl.dot needs every dim >= 16
+BLOCK_MS = (16, 32, 64, 128)   # pair rows per expert block; tl.dot needs every dim >= 16
+_MIN_BLOCK_M, _MAX_BLOCK_M = BLOCK_MS[0], BLOCK_MS[-1]
 
 
 # ----------------------------------------------------------------------------- launch, workspace
@@ -43,7 +43,7 @@ _MIN_BLOCK_M = 16          # tl.dot needs every dim >= 16
 class MoeGroupedLaunch:
     """Tile configuration; a pure function of the shapes (moe_grouped_launch_config), never
     autotuned, so it is safe inside a CUDA-graph capture."""
-    block_m: int              # pair rows per expert block (16/32/64); experts padded to it
+    block_m: int              # pair rows per expert block (one of BLOCK_MS); experts padded to it
     gate_up_block_n: int      # columns of gate (and as many of up) per program
     down_block_n: int
     block_k: int
@@ -98,6 +98,14 @@ def moe_grouped_workspace(tokens, top_k, num_experts, hidden, intermediate, shar
 
 
 # ----------------------------------------------------------------------------- checks
+def check_block_m(cfg, ws, n_pairs: int, e: int, n_chunks: int, n_blocks: int) -> None:
+    """cfg.block_m is one of BLOCK_MS and the grouping of n_pairs pairs fits the workspace."""
+    if cfg.block_m not in BLOCK_MS or n_chunks * e > ws.chunk_counts.numel() \
+            or n_blocks > ws.block_info.shape[0] or n_blocks * cfg.block_m > ws.sorted_pairs.numel():
+        raise ValueError(f"launch block_m={cfg.block_m} for {n_pairs} pairs does not fit the workspace "
+                         f"(block_m must be one of {BLOCK_MS}; the workspace takes {ws.tokens} x {ws.top_k} pairs)")
+
+
 def _check_grouped(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_down, shared_gate_logit,
                    workspace, out, info):
     if x.dim() != 2:
@@ -317,9 +325,7 @@ def moe_experts_grouped_triton(x, gate_up_proj, down_proj, ids, weights, shared_
     chunk = pair_chunk(p)
     n_chunks = triton.cdiv(p, chunk)
     n_blocks = max_blocks(p, e, cfg.block_m)
-    if cfg.block_m not in (16, 32, 64) or n_chunks * e > ws.chunk_counts.numel() \
-            or n_blocks > ws.block_info.shape[0] or n_blocks * cfg.block_m > ws.sorted_pairs.numel():
-        raise ValueError(f"launch {cfg} does not fit the workspace (block_m must be 16, 32 or 64)")
+    check_block_m(cfg, ws, p, e, n_chunks, n_blocks)
     dot_fp32 = INTERPRET or x.dtype == torch.float32
     emulate = INTERPRET and x.dtype == torch.bfloat16
     has_info = info is not None

@@ -26,7 +26,7 @@ from ...quant.format import QuantizedLinear
 from .._util import INTERPRET, next_pow2, pdl, pdl_wait
 from ..linear.int4_gemm import _int4_tile
 from .grouped import (MoeGroupedLaunch, _block_rows, _check_grouped, _combine_store, _mma, _rnd, _shared_act_tile,
-                      moe_experts_grouped_reference, moe_grouped_launch_config)
+                      check_block_m, moe_experts_grouped_reference, moe_grouped_launch_config)
 from .grouping import group_pairs, max_blocks, pair_chunk
 from .int4 import check_int4_experts
 
@@ -169,9 +169,7 @@ def moe_experts_grouped_int4_triton(x, gate_up_proj: QuantizedLinear, down_proj:
     p = t * k
     n_chunks = triton.cdiv(p, pair_chunk(p))
     n_blocks = max_blocks(p, e, cfg.block_m)
-    if cfg.block_m not in (16, 32, 64) or n_chunks * e > ws.chunk_counts.numel() \
-            or n_blocks > ws.block_info.shape[0] or n_blocks * cfg.block_m > ws.sorted_pairs.numel():
-        raise ValueError(f"launch {cfg} does not fit the workspace (block_m must be 16, 32 or 64)")
+    check_block_m(cfg, ws, p, e, n_chunks, n_blocks)
     for name in ("gate_up_block_n", "down_block_n", "block_k", "shared_block_m", "shared_block_n"):
         v = getattr(cfg, name)
         if v < 16 or v & (v - 1):

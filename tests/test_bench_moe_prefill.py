@@ -1,0 +1,48 @@
+"""tools/bench_moe_prefill.py: its arguments, its sweep grid, and the check every configuration
+passes before it is timed (CPU, Triton's interpreter; the timing itself needs a GPU)."""
+import pytest
+import torch
+
+from model.config import ModelConfig
+from model.ops import moe
+from tools import bench_moe_prefill as bench
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tokens", "0"], "token counts must be >= 1"),
+    (["--tokens", "12,a"], "expected comma-separated token counts"),
+    (["--max-seconds", "nan"], "--max-seconds must be > 0, got nan"),
+])
+def test_bad_arguments_are_named(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_flops_count_pairs_and_shared_expert():
+    # 35b-a3b widths: 8 pairs a token, gate/up 2 x 512 x 2048 and down 2048 x 512, shared down 2048 x 512
+    assert bench.op_flops(1, 2048, 512, 8, 512) == 2 * 8 * 3 * 512 * 2048 + 2 * 512 * 2048
+
+
+def test_sweep_grid_is_valid_and_excludes_the_default():
+    base = moe.moe_grouped_launch_config(4096, 2048, 512, 8, 256, 512)
+    grid = bench.sweep_grid(base)
+    assert grid and base not in grid and len(set(grid)) == len(grid)
+    assert {c.block_m for c in grid} == {32, 64, 128}
+
+
+@pytest.mark.parametrize("block_m", [None, 16, 128])
+def test_configurations_match_the_reference(block_m):
+    case = bench.Case(ModelConfig.preset("tiny"), tokens=40, seed=3, torch=torch, device="cpu")
+    launch = case.default_launch()
+    if block_m:
+        launch = moe.MoeGroupedLaunch(**{**launch.__dict__, "block_m": block_m})
+    assert case.check(launch) <= bench.CHECK_BOUND
+    assert not torch.isnan(case.args["out"]).any()
+
+
+def test_a_wrong_result_is_refused():
+    case = bench.Case(ModelConfig.preset("tiny"), tokens=16, seed=3, torch=torch, device="cpu")
+    case.reference = case.reference + 1.0
+    with pytest.raises(AssertionError, match="relative error"):
+        case.check(case.default_launch())
