@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     kinds = collections.Counter(n.type for n in nodes)
     print(f"captured step: {len(nodes)} nodes {dict(kinds)}; capture {stats.capture_s * 1e3:.1f} ms, "
           f"instantiate {stats.instantiate_s * 1e3:.1f} ms, {stats.replays} replays")
-    print("more: python tools/capture_trace.py --out out/trace ; python tools/bench_decode.py")
+    print("more: python -m tools.capture_trace --out out/trace ; python -m tools.bench_decode")
     return 0 if same else 1
 
 

@@ -111,8 +111,8 @@ def test_generate_cli_prints_the_greedy_tokens(tiny):
     assert f"decode {n} tok (" in lines[2] and f"stop: {want.stop_reasons[0]}" in lines[2], r.stdout
 
 
-@pytest.mark.parametrize("tool", ["tools/capture_trace.py", "tools/bench_decode.py"])
+@pytest.mark.parametrize("tool", ["tools.capture_trace", "tools.bench_decode"])
 def test_tools_say_they_need_a_gpu(tool, tmp_path):
-    r = _run(tool, "--out", str(tmp_path))
+    r = _run("-m", tool, "--out", str(tmp_path))
     assert r.returncode == 2 and "need an NVIDIA GPU" in r.stderr, r.stderr
     assert not any(tmp_path.iterdir())     # nothing written

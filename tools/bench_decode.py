@@ -1,7 +1,7 @@
 """Decode benchmark against the memory-bandwidth floor (a benchmark, not a test).
 
-    python tools/bench_decode.py --preset 35b-a3b --batches 1,2,4,8 --context 1024 --out out/bench
-    python tools/bench_decode.py --preset 35b-a3b --quant int4 [--group-size 128] [--lm-head bf16|int4]
+    python -m tools.bench_decode --preset 35b-a3b --batches 1,2,4,8 --context 1024 --out out/bench
+    python -m tools.bench_decode --preset 35b-a3b --quant int4 [--group-size 128] [--lm-head bf16|int4]
 
 For each batch: checks first that graph-replayed tokens equal eager tokens (greedy, from the same
 state), then times with CUDA events (medians over --steps after warmup): our eager step, the
@@ -24,9 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tools import common  # noqa: E402
+from tools import common
 
 
 def parse_args(argv=None):

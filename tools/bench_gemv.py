@@ -1,7 +1,7 @@
 """The decode step's GEMV shapes against the memory-bandwidth floor, and a sweep of their configs.
 
-    python tools/bench_gemv.py --preset 35b-a3b --sweep --out out/gemv
-    python tools/bench_gemv.py --preset 35b-a3b --quant int4 [--group-size 128] --sweep
+    python -m tools.bench_gemv --preset 35b-a3b --sweep --out out/gemv
+    python -m tools.bench_gemv --preset 35b-a3b --quant int4 [--group-size 128] --sweep
 
 With --quant int4 each shape's weights are quantized (RTN; the speed does not depend on the method)
 and the int4 GEMV (model/ops/linear/int4.py) is checked against its reference (dequantize, then
@@ -24,9 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tools import common  # noqa: E402
+from tools import common
 
 L2_BYTES = 50 << 20   # H100's L2; copies are added until they hold 4x this
 NORM_FUSED = ("gdn in_proj", "attn qkv", "router+shared")

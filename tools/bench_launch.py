@@ -5,7 +5,7 @@ nothing allocates). Each call is timed alone on the host (perf_counter), the GPU
 few calls so the launch queue never fills, and the median reported. Correctness first: every
 method's output must equal the eager result, or no figure is printed.
 
-    python tools/bench_launch.py --out out/   # writes out/bench_launch.json
+    python -m tools.bench_launch --out out/   # writes out/bench_launch.json
 """
 from __future__ import annotations
 
@@ -17,9 +17,7 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from model.cli_args import positive_int, positive_int_list  # noqa: E402
+from model.cli_args import positive_int, positive_int_list
 
 
 def make_step(n_kernels: int, out):
@@ -125,7 +123,7 @@ def main(argv=None) -> int:
     meta = {
         "gpu": info["name"], "driver_version": info["driver_version"],
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
+        "command": "python -m tools.bench_launch " + " ".join(argv or sys.argv[1:]),
         "torch": torch.__version__, "python": sys.version.split()[0],
     }
     try:

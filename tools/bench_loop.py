@@ -19,9 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tools import common  # noqa: E402
+from tools import common
 
 
 def parse_args(argv=None):

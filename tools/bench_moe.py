@@ -1,7 +1,7 @@
 """Routed-expert kernels against the memory-bandwidth floor, and a sweep of their launch configs.
 
-    python tools/bench_moe.py --preset 35b-a3b --batch 1 --sweep --out out/moe
-    python tools/bench_moe.py --preset 35b-a3b --batch 1 --quant int4 --group-size 128 --sweep --out out/moe-int4
+    python -m tools.bench_moe --preset 35b-a3b --batch 1 --sweep --out out/moe
+    python -m tools.bench_moe --preset 35b-a3b --batch 1 --quant int4 --group-size 128 --sweep --out out/moe-int4
 
 Builds --copies layers' worth of distinct expert weights (more than L2 holds, like the real step),
 routes each with its own random router logits, checks every configuration against the torch
@@ -28,9 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tools import common  # noqa: E402
+from tools import common
 
 GROUP_SIZES = (32, 64, 128)      # model/quant/format.py's
 DEFAULT_GROUP_SIZE = 128

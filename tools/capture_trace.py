@@ -1,7 +1,7 @@
 """Show what a captured decode step is made of.
 
-    python tools/capture_trace.py --preset tiny --out out/trace
-    python tools/capture_trace.py --preset 35b-a3b --quant int4 [--group-size 128] [--lm-head int4] --out out/trace-int4
+    python -m tools.capture_trace --preset tiny --out out/trace
+    python -m tools.capture_trace --preset 35b-a3b --quant int4 [--group-size 128] [--lm-head int4] --out out/trace-int4
 
 Builds the decoder, warms up, captures one decode step (decode + on-device sampling) through a
 cugraph_rt.GraphHandle and writes to --out: graph.dot (and graph.svg where graphviz is installed),
@@ -24,9 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tools import common  # noqa: E402
+from tools import common
 
 
 def parse_args(argv=None):

@@ -25,9 +25,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from model.cli_args import positive_int, seed  # noqa: E402
+from model.cli_args import positive_int, seed
 
 
 def model_config():
