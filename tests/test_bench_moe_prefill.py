@@ -9,8 +9,8 @@ from tools import bench_moe_prefill as bench
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--tokens", "0"], "token counts must be >= 1"),
-    (["--tokens", "12,a"], "expected comma-separated token counts"),
+    (["--tokens", "0"], "expected comma-separated positive integers, got '0'"),
+    (["--tokens", "12,a"], "expected comma-separated positive integers, got '12,a'"),
     (["--max-seconds", "nan"], "--max-seconds must be > 0, got nan"),
 ])
 def test_bad_arguments_are_named(capsys, argv, message):

@@ -27,20 +27,10 @@ from tools import common
 CHECK_BOUND = 0.02
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated token counts, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"token counts must be >= 1, got {text!r}")
-    return values
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m tools.bench_moe_prefill", description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=common.PRESETS, default="35b-a3b")
-    p.add_argument("--tokens", type=_int_list, default=[1024, 4096], help="tokens per prefill chunk")
+    p.add_argument("--tokens", type=common.positive_int_list, default=[1024, 4096], help="tokens per prefill chunk")
     p.add_argument("--reps", type=common.positive_int, default=20, help="timed graph replays per configuration")
     p.add_argument("--sweep", action="store_true", help="sweep the tile configurations (sweep_grid)")
     p.add_argument("--max-seconds", type=float, default=120.0, help="stop each sweep after this long")

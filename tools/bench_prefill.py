@@ -38,23 +38,14 @@ from pathlib import Path
 from tools import common
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
-    return values
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m tools.bench_prefill", description=__doc__.split("\n")[0])
     common.add_model_args(p, default_preset="35b-a3b")
-    p.add_argument("--lengths", type=_int_list, default=[128, 1024, 4096, 16384], help="prompt lengths, batch 1")
-    p.add_argument("--mixed", type=_int_list, default=[100, 1000, 3000], help="row lengths of one mixed call")
+    ints = common.positive_int_list
+    p.add_argument("--lengths", type=ints, default=[128, 1024, 4096, 16384], help="prompt lengths, batch 1")
+    p.add_argument("--mixed", type=ints, default=[100, 1000, 3000], help="row lengths of one mixed call")
     p.add_argument("--chunk", type=common.positive_int, default=None, help="tokens per prefill step (default 4096)")
-    p.add_argument("--sweep-chunks", type=_int_list, default=[],
+    p.add_argument("--sweep-chunks", type=ints, default=[],
                    help="also time --lengths with each of these chunk sizes (to choose the default by measurement)")
     p.add_argument("--reps", type=common.positive_int, default=3)
     p.add_argument("--check-tokens", type=common.positive_int, default=300)

@@ -98,12 +98,16 @@ def moe_grouped_workspace(tokens, top_k, num_experts, hidden, intermediate, shar
 
 
 # ----------------------------------------------------------------------------- checks
-def check_block_m(cfg, ws, n_pairs: int, e: int, n_chunks: int, n_blocks: int) -> None:
-    """cfg.block_m is one of BLOCK_MS and the grouping of n_pairs pairs fits the workspace."""
+def grouping_blocks(cfg, ws, n_pairs: int, e: int) -> int:
+    """The GEMM blocks (grid rows) of grouping n_pairs pairs over e experts with cfg.block_m rows a
+    block, refused where block_m is not one of BLOCK_MS or the grouping does not fit the workspace."""
+    n_chunks = triton.cdiv(n_pairs, pair_chunk(n_pairs))
+    n_blocks = max_blocks(n_pairs, e, cfg.block_m)
     if cfg.block_m not in BLOCK_MS or n_chunks * e > ws.chunk_counts.numel() \
             or n_blocks > ws.block_info.shape[0] or n_blocks * cfg.block_m > ws.sorted_pairs.numel():
         raise ValueError(f"launch block_m={cfg.block_m} for {n_pairs} pairs does not fit the workspace "
                          f"(block_m must be one of {BLOCK_MS}; the workspace takes {ws.tokens} x {ws.top_k} pairs)")
+    return n_blocks
 
 
 def _check_grouped(x, gate_up_proj, down_proj, ids, weights, shared_gate_up, shared_down, shared_gate_logit,
@@ -322,10 +326,7 @@ def moe_experts_grouped_triton(x, gate_up_proj, down_proj, ids, weights, shared_
     cfg = launch or moe_grouped_launch_config(t, h, i, k, e, i_s)
     ws = workspace
     p = t * k
-    chunk = pair_chunk(p)
-    n_chunks = triton.cdiv(p, chunk)
-    n_blocks = max_blocks(p, e, cfg.block_m)
-    check_block_m(cfg, ws, p, e, n_chunks, n_blocks)
+    n_blocks = grouping_blocks(cfg, ws, p, e)
     dot_fp32 = INTERPRET or x.dtype == torch.float32
     emulate = INTERPRET and x.dtype == torch.bfloat16
     has_info = info is not None

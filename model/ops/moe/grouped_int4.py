@@ -26,8 +26,8 @@ from ...quant.format import QuantizedLinear
 from .._util import INTERPRET, next_pow2, pdl, pdl_wait
 from ..linear.int4_gemm import _int4_tile
 from .grouped import (MoeGroupedLaunch, _block_rows, _check_grouped, _combine_store, _mma, _rnd, _shared_act_tile,
-                      check_block_m, moe_experts_grouped_reference, moe_grouped_launch_config)
-from .grouping import group_pairs, max_blocks, pair_chunk
+                      grouping_blocks, moe_experts_grouped_reference, moe_grouped_launch_config)
+from .grouping import group_pairs
 from .int4 import check_int4_experts
 
 __all__ = ["moe_grouped_int4_launch_config", "moe_experts_grouped_int4_reference", "moe_experts_grouped_int4_triton"]
@@ -167,9 +167,7 @@ def moe_experts_grouped_int4_triton(x, gate_up_proj: QuantizedLinear, down_proj:
     cfg = launch or moe_grouped_int4_launch_config(t, h, i, k, e, i_s)
     ws = workspace
     p = t * k
-    n_chunks = triton.cdiv(p, pair_chunk(p))
-    n_blocks = max_blocks(p, e, cfg.block_m)
-    check_block_m(cfg, ws, p, e, n_chunks, n_blocks)
+    n_blocks = grouping_blocks(cfg, ws, p, e)
     for name in ("gate_up_block_n", "down_block_n", "block_k", "shared_block_m", "shared_block_n"):
         v = getattr(cfg, name)
         if v < 16 or v & (v - 1):

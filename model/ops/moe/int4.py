@@ -400,9 +400,10 @@ TC_MAX_BATCH = 8
 DOWN_TC_MIN_BATCH = 2
 
 
-def moe_int4_tc_eligible(b: int, k: int, dtype) -> bool:
-    """Up to TC_MAX_BATCH rows with bf16/fp16 values (what the tensor cores take), at most 8 slots."""
-    return 1 <= b <= TC_MAX_BATCH and k <= 8 and dtype in (torch.bfloat16, torch.float16)
+def moe_int4_tc_eligible(b: int, k: int, dtype=None) -> bool:
+    """Up to TC_MAX_BATCH rows with bf16/fp16 values (what the tensor cores take), at most 8 slots;
+    dtype None: the shape alone."""
+    return 1 <= b <= TC_MAX_BATCH and k <= 8 and (dtype is None or dtype in (torch.bfloat16, torch.float16))
 
 
 def moe_int4_launch_config(b: int, h: int, i: int, k: int, i_s: int, group_size: int,
@@ -412,7 +413,7 @@ def moe_int4_launch_config(b: int, h: int, i: int, k: int, i_s: int, group_size:
     rows with at most 8 slots, down from DOWN_TC_MIN_BATCH rows on; True: both kernels (up to
     TC_MAX_BATCH rows); False: neither (the caller passes False for fp32 rows)."""
     profile = current_profile() if profile is None else profile
-    fits = 1 <= b <= TC_MAX_BATCH and k <= 8
+    fits = moe_int4_tc_eligible(b, k)
     gate_up_tc = fits if tc is None else tc
     down_tc = fits and b >= DOWN_TC_MIN_BATCH if tc is None else tc
     cuda_core = _cuda_core_config(b, h, i, k, i_s, group_size, profile)
