@@ -4,6 +4,7 @@ decode op's per-row reference, the expert grouping itself, padding tokens (info)
 Tolerances: fp32 1e-5 (summation order only). bf16: the kernels round at the reference's points
 (under the interpreter through an exact round-to-nearest-even), so they differ only where a
 different fp32 summation order flips a rounding: checked as 1e-2 abs/rel and >= 98% bit-equal."""
+import dataclasses
 import pytest
 import torch
 
@@ -83,7 +84,7 @@ def test_skewed_routing(device, dtype):
     _close(_run(moe.moe_experts_grouped_triton, args, ws), want, dtype)
     cfg = moe.moe_grouped_launch_config(t, H, I, k, e, IS)
     for block_m in (16, 128):   # seven blocks of expert 5; one block of 128 holding all its 100 rows
-        launch = moe.MoeGroupedLaunch(**{**cfg.__dict__, "block_m": block_m})
+        launch = dataclasses.replace(cfg, block_m=block_m)
         _close(_run(moe.moe_experts_grouped_triton, args, _workspace(t, k, e, dtype, device), launch=launch),
                want, dtype)
 
@@ -196,6 +197,14 @@ def test_argument_checks(device):
             fn(*args, ws, out[:, :-1])
     cfg = moe.moe_grouped_launch_config(t, H, I, k, e, IS)
     with pytest.raises(ValueError, match=r"block_m=8 .* must be one of \(16, 32, 64, 128\)"):
-        moe.moe_experts_grouped_triton(*args, ws, out, launch=moe.MoeGroupedLaunch(**{**cfg.__dict__, "block_m": 8}))
+        moe.moe_experts_grouped_triton(*args, ws, out, launch=dataclasses.replace(cfg, block_m=8))
+    for kernel, field, v, name in (("gate_up", "block_n", 48, "gate_up.block_n=48"), ("shared", "block_k", 8, "shared.block_k=8")):
+        bad = dataclasses.replace(cfg, **{kernel: dataclasses.replace(getattr(cfg, kernel), **{field: v})})
+        with pytest.raises(ValueError, match=rf"launch\.{name} must be a power of two >= 16"):
+            moe.moe_experts_grouped_triton(*args, ws, out, launch=bad)
+    with pytest.raises(ValueError, match="launch.down: num_warps=3"):
+        moe.moe_experts_grouped_triton(*args, ws, out, launch=dataclasses.replace(cfg, down=dataclasses.replace(cfg.down, num_warps=3)))
+    with pytest.raises(TypeError, match="launch must be a MoeGroupedLaunch"):
+        moe.moe_experts_grouped_triton(*args, ws, out, launch={"block_m": 64})
     with pytest.raises(ValueError, match="tokens"):
         moe.moe_grouped_workspace(0, k, e, H, I, IS, torch.float32, device)

@@ -54,8 +54,9 @@ def test_grouped_int4_matches_reference(dtype, group_size, h, i, i_s):
         deq[j] = args[j].dequantize(dtype)
     assert torch.equal(want, _run(moe.moe_experts_grouped_reference, deq, ws, info))
     cfg = gi.moe_grouped_int4_launch_config(t, h, i, k, e, i_s)
-    assert cfg.block_k == min(128, h, i, i_s)
-    for launch in (None, dataclasses.replace(cfg, block_m=16, block_k=16)):
+    assert {cfg.gate_up.block_k, cfg.down.block_k, cfg.shared.block_k} == {min(128, h, i, i_s)}
+    k16 = {kernel: dataclasses.replace(getattr(cfg, kernel), block_k=16) for kernel in ("gate_up", "down", "shared")}
+    for launch in (None, dataclasses.replace(cfg, block_m=16, **k16)):
         got = _run(gi.moe_experts_grouped_int4_triton, args, _workspace(t, k, e, dtype, "cpu", h=h, i=i, i_s=i_s),
                    info, launch=launch)
         _close(got, want, dtype)
@@ -101,5 +102,6 @@ def test_grouped_int4_argument_checks():
         with pytest.raises(TypeError, match="info"):
             fn(*args, ws, out, torch.tensor([0, 0, 4], dtype=torch.int32))
     cfg = gi.moe_grouped_int4_launch_config(t, h, i, k, e, i_s)
-    with pytest.raises(ValueError, match="launch.block_k=8 must be a power of two >= 16"):
-        gi.moe_experts_grouped_int4_triton(*args, ws, out, launch=dataclasses.replace(cfg, block_k=8))
+    with pytest.raises(ValueError, match="launch.down.block_k=8 must be a power of two >= 16"):
+        gi.moe_experts_grouped_int4_triton(*args, ws, out,
+                                           launch=dataclasses.replace(cfg, down=dataclasses.replace(cfg.down, block_k=8)))

@@ -31,7 +31,7 @@ from .._util import INTERPRET, MODEL_DTYPES, check_info, check_rows, next_pow2, 
 from .decode import check_expert_args
 from .grouping import group_pairs, max_blocks, pair_chunk
 
-__all__ = ["MoeGroupedLaunch", "MoeGroupedWorkspace", "moe_grouped_launch_config", "moe_grouped_workspace",
+__all__ = ["GemmTiles", "MoeGroupedLaunch", "MoeGroupedWorkspace", "moe_grouped_launch_config", "moe_grouped_workspace",
            "moe_experts_grouped_reference", "moe_experts_grouped_triton"]
 
 BLOCK_MS = (16, 32, 64, 128)   # pair rows per expert block; tl.dot needs every dim >= 16
@@ -40,17 +40,24 @@ _MIN_BLOCK_M, _MAX_BLOCK_M = BLOCK_MS[0], BLOCK_MS[-1]
 
 # ----------------------------------------------------------------------------- launch, workspace
 @dataclass(frozen=True)
+class GemmTiles:
+    """One kernel's tiles and schedule: the gate/up and down GEMMs have different shapes (K = H
+    against K = I), so each has its own."""
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
 class MoeGroupedLaunch:
     """Tile configuration; a pure function of the shapes (moe_grouped_launch_config), never
     autotuned, so it is safe inside a CUDA-graph capture."""
     block_m: int              # pair rows per expert block (one of BLOCK_MS); experts padded to it
-    gate_up_block_n: int      # columns of gate (and as many of up) per program
-    down_block_n: int
-    block_k: int
+    gate_up: GemmTiles        # block_n: columns of gate (and as many of up) per program
+    down: GemmTiles
     shared_block_m: int       # tokens per program of the shared-expert + combine kernel
-    shared_block_n: int
-    num_warps: int
-    num_stages: int
+    shared: GemmTiles
 
 
 def moe_grouped_launch_config(t: int, h: int, i: int, k: int, e: int, i_s: int) -> MoeGroupedLaunch:
@@ -58,8 +65,10 @@ def moe_grouped_launch_config(t: int, h: int, i: int, k: int, e: int, i_s: int) 
     block_m = 16 if avg <= 16 else 32 if avg <= 32 else 64
     few = t * k <= 64                                    # a handful of blocks: narrower tiles, more programs
     bn = lambda n, cap: max(16, min(cap, next_pow2(n)))  # noqa: E731
-    return MoeGroupedLaunch(block_m, bn(i, 32 if few else 64), bn(h, 32 if few else 128), bn(max(h, i, i_s), 64),
-                            max(16, min(64, next_pow2(t))), bn(h, 64), 4, 3)
+    bk = bn(max(h, i, i_s), 64)
+    return MoeGroupedLaunch(block_m, GemmTiles(bn(i, 32 if few else 64), bk, 4, 3),
+                            GemmTiles(bn(h, 32 if few else 128), bk, 4, 3),
+                            max(16, min(64, next_pow2(t))), GemmTiles(bn(h, 64), bk, 4, 3))
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,27 @@ def moe_grouped_workspace(tokens, top_k, num_experts, hidden, intermediate, shar
 
 
 # ----------------------------------------------------------------------------- checks
+def check_launch(cfg) -> None:
+    """Every tile a power of two >= 16 (tl.dot's smallest), warps a power of two, stages >= 1."""
+    if not isinstance(cfg, MoeGroupedLaunch):
+        raise TypeError(f"launch must be a MoeGroupedLaunch (moe_grouped_launch_config), got {type(cfg)}")
+    tiles = {"shared_block_m": cfg.shared_block_m}
+    for kernel in ("gate_up", "down", "shared"):
+        t = getattr(cfg, kernel)
+        tiles.update({f"{kernel}.block_n": t.block_n, f"{kernel}.block_k": t.block_k})
+        if t.num_warps not in (1, 2, 4, 8, 16) or t.num_stages < 1:
+            raise ValueError(f"launch.{kernel}: num_warps={t.num_warps} must be a power of two <= 16 and "
+                             f"num_stages={t.num_stages} >= 1")
+    for name, v in tiles.items():
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"launch.{name}={v} must be a power of two >= 16 (tl.dot's smallest tile)")
+
+
+def tile_args(tiles: GemmTiles) -> dict:
+    """A kernel's launch arguments for its tiles."""
+    return dict(BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+
+
 def grouping_blocks(cfg, ws, n_pairs: int, e: int) -> int:
     """The GEMM blocks (grid rows) of grouping n_pairs pairs over e experts with cfg.block_m rows a
     block, refused where block_m is not one of BLOCK_MS or the grouping does not fit the workspace."""
@@ -326,6 +356,7 @@ def moe_experts_grouped_triton(x, gate_up_proj, down_proj, ids, weights, shared_
     cfg = launch or moe_grouped_launch_config(t, h, i, k, e, i_s)
     ws = workspace
     p = t * k
+    check_launch(cfg)
     n_blocks = grouping_blocks(cfg, ws, p, e)
     dot_fp32 = INTERPRET or x.dtype == torch.float32
     emulate = INTERPRET and x.dtype == torch.bfloat16
@@ -334,19 +365,17 @@ def moe_experts_grouped_triton(x, gate_up_proj, down_proj, ids, weights, shared_
     # 1-3: group the pairs by expert
     group_pairs(ids, info, p, e, cfg.block_m, ws.chunk_counts, ws.chunk_base, ws.block_info, ws.sorted_pairs)
     # 4-5: the grouped GEMMs
-    tiles = dict(BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, DOT_FP32=dot_fp32, EMULATE=emulate,
-                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _moe_gate_up_gemm_kernel[(n_blocks, triton.cdiv(i, cfg.gate_up_block_n))](
-        x, gate_up_proj, ws.block_info, ws.sorted_pairs, ws.act, h, i, k, x.stride(0),
-        BLOCK_N=cfg.gate_up_block_n, **tiles, **opts)
-    _moe_down_gemm_kernel[(n_blocks, triton.cdiv(h, cfg.down_block_n))](
-        ws.act, down_proj, weights, ws.block_info, ws.sorted_pairs, ws.y, h, i,
-        BLOCK_N=cfg.down_block_n, **tiles, **opts)
+    flags = dict(BLOCK_M=cfg.block_m, DOT_FP32=dot_fp32, EMULATE=emulate)
+    _moe_gate_up_gemm_kernel[(n_blocks, triton.cdiv(i, cfg.gate_up.block_n))](
+        x, gate_up_proj, ws.block_info, ws.sorted_pairs, ws.act, h, i, k, x.stride(0), **flags,
+        **tile_args(cfg.gate_up), **opts)
+    _moe_down_gemm_kernel[(n_blocks, triton.cdiv(h, cfg.down.block_n))](
+        ws.act, down_proj, weights, ws.block_info, ws.sorted_pairs, ws.y, h, i, **flags,
+        **tile_args(cfg.down), **opts)
     # 6: shared expert and the ordered sum
     sgl = shared_gate_logit  # [T] or [T, 1], any row stride: one element per token
-    _moe_shared_combine_kernel[(triton.cdiv(t, cfg.shared_block_m), triton.cdiv(h, cfg.shared_block_n))](
+    _moe_shared_combine_kernel[(triton.cdiv(t, cfg.shared_block_m), triton.cdiv(h, cfg.shared.block_n))](
         shared_gate_up, shared_down, sgl, ids, ws.y, info, out, t, h, i_s, k,
         shared_gate_up.stride(0), sgl.stride(0), out.stride(0), HAS_INFO=has_info,
-        BLOCK_M=cfg.shared_block_m, BLOCK_N=cfg.shared_block_n, BLOCK_K=cfg.block_k,
-        BLOCK_TOPK=next_pow2(k), DOT_FP32=dot_fp32, EMULATE=emulate, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **opts)
+        BLOCK_M=cfg.shared_block_m, BLOCK_TOPK=next_pow2(k), DOT_FP32=dot_fp32, EMULATE=emulate,
+        **tile_args(cfg.shared), **opts)

@@ -26,7 +26,8 @@ from ...quant.format import QuantizedLinear
 from .._util import INTERPRET, next_pow2, pdl, pdl_wait
 from ..linear.int4_gemm import _int4_tile
 from .grouped import (MoeGroupedLaunch, _block_rows, _check_grouped, _combine_store, _mma, _rnd, _shared_act_tile,
-                      grouping_blocks, moe_experts_grouped_reference, moe_grouped_launch_config)
+                      check_launch, grouping_blocks, moe_experts_grouped_reference, moe_grouped_launch_config,
+                      tile_args)
 from .grouping import group_pairs
 from .int4 import check_int4_experts
 
@@ -155,7 +156,9 @@ def moe_grouped_int4_launch_config(t: int, h: int, i: int, k: int, e: int, i_s: 
     """grouped.py's tiles (block_m by the pairs per expert, the N tiles), with K steps of 128
     where the input dim allows (64 bytes of words per weight row). Not yet tuned on a GPU."""
     base = moe_grouped_launch_config(t, h, i, k, e, i_s)
-    return dataclasses.replace(base, block_k=max(16, min(128, next_pow2(min(h, i, i_s)))))
+    bk = max(16, min(128, next_pow2(min(h, i, i_s))))
+    return dataclasses.replace(base, **{kernel: dataclasses.replace(getattr(base, kernel), block_k=bk)
+                                        for kernel in ("gate_up", "down", "shared")})
 
 
 def moe_experts_grouped_int4_triton(x, gate_up_proj: QuantizedLinear, down_proj: QuantizedLinear, ids, weights,
@@ -167,27 +170,23 @@ def moe_experts_grouped_int4_triton(x, gate_up_proj: QuantizedLinear, down_proj:
     cfg = launch or moe_grouped_int4_launch_config(t, h, i, k, e, i_s)
     ws = workspace
     p = t * k
+    check_launch(cfg)
     n_blocks = grouping_blocks(cfg, ws, p, e)
-    for name in ("gate_up_block_n", "down_block_n", "block_k", "shared_block_m", "shared_block_n"):
-        v = getattr(cfg, name)
-        if v < 16 or v & (v - 1):
-            raise ValueError(f"launch.{name}={v} must be a power of two >= 16 (tl.dot's smallest tile)")
     dot_fp32 = INTERPRET or x.dtype == torch.float32
     emulate = INTERPRET and x.dtype == torch.bfloat16
     opts = pdl(x)
     group_pairs(ids, info, p, e, cfg.block_m, ws.chunk_counts, ws.chunk_base, ws.block_info, ws.sorted_pairs)
-    tiles = dict(BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, DOT_FP32=dot_fp32, EMULATE=emulate,
-                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    flags = dict(BLOCK_M=cfg.block_m, DOT_FP32=dot_fp32, EMULATE=emulate)
     gu, dn, sd = gate_up_proj, down_proj, shared_down
-    _moe_gate_up_int4_gemm_kernel[(n_blocks, triton.cdiv(i, cfg.gate_up_block_n))](
+    _moe_gate_up_int4_gemm_kernel[(n_blocks, triton.cdiv(i, cfg.gate_up.block_n))](
         x, gu.qweight, gu.scales, gu.zeros, ws.block_info, ws.sorted_pairs, ws.act, h, i, k, x.stride(0),
-        GROUP=gu.group_size, BLOCK_N=cfg.gate_up_block_n, **tiles, **opts)
-    _moe_down_int4_gemm_kernel[(n_blocks, triton.cdiv(h, cfg.down_block_n))](
+        GROUP=gu.group_size, **flags, **tile_args(cfg.gate_up), **opts)
+    _moe_down_int4_gemm_kernel[(n_blocks, triton.cdiv(h, cfg.down.block_n))](
         ws.act, dn.qweight, dn.scales, dn.zeros, weights, ws.block_info, ws.sorted_pairs, ws.y, h, i,
-        GROUP=dn.group_size, BLOCK_N=cfg.down_block_n, **tiles, **opts)
+        GROUP=dn.group_size, **flags, **tile_args(cfg.down), **opts)
     sgl = shared_gate_logit  # [T] or [T, 1], any row stride: one element per token
-    _moe_shared_combine_int4_kernel[(triton.cdiv(t, cfg.shared_block_m), triton.cdiv(h, cfg.shared_block_n))](
+    _moe_shared_combine_int4_kernel[(triton.cdiv(t, cfg.shared_block_m), triton.cdiv(h, cfg.shared.block_n))](
         shared_gate_up, sd.qweight, sd.scales, sd.zeros, sgl, ids, ws.y, info, out, t, h, i_s, k,
         shared_gate_up.stride(0), sgl.stride(0), out.stride(0), GROUP=sd.group_size, HAS_INFO=info is not None,
-        BLOCK_M=cfg.shared_block_m, BLOCK_N=cfg.shared_block_n, BLOCK_K=cfg.block_k, BLOCK_TOPK=next_pow2(k),
-        DOT_FP32=dot_fp32, EMULATE=emulate, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **opts)
+        BLOCK_M=cfg.shared_block_m, BLOCK_TOPK=next_pow2(k), DOT_FP32=dot_fp32, EMULATE=emulate,
+        **tile_args(cfg.shared), **opts)
