@@ -218,6 +218,21 @@ def _dot_acc(w, x, acc, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
+def _dot_codes(words, hi, s, zs, xt, a0, a1, a2, a3, a4, a5, a6, a7, DT: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One K tile into the eight per-code accumulators: dot j takes code position j's dequantized
+    tile (_code_weight) against the activations' [words, 8] tile xt."""
+    a0 = _dot_acc(_code_weight(words, hi, s, zs, 0, DT), xt, a0, DOT_FP32)
+    a1 = _dot_acc(_code_weight(words, hi, s, zs, 1, DT), xt, a1, DOT_FP32)
+    a2 = _dot_acc(_code_weight(words, hi, s, zs, 2, DT), xt, a2, DOT_FP32)
+    a3 = _dot_acc(_code_weight(words, hi, s, zs, 3, DT), xt, a3, DOT_FP32)
+    a4 = _dot_acc(_code_weight(words, hi, s, zs, 4, DT), xt, a4, DOT_FP32)
+    a5 = _dot_acc(_code_weight(words, hi, s, zs, 5, DT), xt, a5, DOT_FP32)
+    a6 = _dot_acc(_code_weight(words, hi, s, zs, 6, DT), xt, a6, DOT_FP32)
+    a7 = _dot_acc(_code_weight(words, hi, s, zs, 7, DT), xt, a7, DOT_FP32)
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@triton.jit
 def _col(acc, J: tl.constexpr):
     """Column J of acc ([.., 8]), the other columns' zeros added (exact)."""
     c = tl.arange(0, 8)
@@ -276,14 +291,7 @@ def _moe_gate_up_int4_tc_kernel(x_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, act_ptr, H,
         zs = _per_word(zg * -sg, 2 * BLOCK_I, BLOCK_H // GROUP, GROUP // 8)
         hi = words >> 16
         xt = tl.load(x_ptr + row * stride_x + 8 * ow[:, None] + offs_c[None, :], mask=mw[:, None], other=0.0)
-        a0 = _dot_acc(_code_weight(words, hi, s, zs, 0, dt), xt, a0, DOT_FP32)
-        a1 = _dot_acc(_code_weight(words, hi, s, zs, 1, dt), xt, a1, DOT_FP32)
-        a2 = _dot_acc(_code_weight(words, hi, s, zs, 2, dt), xt, a2, DOT_FP32)
-        a3 = _dot_acc(_code_weight(words, hi, s, zs, 3, dt), xt, a3, DOT_FP32)
-        a4 = _dot_acc(_code_weight(words, hi, s, zs, 4, dt), xt, a4, DOT_FP32)
-        a5 = _dot_acc(_code_weight(words, hi, s, zs, 5, dt), xt, a5, DOT_FP32)
-        a6 = _dot_acc(_code_weight(words, hi, s, zs, 6, dt), xt, a6, DOT_FP32)
-        a7 = _dot_acc(_code_weight(words, hi, s, zs, 7, dt), xt, a7, DOT_FP32)
+        a0, a1, a2, a3, a4, a5, a6, a7 = _dot_codes(words, hi, s, zs, xt, a0, a1, a2, a3, a4, a5, a6, a7, dt, DOT_FP32)
     v = tl.reshape(_diag(a0, a1, a2, a3, a4, a5, a6, a7), (2, BLOCK_I))
     first = tl.arange(0, 2)[:, None] == 0
     g = tl.sum(tl.where(first, v, 0.0), axis=0).to(dt).to(tl.float32)
@@ -334,14 +342,7 @@ def _moe_down_int4_tc_kernel(act_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, w_ptr, sgu_p
         zs = _per_word_3d(zg * -sg, BLOCK_K, BLOCK_HO, BLOCK_I // GROUP, GROUP // 8)
         hi = words >> 16
         xt = tl.load(a_tile + 8 * ow[None, :, None], mask=mine[:, None, None] & mw[None, :, None], other=0.0)
-        a0 = _dot_acc(_code_weight(words, hi, s, zs, 0, dt), xt, a0, DOT_FP32)
-        a1 = _dot_acc(_code_weight(words, hi, s, zs, 1, dt), xt, a1, DOT_FP32)
-        a2 = _dot_acc(_code_weight(words, hi, s, zs, 2, dt), xt, a2, DOT_FP32)
-        a3 = _dot_acc(_code_weight(words, hi, s, zs, 3, dt), xt, a3, DOT_FP32)
-        a4 = _dot_acc(_code_weight(words, hi, s, zs, 4, dt), xt, a4, DOT_FP32)
-        a5 = _dot_acc(_code_weight(words, hi, s, zs, 5, dt), xt, a5, DOT_FP32)
-        a6 = _dot_acc(_code_weight(words, hi, s, zs, 6, dt), xt, a6, DOT_FP32)
-        a7 = _dot_acc(_code_weight(words, hi, s, zs, 7, dt), xt, a7, DOT_FP32)
+        a0, a1, a2, a3, a4, a5, a6, a7 = _dot_codes(words, hi, s, zs, xt, a0, a1, a2, a3, a4, a5, a6, a7, dt, DOT_FP32)
     y = _diag(a0, a1, a2, a3, a4, a5, a6, a7).to(dt).to(tl.float32)   # [K, HO], rounded per expert
     y = (y * wts[:, None]).to(dt).to(tl.float32)
     total = _ascending_sum(y, ids, offs_k, mk, TOPK, BLOCK_K, BLOCK_HO, dt)
@@ -363,14 +364,7 @@ def _moe_down_int4_tc_kernel(act_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, w_ptr, sgu_p
         g = tl.load(sgu_ptr + row * stride_sgu + ii, mask=ii < IS, other=0.0).to(tl.float32)
         u = tl.load(sgu_ptr + row * stride_sgu + IS + ii, mask=ii < IS, other=0.0).to(tl.float32)
         xt = tl.reshape(((g * tl.sigmoid(g)).to(dt).to(tl.float32) * u).to(dt), (BLOCK_I // 8, 8))
-        b0 = _dot_acc(_code_weight(words, hi, s, zs, 0, dt), xt, b0, DOT_FP32)
-        b1 = _dot_acc(_code_weight(words, hi, s, zs, 1, dt), xt, b1, DOT_FP32)
-        b2 = _dot_acc(_code_weight(words, hi, s, zs, 2, dt), xt, b2, DOT_FP32)
-        b3 = _dot_acc(_code_weight(words, hi, s, zs, 3, dt), xt, b3, DOT_FP32)
-        b4 = _dot_acc(_code_weight(words, hi, s, zs, 4, dt), xt, b4, DOT_FP32)
-        b5 = _dot_acc(_code_weight(words, hi, s, zs, 5, dt), xt, b5, DOT_FP32)
-        b6 = _dot_acc(_code_weight(words, hi, s, zs, 6, dt), xt, b6, DOT_FP32)
-        b7 = _dot_acc(_code_weight(words, hi, s, zs, 7, dt), xt, b7, DOT_FP32)
+        b0, b1, b2, b3, b4, b5, b6, b7 = _dot_codes(words, hi, s, zs, xt, b0, b1, b2, b3, b4, b5, b6, b7, dt, DOT_FP32)
     ys = _diag(b0, b1, b2, b3, b4, b5, b6, b7).to(dt).to(tl.float32)
     gl = tl.load(sgl_ptr + row * stride_sgl).to(tl.float32)
     gs = tl.sigmoid(gl).to(dt).to(tl.float32)
