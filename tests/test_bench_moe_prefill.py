@@ -37,7 +37,7 @@ def test_sweep_grid_is_valid_and_excludes_the_default():
 
 
 def test_best_pairs_join_the_fastest_tiles_of_each_kernel():
-    base = moe.moe_grouped_launch_config(4096, 2048, 512, 8, 256, 512)
+    base = moe.moe_grouped_launch_config(1024, 2048, 512, 8, 256, 512)
     fast_gu, slow_gu, fast_dn = (moe.GemmTiles(128, 64, 8, 4), moe.GemmTiles(64, 128, 4, 4), moe.GemmTiles(256, 64, 8, 3))
     timed = [(base, 100.0), (dataclasses.replace(base, block_m=128, gate_up=slow_gu), 95.0),
              (dataclasses.replace(base, block_m=128, gate_up=fast_gu), 80.0),

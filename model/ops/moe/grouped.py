@@ -60,15 +60,22 @@ class MoeGroupedLaunch:
     shared: GemmTiles
 
 
-def moe_grouped_launch_config(t: int, h: int, i: int, k: int, e: int, i_s: int) -> MoeGroupedLaunch:
+def moe_grouped_launch_config(t: int, h: int, i: int, k: int, e: int, i_s: int, *,
+                              large_tiles: bool = True) -> MoeGroupedLaunch:
+    """block_m by the pairs per expert; past 64 pairs an expert on average (35b-a3b: chunks over
+    2,048 tokens) the tiles a sweep chose on an H100 at 4,096 tokens (tools.bench_moe_prefill:
+    1229 -> 1064 us an op; bigger tiles read each expert's weights into fewer programs).
+    large_tiles=False keeps the smaller tiles there (the int4 kernels were not swept)."""
     avg = t * k / e                                      # pairs per expert, on average
     block_m = 16 if avg <= 16 else 32 if avg <= 32 else 64
     few = t * k <= 64                                    # a handful of blocks: narrower tiles, more programs
     bn = lambda n, cap: max(16, min(cap, next_pow2(n)))  # noqa: E731
     bk = bn(max(h, i, i_s), 64)
+    shared_m, shared = max(16, min(64, next_pow2(t))), GemmTiles(bn(h, 64), bk, 4, 3)
+    if large_tiles and avg > 64:
+        return MoeGroupedLaunch(128, GemmTiles(bn(i, 128), bk, 8, 4), GemmTiles(bn(h, 256), bk, 8, 4), shared_m, shared)
     return MoeGroupedLaunch(block_m, GemmTiles(bn(i, 32 if few else 64), bk, 4, 3),
-                            GemmTiles(bn(h, 32 if few else 128), bk, 4, 3),
-                            max(16, min(64, next_pow2(t))), GemmTiles(bn(h, 64), bk, 4, 3))
+                            GemmTiles(bn(h, 32 if few else 128), bk, 4, 3), shared_m, shared)
 
 
 @dataclass(frozen=True)

@@ -155,7 +155,7 @@ def _moe_shared_combine_int4_kernel(sgu_ptr, q_ptr, s_ptr, z_ptr, sgl_ptr, ids_p
 def moe_grouped_int4_launch_config(t: int, h: int, i: int, k: int, e: int, i_s: int) -> MoeGroupedLaunch:
     """grouped.py's tiles (block_m by the pairs per expert, the N tiles), with K steps of 128
     where the input dim allows (64 bytes of words per weight row). Not yet tuned on a GPU."""
-    base = moe_grouped_launch_config(t, h, i, k, e, i_s)
+    base = moe_grouped_launch_config(t, h, i, k, e, i_s, large_tiles=False)
     bk = max(16, min(128, next_pow2(min(h, i, i_s))))
     return dataclasses.replace(base, **{kernel: dataclasses.replace(getattr(base, kernel), block_k=bk)
                                         for kernel in ("gate_up", "down", "shared")})
