@@ -105,3 +105,13 @@ def test_grouped_int4_argument_checks():
     with pytest.raises(ValueError, match="launch.down.block_k=8 must be a power of two >= 16"):
         gi.moe_experts_grouped_int4_triton(*args, ws, out,
                                            launch=dataclasses.replace(cfg, down=dataclasses.replace(cfg.down, block_k=8)))
+
+
+def test_long_chunks_take_the_swept_tiles_and_int4_keeps_its_own():
+    """Past 64 pairs an expert (35b-a3b: 4,096 tokens) the bf16 op takes the tiles its H100 sweep
+    chose; at 1,024 tokens, and for the int4 op (not swept), the smaller ones."""
+    long = moe.moe_grouped_launch_config(4096, 2048, 512, 8, 256, 512)
+    assert (long.block_m, long.gate_up, long.down) == (128, moe.GemmTiles(128, 64, 8, 4), moe.GemmTiles(256, 64, 8, 4))
+    assert moe.moe_grouped_launch_config(1024, 2048, 512, 8, 256, 512).block_m == 32
+    int4 = gi.moe_grouped_int4_launch_config(4096, 2048, 512, 8, 256, 512)
+    assert int4.block_m == 64 and int4.gate_up.num_warps == 4

@@ -81,7 +81,7 @@ def moe_grouped_launch_config(t: int, h: int, i: int, k: int, e: int, i_s: int, 
 @dataclass(frozen=True)
 class MoeGroupedWorkspace:
     """Preallocated buffers of moe_experts_grouped (allocate once, before capture). Sized for up to
-    `tokens` x `top_k` pairs and any BLOCK_M in 16..64; the reference backend checks but never uses them."""
+    `tokens` x `top_k` pairs and any block_m of BLOCK_MS; the reference backend checks but never uses them."""
     tokens: int
     top_k: int
     num_experts: int
