@@ -216,23 +216,23 @@ def prefill_attention_tiles(head_dim: int, group: int, dtype: torch.dtype) -> di
     heads that share one KV head (BLOCK_M = BLOCK_T * next_pow2(group) rows), so each K/V tile
     loaded serves all of them.
 
-    Shared memory (H100/H200: 227 KB per block): the Q tile (BLOCK_M x D), K and V tiles
-    (BLOCK_N x D each) multi-buffered by the pipeliner (num_stages 2), possibly the fp32
-    accumulator (BLOCK_M x D) staged once for the epilogue store. Budget: K+V over both stages
-    <= 64 KB, i.e. BLOCK_N * D * elem <= 16 KB: at D=256 bf16 BLOCK_N=32 with BLOCK_M=64, at most
-    32 KB (Q) + 64 KB (K, V) + 64 KB (epilogue) = 160 KB. fp32 (a test path, FMA dots):
-    BLOCK_M=32, BLOCK_N=16, same bytes. Registers decide the rest: the fp32 accumulator alone is
-    BLOCK_M x D / threads. Compiled ahead of time for sm_90a (Triton 3.9 and its ptxas; the GPU
-    runs 3.6, confirm there) at D=256, G=8: bf16 64x32, 8 warps: wgmma, 64 KB shared, 228
-    registers, no spill; 64x64: 96 KB, 255 registers, spills; 64x32 with 4 warps or 128x64 spill
-    heavily; fp32 32x16 with 8 warps: 202 registers, no spill (13 KB of spill with 4 warps).
-    Hence 8 warps from D=128 up (bf16 D=128 64x64: 154 registers)."""
+    bf16/fp16 at D=256 (35b-a3b, 122b-a10b): BLOCK_M=128, BLOCK_N=32, 8 warps, 3 stages. Chosen on an
+    H100 (35b-a3b widths, session 10 in docs/benchmarks.md) over BLOCK_M 64/128/256, BLOCK_N 16..128,
+    2/3 stages, 4/8 warps: 474 us at 4,096 tokens (64x32, 2 stages: 1,187 us; the compute floor is
+    172 us) and 68 us at 1,024 (81 us), with the same accumulation order, so the same output bits.
+    Shared memory (227 KB a block): Q tile 64 KB + K and V tiles 16 KB each over 3 stages = 160 KB.
+    Other widths keep the earlier choice: BLOCK_M 64 (fp32, a test path with FMA dots: 32),
+    BLOCK_N with BLOCK_N * D * elem <= 16 KB, 2 stages, 8 warps from D=128 up (the fp32
+    accumulator alone is BLOCK_M x D / threads registers)."""
     elem = 4 if dtype == torch.float32 else 2
     block_d = max(16, next_pow2(head_dim))
     block_g = next_pow2(group)
+    warps = 8 if block_d >= 128 else 4
+    if elem == 2 and block_d == 256 and block_g <= 128:
+        return dict(BLOCK_T=128 // block_g, BLOCK_G=block_g, BLOCK_N=32, BLOCK_D=block_d,
+                    num_warps=warps, num_stages=3)
     block_m = max(32 if elem == 4 else 64, block_g)
     block_n = max(16, min(64, 16384 // (block_d * elem)))
-    warps = 8 if block_d >= 128 else 4
     return dict(BLOCK_T=block_m // block_g, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
                 num_warps=warps, num_stages=2)
 
