@@ -174,6 +174,15 @@ def test_gated_delta_chunk_split_value_columns(device, block_v):
     torch.testing.assert_close(st_t, st_r, atol=1e-5, rtol=1e-5)
 
 
+def test_gated_delta_chunk_prefetch_changes_nothing(device):
+    """The scan's prefetch of the next chunk (the default) gives the same bits as loading each
+    chunk when it is used, over three chunks and a partial last one."""
+    a = _run_both(device, torch.float32, 192, 150, 1, 2, 16, 32, seed=6, row=2, block_v=16)
+    b = _run_both(device, torch.float32, 192, 150, 1, 2, 16, 32, seed=6, row=2, block_v=16, prefetch=False)
+    assert torch.equal(a[0][:150], b[0][:150]) and torch.equal(a[2], b[2])
+    torch.testing.assert_close(a[0][:150], a[1][:150], atol=1e-5, rtol=1e-5)
+
+
 def test_gated_delta_chunk_head_dims_128(device):
     """The 35b-a3b head dims (K = V = 128), key heads shared by two value heads each."""
     out, ref, st_t, st_r = _run_both(device, torch.float32, 128, 70, 1, 2, 128, 128, seed=4, row=2)
@@ -254,7 +263,8 @@ def test_gated_delta_chunk_workspace_and_argument_errors(device):
     qkv, a, bb, A_log, dt_bias, state = _gdn_inputs(g, t, t, 1, nk, nv, k, v, torch.float32, device)
     info = _info(0, 0, t, device)
     out = torch.empty(t, nv * v, device=device)
-    assert gated_delta.gated_delta_chunk_workspace_numel(t, nv) == 2 * nv * 128 * 64
+    # T and P (64 x 64) and the scan's five per-token factors, for each of 2 chunks and 2 heads
+    assert gated_delta.gated_delta_chunk_workspace_numel(t, nv) == nv * 128 * (2 * 64 + 5)
     ws = gated_delta.gated_delta_chunk_workspace(2048, nv, device)   # sized for the largest chunk
     st_w, st_n = state.clone(), state.clone()
     out_n = torch.empty_like(out)
@@ -262,7 +272,7 @@ def test_gated_delta_chunk_workspace_and_argument_errors(device):
     gated_delta.gated_delta_chunk_triton(qkv, a, bb, A_log, dt_bias, st_n, out_n, info, nk, k, v)
     assert torch.equal(st_w, st_n) and torch.equal(out, out_n)
     call = gated_delta.gated_delta_chunk_triton
-    with pytest.raises(ValueError, match=r"workspace must be contiguous fp32 .* >= 32768 elements"):
+    with pytest.raises(ValueError, match=r"workspace must be contiguous fp32 .* >= 34048 elements"):
         call(qkv, a, bb, A_log, dt_bias, state, out, info, nk, k, v, workspace=ws[:100])
     with pytest.raises(ValueError, match="block_v must be a power of two >= 16, got 8"):
         call(qkv, a, bb, A_log, dt_bias, state, out, info, nk, k, v, block_v=8)
