@@ -132,5 +132,5 @@ def test_tools_refuse_what_does_not_fit(monkeypatch, capsys):
         common.build_model(args, "cpu", batch=8, max_seq=1024 + 16 + 8)
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "error: not enough memory: 122b-a10b (48 layers, batch 8, 1048 positions) needs 229.10 GiB" in err
+    assert "error: not enough memory: 122b-a10b (48 layers, batch 8, 1048 positions) needs 229.11 GiB" in err
     assert "but only 74.51 GiB of host memory is free; try --layers 14 (the first 14 of 48 layers fit)" in err
