@@ -26,6 +26,7 @@ import torch
 
 from .config import LINEAR
 from .ops._util import pdl_allowed
+from .ops.linear.dense import mm_rows_aligned
 from .quant.format import QuantizedLinear
 from .settings import SETTINGS
 
@@ -48,12 +49,12 @@ def buckets_for(chunk: int) -> tuple[int, ...]:
 
 
 def linear(ops, x: torch.Tensor, w, out: torch.Tensor) -> None:
-    """out = x @ w.T for a projection of the prefill: cuBLAS (torch.mm) for a plain weight, the
-    backend's int4 GEMM (ops.gemm_int4) for a QuantizedLinear."""
+    """out = x @ w.T for a projection of the prefill: cuBLAS (mm_rows_aligned) for a plain weight,
+    the backend's int4 GEMM (ops.gemm_int4) for a QuantizedLinear."""
     if isinstance(w, QuantizedLinear):
         ops.gemm_int4(x, w, out)
     else:
-        torch.mm(x, w.t(), out=out)
+        mm_rows_aligned(x, w, out)
 
 
 class PrefillStep:
@@ -94,9 +95,7 @@ class PrefillStep:
         self.q = buf(C, NH, D)
         self.attn_out = buf(C, NH * D)
         k = cfg.num_experts_per_tok
-        # rows padded to a multiple of 8 (16 bytes): cuBLAS writes an output whose row stride is
-        # not 16-byte aligned with a slow kernel (35b-a3b, 1,281 columns: 268 us at 4,096 tokens
-        # on an H100, 80 TFLOP/s, where the aligned projections run at ~780)
+        # rows padded to a multiple of 8, so that linear()'s aligned part writes 16-byte aligned rows
         self.router_shared = buf(C, -(-cfg.router_shared_rows // 8) * 8)
         self.topk_weights = buf(C, k)
         self.topk_ids = buf(C, k, dtype=torch.int32)

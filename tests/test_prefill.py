@@ -216,3 +216,19 @@ def test_an_all_padding_chunk_changes_nothing(tiny, device):
     dec.prefill_step(16).forward(torch.tensor(prompt(16, seed=15), device=device),
                                  torch.tensor([1, 7, 0], device=device))
     assert all(torch.equal(x, y) for x, y in zip(states(dec), before))
+
+
+@pytest.mark.parametrize("n", [5, 13, 16, 57])
+def test_mm_splits_an_unaligned_width_into_aligned_rows_and_the_rest(n, monkeypatch):
+    """out = x @ w.T into a row-padded buffer (as the router + shared projection's), every column
+    written (the buffer is poisoned first); a width that is not a multiple of 8 (57: the tiny
+    preset's router + shared rows) is two torch.mm calls, the first over the multiple of 8."""
+    from model.ops.linear import dense
+    g = torch.Generator().manual_seed(n)
+    x, w = torch.randn(7, 32, generator=g), torch.randn(n, 32, generator=g)
+    buf = torch.full((7, -(-n // 8) * 8), float("nan"))
+    widths, mm = [], torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b, out: (widths.append(b.shape[1]), mm(a, b, out=out)))
+    dense.mm_rows_aligned(x, w, buf[:, :n])
+    torch.testing.assert_close(buf[:, :n], x @ w.t(), atol=1e-5, rtol=1e-5)
+    assert widths == ([n] if n % 8 == 0 or n < 8 else [n // 8 * 8, n % 8])

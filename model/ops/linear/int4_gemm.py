@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ...quant.format import QuantizedLinear
+from .dense import mm_rows_aligned
 from .._util import INTERPRET, MODEL_DTYPES, check_rows, next_pow2, pdl, pdl_wait
 from ..hardware import DeviceProfile, current_profile, profile_for
 # the model-dtype rounding (exact round-to-nearest-even under the interpreter) and the fp32/MMA dot
@@ -60,9 +61,9 @@ def _check(x, w, out):
 # ----------------------------------------------------------------------------- reference
 def gemm_int4_reference(x: torch.Tensor, w: QuantizedLinear, out: torch.Tensor) -> None:
     """out = x @ dequant(w).T: w dequantized to x's dtype, then the bf16 prefill's own GEMM
-    (torch.mm, fp32 accumulation, one rounding)."""
+    (mm_rows_aligned: torch.mm, fp32 accumulation, one rounding)."""
     _check(x, w, out)
-    torch.mm(x, w.dequantize(x.dtype).t(), out=out)
+    mm_rows_aligned(x, w.dequantize(x.dtype), out)
 
 
 # ----------------------------------------------------------------------------- kernel
