@@ -100,9 +100,36 @@ def test_grouping_is_a_padded_sort_by_expert(device):
     ws = _workspace(t, k, e, torch.float32, device)
     _run(moe.moe_experts_grouped_triton, args, ws)
     bm = moe.moe_grouped_launch_config(t, H, I, k, e, IS).block_m
+    _check_grouping(ids, ws.block_info, ws.sorted_pairs, bm, e)
+
+
+@pytest.mark.parametrize("block_m", [16, 32, 128])
+def test_grouping_at_model_widths(device, block_m):
+    """256 experts, top-8, 300 tokens (19 chunks of pairs, up to 406 blocks): the scan runs as
+    several programs (slices of experts, tiles of blocks); the same invariants hold."""
+    from model.ops.moe.grouping import group_pairs, max_blocks, pair_chunk
+    t, e, k = 300, 256, 8
+    g = torch.Generator().manual_seed(block_m)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    ids[:, 0] = 200                                  # one expert with 300 rows: several blocks
+    ids[ids == 17] = 18                              # an expert without pairs
+    p = t * k
+    chunks = -(-p // pair_chunk(p))
+    i32 = dict(dtype=torch.int32, device=device)
+    counts, base = torch.full((chunks * e,), -7, **i32), torch.full((chunks * e,), -7, **i32)
+    nb = max_blocks(p, e, block_m)
+    blocks, sorted_pairs = torch.full((nb, 2), -7, **i32), torch.full((nb * block_m,), -7, **i32)
+    group_pairs(ids.to(torch.int32).to(device).contiguous(), None, p, e, block_m, counts, base, blocks, sorted_pairs)
+    _check_grouping(ids, blocks, sorted_pairs, block_m, e)
+
+
+def _check_grouping(ids, block_info, sorted_pairs, bm, e):
+    """Blocks in ascending expert order, each block's valid rows hold pairs of its expert in
+    ascending order, every pair appears exactly once, and every expert with pairs has blocks."""
+    t, k = ids.shape
     flat = ids.reshape(-1)
-    info = ws.block_info[:-(-t * k // bm) + min(e, t * k)].cpu()     # the blocks the GEMM grids cover
-    sorted_pairs = ws.sorted_pairs.cpu()
+    info = block_info[:-(-t * k // bm) + min(e, t * k)].cpu()     # the blocks the GEMM grids cover
+    sorted_pairs = sorted_pairs.cpu()
     seen, last_e = [], -1
     for b in range(info.shape[0]):
         ex, rows = info[b].tolist()
