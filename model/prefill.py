@@ -26,7 +26,7 @@ import torch
 
 from .config import LINEAR
 from .ops._util import pdl_allowed
-from .ops.linear.dense import mm_rows_aligned
+from .ops.linear.dense import aligned_width, mm_rows_aligned
 from .quant.format import QuantizedLinear
 from .settings import SETTINGS
 
@@ -95,8 +95,8 @@ class PrefillStep:
         self.q = buf(C, NH, D)
         self.attn_out = buf(C, NH * D)
         k = cfg.num_experts_per_tok
-        # rows padded to a multiple of 8, so that linear()'s aligned part writes 16-byte aligned rows
-        self.router_shared = buf(C, -(-cfg.router_shared_rows // 8) * 8)
+        # rows padded (aligned_width), so that linear()'s aligned part writes 16-byte aligned rows
+        self.router_shared = buf(C, aligned_width(cfg.router_shared_rows))
         self.topk_weights = buf(C, k)
         self.topk_ids = buf(C, k, dtype=torch.int32)
         self.moe_ws = self.ops.moe_grouped_workspace(C, k, self._experts_held(), H, cfg.moe_intermediate_size,

@@ -226,7 +226,8 @@ def test_mm_splits_an_unaligned_width_into_aligned_rows_and_the_rest(n, monkeypa
     from model.ops.linear import dense
     g = torch.Generator().manual_seed(n)
     x, w = torch.randn(7, 32, generator=g), torch.randn(n, 32, generator=g)
-    buf = torch.full((7, -(-n // 8) * 8), float("nan"))
+    buf = torch.full((7, dense.aligned_width(n)), float("nan"))
+    assert buf.shape[1] % 8 == 0 and buf.shape[1] - n < 8
     widths, mm = [], torch.mm
     monkeypatch.setattr(torch, "mm", lambda a, b, out: (widths.append(b.shape[1]), mm(a, b, out=out)))
     dense.mm_rows_aligned(x, w, buf[:, :n])

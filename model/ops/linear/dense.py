@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["mm_rows_aligned"]
+__all__ = ["ALIGN", "aligned_width", "mm_rows_aligned"]
+
+ALIGN = 8   # output columns: 16 bytes of bf16, the alignment cuBLAS's fast kernels want
+
+
+def aligned_width(n: int) -> int:
+    """n rounded up to a multiple of ALIGN: the row width of a buffer mm_rows_aligned writes into."""
+    return -(-n // ALIGN) * ALIGN
 
 
 def mm_rows_aligned(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
-    """out = x @ w.T, as one torch.mm when w's rows are a multiple of 8 (or fewer than 8), else two."""
+    """out = x @ w.T, as one torch.mm when w's rows are a multiple of ALIGN (or fewer), else two."""
     n = w.shape[0]
-    n8 = n // 8 * 8
+    n8 = n // ALIGN * ALIGN
     if n8 in (0, n):
         torch.mm(x, w.t(), out=out)
     else:
