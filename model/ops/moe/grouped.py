@@ -72,9 +72,8 @@ def moe_grouped_launch_config(t: int, h: int, i: int, k: int, e: int, i_s: int, 
     bn = lambda n, cap: max(16, min(cap, next_pow2(n)))  # noqa: E731
     bk = bn(max(h, i, i_s), 64)
     # shared expert + combine: n64, 4 warps. n128 with 8 warps won a sweep of the op alone on an H100
-    # (1080 -> 1054 us at 4,096 tokens) but took 227 against 168 us a call inside the prefill (its
-    # inputs there are column ranges of the router + shared projection), and overflowed shared
-    # memory in the int4 op's fp32 path
+    # (1080 -> 1054 us at 4,096 tokens) but took 227 against 168 us a call inside the prefill (why is
+    # not known), and overflowed shared memory in the int4 op's fp32 path
     shared_m, shared = max(16, min(64, next_pow2(t))), GemmTiles(bn(h, 64), bk, 4, 3)
     if large_tiles and avg > 64:
         return MoeGroupedLaunch(128, GemmTiles(bn(i, 128), bk, 8, 4), GemmTiles(bn(h, 256), bk, 8, 4), shared_m, shared)
