@@ -2,9 +2,10 @@
 
 Pair p = token * k + slot chose expert ids[p]. Three kernels, no atomics, no host sync:
   1. count:   per chunk of CHUNK pairs, how many go to each expert            -> counts [C, E]
-  2. scan:    (one program) expert totals, each expert's rows padded up to BLOCK_M, the sorted row
-              of every (chunk, expert)'s first pair, and the block -> (expert, valid rows) table
-              (blocks past the used count get 0 rows)                          -> base [C, E], blocks
+  2. scan:    expert totals (every program alike), each expert's rows padded up to BLOCK_M, the
+              sorted row of every (chunk, expert)'s first pair (a slice of experts a program) and
+              the block -> (expert, valid rows) table (a tile of blocks a program; blocks past
+              the used count get 0 rows)                                       -> base [C, E], blocks
   3. scatter: each pair to its sorted row (ascending pair index within an expert) -> sorted_pairs
 Rows of a block past its valid count are never written (the GEMMs mask them). With `info`, pairs
 of padding tokens (t >= n_valid, read on the device) are not grouped at all.
@@ -55,8 +56,12 @@ def _moe_count_kernel(ids_ptr, info_ptr, counts_ptr, NPAIRS, TOPK, E, HAS_INFO: 
 
 @triton.jit
 def _moe_scan_kernel(counts_ptr, base_ptr, block_ptr, NCHUNKS, E, NBLOCKS, BLOCK_M: tl.constexpr,
-                     BLOCK_E: tl.constexpr, TILE_C: tl.constexpr, TILE_B: tl.constexpr, USE_GDC: tl.constexpr):
+                     BLOCK_E: tl.constexpr, TILE_C: tl.constexpr, SLICE_E: tl.constexpr, TILE_CS: tl.constexpr,
+                     TILE_B: tl.constexpr, USE_GDC: tl.constexpr):
+    """Program j: every expert's total (each program alike: the counts are L2-resident), then the
+    bases of experts j * SLICE_E .. and the blocks j * TILE_B .. of the table."""
     pdl_wait(USE_GDC)
+    j = tl.program_id(0)
     offs_e = tl.arange(0, BLOCK_E)
     me = offs_e < E
     offs_c = tl.arange(0, TILE_C)
@@ -68,26 +73,29 @@ def _moe_scan_kernel(counts_ptr, base_ptr, block_ptr, NCHUNKS, E, NBLOCKS, BLOCK
     nblk = (total + BLOCK_M - 1) // BLOCK_M
     blk_end = tl.cumsum(nblk, axis=0)
     blk_start = blk_end - nblk
-    carry = blk_start * BLOCK_M          # next free sorted row of each expert
-    for c0 in range(0, NCHUNKS, TILE_C):
-        m = ((c0 + offs_c) < NCHUNKS)[:, None] & me[None, :]
-        ptrs = (c0 + offs_c)[:, None] * E + offs_e[None, :]
-        cnt = tl.load(counts_ptr + ptrs, mask=m, other=0)
-        tl.store(base_ptr + ptrs, carry[None, :] + tl.cumsum(cnt, axis=0) - cnt, mask=m)
-        carry += tl.sum(cnt, axis=0)
+    if j * SLICE_E < E:
+        # next free sorted row of each expert of the slice, then down the chunks
+        offs_s = j * SLICE_E + tl.arange(0, SLICE_E)
+        ms = offs_s < E
+        carry = tl.sum(tl.where(offs_e[None, :] == offs_s[:, None], blk_start[None, :], 0), axis=1) * BLOCK_M
+        offs_cs = tl.arange(0, TILE_CS)
+        for c0 in range(0, NCHUNKS, TILE_CS):
+            m = ((c0 + offs_cs) < NCHUNKS)[:, None] & ms[None, :]
+            ptrs = (c0 + offs_cs)[:, None] * E + offs_s[None, :]
+            cnt = tl.load(counts_ptr + ptrs, mask=m, other=0)
+            tl.store(base_ptr + ptrs, carry[None, :] + tl.cumsum(cnt, axis=0) - cnt, mask=m)
+            carry += tl.sum(cnt, axis=0)
     # block b belongs to the expert whose block range holds it: the number of experts ending at or before b
-    offs_b = tl.arange(0, TILE_B)
-    for b0 in range(0, NBLOCKS, TILE_B):
-        bb = b0 + offs_b
-        ex = tl.sum(((blk_end[None, :] <= bb[:, None]) & me[None, :]).to(tl.int32), axis=1)
-        sel = offs_e[None, :] == ex[:, None]
-        start = tl.sum(tl.where(sel, blk_start, 0), axis=1)
-        tot = tl.sum(tl.where(sel, total, 0), axis=1)
-        used = ex < E
-        rows = tl.where(used, tl.minimum(tot - (bb - start) * BLOCK_M, BLOCK_M), 0)
-        mb = bb < NBLOCKS
-        tl.store(block_ptr + bb * 2, tl.where(used, ex, 0), mask=mb)
-        tl.store(block_ptr + bb * 2 + 1, rows, mask=mb)
+    bb = j * TILE_B + tl.arange(0, TILE_B)
+    ex = tl.sum(((blk_end[None, :] <= bb[:, None]) & me[None, :]).to(tl.int32), axis=1)
+    sel = offs_e[None, :] == ex[:, None]
+    start = tl.sum(tl.where(sel, blk_start, 0), axis=1)
+    tot = tl.sum(tl.where(sel, total, 0), axis=1)
+    used = ex < E
+    rows = tl.where(used, tl.minimum(tot - (bb - start) * BLOCK_M, BLOCK_M), 0)
+    mb = bb < NBLOCKS
+    tl.store(block_ptr + bb * 2, tl.where(used, ex, 0), mask=mb)
+    tl.store(block_ptr + bb * 2 + 1, rows, mask=mb)
 
 
 @triton.jit
@@ -121,8 +129,11 @@ def group_pairs(ids: torch.Tensor, info, n_pairs: int, num_experts: int, block_m
     opts = pdl(ids)
     _moe_count_kernel[(n_chunks,)](ids, info, counts, n_pairs, k, e, HAS_INFO=has_info, CHUNK=chunk,
                                    SUB=min(chunk, max(16, 8192 // block_e)), BLOCK_E=block_e, num_warps=4, **opts)
-    _moe_scan_kernel[(1,)](counts, base, blocks, n_chunks, e, max_blocks(n_pairs, e, block_m),
-                           BLOCK_M=block_m, BLOCK_E=block_e, TILE_C=max(1, min(16, 8192 // block_e)),
-                           TILE_B=max(1, min(64, 16384 // block_e)), num_warps=8, **opts)
+    n_blocks = max_blocks(n_pairs, e, block_m)
+    slice_e, tile_b = min(block_e, 32), max(1, min(64, 16384 // block_e))
+    n_prog = max(triton.cdiv(e, slice_e), triton.cdiv(n_blocks, tile_b))
+    _moe_scan_kernel[(n_prog,)](counts, base, blocks, n_chunks, e, n_blocks,
+                                BLOCK_M=block_m, BLOCK_E=block_e, TILE_C=max(1, min(16, 8192 // block_e)),
+                                SLICE_E=slice_e, TILE_CS=64, TILE_B=tile_b, num_warps=8, **opts)
     _moe_scatter_kernel[(n_chunks,)](ids, info, base, sorted_pairs, n_pairs, k, e, HAS_INFO=has_info,
                                      CHUNK=chunk, num_warps=4, **opts)
