@@ -3,15 +3,17 @@
 Same math and rounding points as the decode op (decode.moe_experts_reference, i.e. transformers'
 eager experts loop), for many tokens at once. The T*k (token, slot) "pairs" are grouped by expert
 on the device, so each expert's weights are read once per block of its pairs instead of once per
-pair. Six kernels, fixed grids, no host sync (capturable in a CUDA graph):
+pair. Seven kernels and one cuBLAS GEMM, fixed grids, no host sync (capturable in a CUDA graph):
   1-3. grouping.group_pairs: the pairs sorted by expert (ascending pair index within an expert),
      each expert's rows padded to BLOCK_M, and a block -> (expert, valid rows) table
   4. gate/up GEMM per block of one expert: rows of x gathered by token, x gate_up_proj[e]^T,
      silu(gate) * up in the epilogue                                   -> act [T*k, I] by pair
   5. down GEMM per block: act rows x down_proj[e]^T, x routing weight  -> y [T*k, H] by pair
-  6. shared expert + combine per [tokens, H] tile: silu(g) * u formed from shared_gate_up while
-     loading, x shared_down^T, x sigmoid(logit); then the token's k rows of y added in ascending
-     expert id (model-dtype rounding after each add, as transformers' index_add_) -> out
+  6. shared expert: silu(g) * u once per token (a kernel), x shared_down^T (cuBLAS, as the
+     reference's linear: a fused kernel re-formed the act for every column tile of H)
+  7. combine per [tokens, H] tile: sigmoid(logit) x the shared output, plus the token's k rows of
+     y added in ascending expert id (model-dtype rounding after each add, as transformers'
+     index_add_) -> out
 The number of blocks is bounded by ceil(T*k / BLOCK_M) + min(E, T*k), so the GEMM grids are
 static; blocks past the used count exit at once.
 
@@ -30,6 +32,7 @@ import triton.language as tl
 from .._util import INTERPRET, MODEL_DTYPES, check_info, check_rows, next_pow2, pdl, pdl_wait
 from .decode import check_expert_args
 from .grouping import group_pairs, max_blocks, pair_chunk
+from ..linear.dense import mm_rows_aligned
 
 __all__ = ["GemmTiles", "MoeGroupedLaunch", "MoeGroupedWorkspace", "moe_grouped_launch_config", "moe_grouped_workspace",
            "moe_experts_grouped_reference", "moe_experts_grouped_triton"]
@@ -94,12 +97,13 @@ class MoeGroupedWorkspace:
     sorted_pairs: torch.Tensor    # int32 [rows]: pair index (token * k + slot) per expert-sorted row
     act: torch.Tensor             # model dtype [T * k, I]: silu(gate) * up of each pair
     y: torch.Tensor               # model dtype [T * k, H]: weighted down output of each pair
+    shared_act: torch.Tensor      # model dtype [T, I_shared]: the shared expert's silu(gate) * up
+    shared_y: torch.Tensor        # model dtype [T, H]: the shared expert's down output (cuBLAS)
 
 
 def moe_grouped_workspace(tokens, top_k, num_experts, hidden, intermediate, shared_intermediate, dtype,
                           device) -> MoeGroupedWorkspace:
-    """Buffers for chunks of up to `tokens` tokens. The shared expert needs none (its act is formed in
-    registers): shared_intermediate is only checked."""
+    """Buffers for chunks of up to `tokens` tokens."""
     for name, v in (("tokens", tokens), ("top_k", top_k), ("num_experts", num_experts), ("hidden", hidden),
                     ("intermediate", intermediate), ("shared_intermediate", shared_intermediate)):
         if int(v) < 1:
@@ -113,7 +117,9 @@ def moe_grouped_workspace(tokens, top_k, num_experts, hidden, intermediate, shar
         block_info=torch.empty(max_blocks(p, e, _MIN_BLOCK_M), 2, **i32),
         sorted_pairs=torch.empty(max_blocks(p, e, _MAX_BLOCK_M) * _MAX_BLOCK_M, **i32),
         act=torch.empty(p, intermediate, dtype=dtype, device=device),
-        y=torch.empty(p, hidden, dtype=dtype, device=device))
+        y=torch.empty(p, hidden, dtype=dtype, device=device),
+        shared_act=torch.empty(tokens, shared_intermediate, dtype=dtype, device=device),
+        shared_y=torch.empty(tokens, hidden, dtype=dtype, device=device))
 
 
 # ----------------------------------------------------------------------------- checks
@@ -332,27 +338,32 @@ def _combine_store(acc, sgl_ptr, ids_ptr, y_ptr, info_ptr, out_ptr, offs_m, offs
 
 
 @triton.jit
-def _moe_shared_combine_kernel(sgu_ptr, sdn_ptr, sgl_ptr, ids_ptr, y_ptr, info_ptr, out_ptr, T, H, IS, TOPK,
-                               stride_sgu, stride_sgl, stride_out, HAS_INFO: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                               BLOCK_TOPK: tl.constexpr, DOT_FP32: tl.constexpr, EMULATE: tl.constexpr,
-                               USE_GDC: tl.constexpr):
+def _shared_act_kernel(sgu_ptr, act_ptr, T, IS, stride_sgu, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                       EMULATE: tl.constexpr, USE_GDC: tl.constexpr):
+    """act = silu(g) * u of the shared expert, once per token (the down GEMM is cuBLAS's)."""
+    pdl_wait(USE_GDC)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ma = (offs_m < T)[:, None] & (offs_k < IS)[None, :]
+    dt: tl.constexpr = act_ptr.dtype.element_ty
+    a = _shared_act_tile(sgu_ptr + offs_m.to(tl.int64)[:, None] * stride_sgu + offs_k[None, :], 0, ma, IS, dt,
+                         EMULATE)
+    tl.store(act_ptr + offs_m.to(tl.int64)[:, None] * IS + offs_k[None, :], a, mask=ma)
+
+
+@triton.jit
+def _moe_combine_kernel(sy_ptr, sgl_ptr, ids_ptr, y_ptr, info_ptr, out_ptr, T, H, TOPK, stride_sgl, stride_out,
+                        HAS_INFO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_TOPK: tl.constexpr, EMULATE: tl.constexpr, USE_GDC: tl.constexpr):
+    """out tile = the routed rows of y in ascending expert id + sigmoid(gate) * the shared output."""
     pdl_wait(USE_GDC)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mm = offs_m < T
     mn = offs_n < H
-    offs_k = tl.arange(0, BLOCK_K)
-    dt: tl.constexpr = out_ptr.dtype.element_ty
-    g_ptrs = sgu_ptr + offs_m.to(tl.int64)[:, None] * stride_sgu + offs_k[None, :]
-    w_ptrs = sdn_ptr + offs_n.to(tl.int64)[None, :] * IS + offs_k[:, None]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, IS, BLOCK_K):
-        mk = (k0 + offs_k) < IS
-        a = _shared_act_tile(g_ptrs, k0, mm[:, None] & mk[None, :], IS, dt, EMULATE)
-        w = tl.load(w_ptrs + k0, mask=mk[:, None] & mn[None, :], other=0.0)
-        acc = _mma(a, w, acc, DOT_FP32)
-    _combine_store(acc, sgl_ptr, ids_ptr, y_ptr, info_ptr, out_ptr, offs_m, offs_n, mm, mn, T, H, TOPK,
+    sy = tl.load(sy_ptr + offs_m.to(tl.int64)[:, None] * H + offs_n[None, :], mask=mm[:, None] & mn[None, :],
+                 other=0.0).to(tl.float32)     # already rounded: _combine_store's rounding of it is exact
+    _combine_store(sy, sgl_ptr, ids_ptr, y_ptr, info_ptr, out_ptr, offs_m, offs_n, mm, mn, T, H, TOPK,
                    stride_sgl, stride_out, HAS_INFO, BLOCK_M, BLOCK_N, BLOCK_TOPK, EMULATE)
 
 
@@ -382,10 +393,14 @@ def moe_experts_grouped_triton(x, gate_up_proj, down_proj, ids, weights, shared_
     _moe_down_gemm_kernel[(n_blocks, triton.cdiv(h, cfg.down.block_n))](
         ws.act, down_proj, weights, ws.block_info, ws.sorted_pairs, ws.y, h, i, **flags,
         **tile_args(cfg.down), **opts)
-    # 6: shared expert and the ordered sum
+    # 6: shared expert (act here, the down GEMM on cuBLAS, as the reference's linear), then the ordered sum
     sgl = shared_gate_logit  # [T] or [T, 1], any row stride: one element per token
-    _moe_shared_combine_kernel[(triton.cdiv(t, cfg.shared_block_m), triton.cdiv(h, cfg.shared.block_n))](
-        shared_gate_up, shared_down, sgl, ids, ws.y, info, out, t, h, i_s, k,
-        shared_gate_up.stride(0), sgl.stride(0), out.stride(0), HAS_INFO=has_info,
-        BLOCK_M=cfg.shared_block_m, BLOCK_TOPK=next_pow2(k), DOT_FP32=dot_fp32, EMULATE=emulate,
-        **tile_args(cfg.shared), **opts)
+    act_s, y_s = ws.shared_act[:t], ws.shared_y[:t]
+    _shared_act_kernel[(triton.cdiv(t, cfg.shared_block_m), triton.cdiv(i_s, cfg.shared.block_k))](
+        shared_gate_up, act_s, t, i_s, shared_gate_up.stride(0), BLOCK_M=cfg.shared_block_m,
+        BLOCK_K=cfg.shared.block_k, EMULATE=emulate, num_warps=4, **opts)
+    mm_rows_aligned(act_s, shared_down, y_s)
+    _moe_combine_kernel[(triton.cdiv(t, cfg.shared_block_m), triton.cdiv(h, cfg.shared.block_n))](
+        y_s, sgl, ids, ws.y, info, out, t, h, k, sgl.stride(0), out.stride(0), HAS_INFO=has_info,
+        BLOCK_M=cfg.shared_block_m, BLOCK_N=cfg.shared.block_n, BLOCK_TOPK=next_pow2(k), EMULATE=emulate,
+        num_warps=cfg.shared.num_warps, **opts)
