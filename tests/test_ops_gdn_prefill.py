@@ -183,6 +183,27 @@ def test_gated_delta_chunk_prefetch_changes_nothing(device):
     torch.testing.assert_close(a[0][:150], a[1][:150], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,n", [(64, 63), (192, 150)])
+def test_gated_delta_chunk_precompute_w(device, dtype, t, n):
+    """The scan's update as U0 - W S (W and U0 from the prep) against the reference, padded rows,
+    several chunks, value columns split over programs."""
+    ws = gated_delta.gated_delta_chunk_workspace(t, 4, device, 32, 16)
+    out, ref, st_t, st_r = _run_both(device, dtype, t, n, 2, 4, 32, 16, seed=t + n + 1, workspace=ws,
+                                     precompute_w=True)
+    assert torch.isfinite(out[:n]).all()
+    torch.testing.assert_close(out[:n], ref[:n], **_tol(dtype))
+    torch.testing.assert_close(st_t, st_r, **_state_tol(dtype, device))
+    ws = gated_delta.gated_delta_chunk_workspace(t, 2, device, 16, 64)      # 4 programs a head
+    out, ref, st_t, st_r = _run_both(device, dtype, t, n, 1, 2, 16, 64, seed=t + n + 2, workspace=ws,
+                                     precompute_w=True, block_v=16)
+    torch.testing.assert_close(out[:n], ref[:n], **_tol(dtype))
+    torch.testing.assert_close(st_t, st_r, **_state_tol(dtype, device))
+    with pytest.raises(ValueError, match=r"gated_delta_chunk_workspace\(64, 4, device, 32, 16\)"):
+        _run_both(device, dtype, 64, 63, 2, 4, 32, 16, seed=1, precompute_w=True,
+                  workspace=gated_delta.gated_delta_chunk_workspace(64, 4, device))
+
+
 def test_gated_delta_chunk_head_dims_128(device):
     """The 35b-a3b head dims (K = V = 128), key heads shared by two value heads each."""
     out, ref, st_t, st_r = _run_both(device, torch.float32, 128, 70, 1, 2, 128, 128, seed=4, row=2)

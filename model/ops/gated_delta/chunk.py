@@ -89,15 +89,19 @@ def _check(qkv, a, b, A_log, dt_bias, state, out, info, NK, K, V):
 _FACTORS = 5       # per-token vectors the prep hands the scan: fq, fkb, beta, fkd, e^(G_last)
 
 
-def gated_delta_chunk_workspace_numel(max_tokens: int, num_value_heads: int) -> int:
+def gated_delta_chunk_workspace_numel(max_tokens: int, num_value_heads: int, key_dim: int | None = None,
+                                      value_dim: int | None = None) -> int:
     """fp32 elements of the Triton path's workspace: T and P, 64 x 64 per (chunk, value head), and
-    the scan's five per-token factors, 5 x 64 per (chunk, value head)."""
-    return num_value_heads * triton.cdiv(max_tokens, CHUNK) * CHUNK * (2 * CHUNK + _FACTORS)
+    the scan's five per-token factors, 5 x 64 per (chunk, value head). With key_dim and value_dim,
+    also room for precompute_w's W = T diag(beta e^G) K (64 x K) and U0 = T diag(beta) V (64 x V)."""
+    extra = 0 if key_dim is None or value_dim is None else key_dim + value_dim
+    return num_value_heads * triton.cdiv(max_tokens, CHUNK) * CHUNK * (2 * CHUNK + _FACTORS + extra)
 
 
-def gated_delta_chunk_workspace(max_tokens: int, num_value_heads: int, device) -> torch.Tensor:
+def gated_delta_chunk_workspace(max_tokens: int, num_value_heads: int, device, key_dim: int | None = None,
+                                value_dim: int | None = None) -> torch.Tensor:
     """The workspace for chunks of up to `max_tokens` tokens; allocate once, before capture."""
-    return torch.empty(gated_delta_chunk_workspace_numel(max_tokens, num_value_heads),
+    return torch.empty(gated_delta_chunk_workspace_numel(max_tokens, num_value_heads, key_dim, value_dim),
                        dtype=torch.float32, device=device)
 
 
@@ -233,9 +237,9 @@ def _invert_unit_lower(ptr, PREC: tl.constexpr):
 
 @triton.jit
 def _gdn_chunk_prep_kernel(qkv_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, info_ptr, ws_ptr,
-                           NK, NV, K, q_div, stride_qkv, stride_a, stride_b, ws_head, ws_slot, f_head,
-                           BT: tl.constexpr, BLOCK_K: tl.constexpr, NF: tl.constexpr, PREC: tl.constexpr,
-                           USE_GDC: tl.constexpr):
+                           NK, NV, K, V, q_div, stride_qkv, stride_a, stride_b, ws_head, ws_slot, f_head,
+                           w_base, u_base, BT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_VF: tl.constexpr,
+                           NF: tl.constexpr, PREC: tl.constexpr, PRE_W: tl.constexpr, USE_GDC: tl.constexpr):
     pdl_wait(USE_GDC)
     c = tl.program_id(0)
     vh = tl.program_id(1)
@@ -271,25 +275,49 @@ def _gdn_chunk_prep_kernel(qkv_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, info_ptr, w
     tl.store(t_ptr + ws_slot + tile, p_mat)
     tl.debug_barrier()  # A is in memory for every lane before the inversion reads its blocks (via L2)
     _invert_unit_lower(t_ptr, PREC)
+    if PRE_W:
+        # W = T diag(beta e^G) K and U0 = T diag(beta) V, so the scan's update is U = U0 - W S
+        tl.debug_barrier()  # T is in memory for every lane
+        tt = tl.load(t_ptr + tile, cache_modifier=".cg")
+        rows = c * BT + tl.arange(0, BT)      # this chunk's rows of the head's W and U0
+        w = tl.dot(tt, k * (beta * eg)[:, None], input_precision=PREC)
+        w_ptr = ws_ptr + w_base + vh * (ws_head // BT) * K + rows[:, None] * K + offs_k[None, :]
+        tl.store(w_ptr, w, mask=(offs_k < K)[None, :])
+        offs_vf = tl.arange(0, BLOCK_VF)
+        mvf = offs_vf < V
+        v = tl.load(qkv_ptr + offs_t[:, None] * stride_qkv + 2 * NK * K + vh * V + offs_vf[None, :],
+                    mask=valid[:, None] & mvf[None, :], other=0.0).to(tl.float32)
+        u0 = tl.dot(tt, v * beta[:, None], input_precision=PREC)
+        u_ptr = ws_ptr + u_base + vh * (ws_head // BT) * V + rows[:, None] * V + offs_vf[None, :]
+        tl.store(u_ptr, u0, mask=mvf[None, :])
 
 
 @triton.jit
-def _scan_tiles(qkv_ptr, ws_ptr, c, n_chunks, n_valid, kh, vh, NK, K, stride_qkv, ws_head, ws_slot, f_head,
-                offs_k, mk, offs_v, mv, BT: tl.constexpr, NF: tl.constexpr):
+def _scan_tiles(qkv_ptr, ws_ptr, c, n_chunks, n_valid, kh, vh, NK, K, V, stride_qkv, ws_head, ws_slot, f_head,
+                w_base, u_base, offs_k, mk, offs_v, mv, BT: tl.constexpr, NF: tl.constexpr, PRE_W: tl.constexpr):
     """What chunk c of head vh brings to the scan: the raw q, k and v rows (fp32, zeros past the
-    last chunk), T, P and the five factors (past the last chunk: the last chunk's, unused)."""
+    last chunk), T, P and the five factors (past the last chunk: the last chunk's, unused).
+    PRE_W: U0 in v's place and W in T's (both [64, .] fp32 from the prep)."""
     offs_t = c * BT + tl.arange(0, BT)
     valid = offs_t < n_valid
     m = valid[:, None] & mk[None, :]
     q_ptrs = qkv_ptr + offs_t[:, None] * stride_qkv + kh * K + offs_k[None, :]
     xq = tl.load(q_ptrs, mask=m, other=0.0).to(tl.float32)
     xk = tl.load(q_ptrs + NK * K, mask=m, other=0.0).to(tl.float32)
-    v = tl.load(qkv_ptr + offs_t[:, None] * stride_qkv + 2 * NK * K + offs_v[None, :],
-                mask=valid[:, None] & mv[None, :], other=0.0).to(tl.float32)
     cw = tl.minimum(c, n_chunks - 1)     # the workspace holds n_chunks chunks
     tile = tl.arange(0, BT)[:, None] * BT + tl.arange(0, BT)[None, :]
     t_ptr = ws_ptr + vh * ws_head + cw * (BT * BT)
-    tt = tl.load(t_ptr + tile)
+    if PRE_W:
+        rows = cw * BT + tl.arange(0, BT)
+        head_rows = ws_head // BT
+        v = tl.load(ws_ptr + u_base + vh * head_rows * V + rows[:, None] * V + (offs_v - vh * V)[None, :],
+                    mask=mv[None, :], other=0.0)
+        tt = tl.load(ws_ptr + w_base + vh * head_rows * K + rows[:, None] * K + offs_k[None, :],
+                     mask=mk[None, :], other=0.0)
+    else:
+        v = tl.load(qkv_ptr + offs_t[:, None] * stride_qkv + 2 * NK * K + offs_v[None, :],
+                    mask=valid[:, None] & mv[None, :], other=0.0).to(tl.float32)
+        tt = tl.load(t_ptr + tile)
     pp = tl.load(t_ptr + ws_slot + tile)
     f0 = ws_ptr + 2 * ws_slot + vh * f_head + cw * (NF * BT)
     f_ptr = f0 + tl.arange(0, BT)
@@ -303,9 +331,9 @@ def _scan_tiles(qkv_ptr, ws_ptr, c, n_chunks, n_valid, kh, vh, NK, K, stride_qkv
 
 @triton.jit
 def _gdn_chunk_scan_kernel(qkv_ptr, state_ptr, out_ptr, info_ptr, ws_ptr,
-                           NK, NV, K, V, stride_qkv, stride_out, ws_head, ws_slot, f_head,
+                           NK, NV, K, V, stride_qkv, stride_out, ws_head, ws_slot, f_head, w_base, u_base,
                            BT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, NF: tl.constexpr,
-                           PREC: tl.constexpr, PREFETCH: tl.constexpr, USE_GDC: tl.constexpr):
+                           PREC: tl.constexpr, PREFETCH: tl.constexpr, PRE_W: tl.constexpr, USE_GDC: tl.constexpr):
     pdl_wait(USE_GDC)
     vh = tl.program_id(0)
     vb = tl.program_id(1)
@@ -323,20 +351,23 @@ def _gdn_chunk_scan_kernel(qkv_ptr, state_ptr, out_ptr, info_ptr, ws_ptr,
     v_cols = vh * V + offs_v      # this head's value columns in qkv (after q and k) and in out
     if PREFETCH:
         xq, xk, v, tt, pp, fq, fkb, beta, fkd, egl = _scan_tiles(
-            qkv_ptr, ws_ptr, 0, n_chunks, n_valid, kh, vh, NK, K, stride_qkv, ws_head, ws_slot, f_head,
-            offs_k, mk, v_cols, mv, BT, NF)
+            qkv_ptr, ws_ptr, 0, n_chunks, n_valid, kh, vh, NK, K, V, stride_qkv, ws_head, ws_slot, f_head,
+            w_base, u_base, offs_k, mk, v_cols, mv, BT, NF, PRE_W)
     for c in range(0, n_chunks):
         if PREFETCH:   # the next chunk's loads go out before this chunk's products
             nq, nk, nv, nt, np_, nfq, nfkb, nbeta, nfkd, negl = _scan_tiles(
-                qkv_ptr, ws_ptr, c + 1, n_chunks, n_valid, kh, vh, NK, K, stride_qkv, ws_head, ws_slot, f_head,
-                offs_k, mk, v_cols, mv, BT, NF)
+                qkv_ptr, ws_ptr, c + 1, n_chunks, n_valid, kh, vh, NK, K, V, stride_qkv, ws_head, ws_slot, f_head,
+                w_base, u_base, offs_k, mk, v_cols, mv, BT, NF, PRE_W)
         else:
             xq, xk, v, tt, pp, fq, fkb, beta, fkd, egl = _scan_tiles(
-                qkv_ptr, ws_ptr, c, n_chunks, n_valid, kh, vh, NK, K, stride_qkv, ws_head, ws_slot, f_head,
-                offs_k, mk, v_cols, mv, BT, NF)
+                qkv_ptr, ws_ptr, c, n_chunks, n_valid, kh, vh, NK, K, V, stride_qkv, ws_head, ws_slot, f_head,
+                w_base, u_base, offs_k, mk, v_cols, mv, BT, NF, PRE_W)
         # U = T (diag(beta) V - diag(beta e^G) K S): the chunk's state updates
-        r = beta[:, None] * v - fkb[:, None] * tl.dot(xk, s, input_precision=PREC)
-        u = tl.dot(tt, r, input_precision=PREC)
+        if PRE_W:
+            u = v - tl.dot(tt, s, input_precision=PREC)          # U0 - W S: one product on the chain
+        else:
+            r = beta[:, None] * v - fkb[:, None] * tl.dot(xk, s, input_precision=PREC)
+            u = tl.dot(tt, r, input_precision=PREC)
         # O = diag(e^G) Q S + P U
         o = fq[:, None] * tl.dot(xq, s, input_precision=PREC) + tl.dot(pp, u, input_precision=PREC)
         offs_t = c * BT + tl.arange(0, BT)
@@ -350,22 +381,25 @@ def _gdn_chunk_scan_kernel(qkv_ptr, state_ptr, out_ptr, info_ptr, ws_ptr,
 
 
 def gated_delta_chunk_triton(qkv, a, b, A_log, dt_bias, state, out, info, NK, K, V, workspace=None,
-                             block_v=None, dot_precision=None, prefetch=True) -> None:
+                             block_v=None, dot_precision=None, prefetch=True, precompute_w=False) -> None:
     """As gated_delta_chunk_reference, chunked (two kernels); info is read on the device only.
 
     `workspace`: gated_delta_chunk_workspace(>= T, NV) fp32, allocated once before capture (without
     one, a temporary is allocated: eager use only). `block_v` (power of two >= 16) overrides the
     split of the value columns over programs, `dot_precision` ("ieee", "tf32") the
     precision of the products (default: "ieee" for an fp32 model, "tf32" otherwise), `prefetch` whether
-    the scan loads the next chunk's tiles before this chunk's products (same results either way)."""
+    the scan loads the next chunk's tiles before this chunk's products (same results either way),
+    `precompute_w` whether the prep forms W = T diag(beta e^G) K and U0 = T diag(beta) V, so that
+    the scan's update is U0 - W S, one product on its sequential chain instead of two (the
+    workspace then needs key_dim and value_dim: gated_delta_chunk_workspace(T, NV, device, K, V))."""
     t, nv, out2 = _check(qkv, a, b, A_log, dt_bias, state, out, info, NK, K, V)
-    need = gated_delta_chunk_workspace_numel(t, nv)
+    need = gated_delta_chunk_workspace_numel(t, nv, *((K, V) if precompute_w else ()))
     if workspace is None:
         workspace = torch.empty(need, dtype=torch.float32, device=qkv.device)
     elif (workspace.dtype != torch.float32 or workspace.numel() < need or not workspace.is_contiguous()
           or workspace.device != qkv.device):
         raise ValueError(f"workspace must be contiguous fp32 on {qkv.device} with >= {need} elements "
-                         f"(gated_delta_chunk_workspace({t}, {nv})), got {workspace.dtype} {workspace.numel()} "
+                         f"(gated_delta_chunk_workspace({t}, {nv}{f', device, {K}, {V}' if precompute_w else ''})), got {workspace.dtype} {workspace.numel()} "
                          f"on {workspace.device}")
     prec = dot_precision or ("ieee" if out2.dtype == torch.float32 else "tf32")
     if prec not in _PRECISIONS:
@@ -381,13 +415,17 @@ def gated_delta_chunk_triton(qkv, a, b, A_log, dt_bias, state, out, info, NK, K,
     ws_head = n_chunks * CHUNK * CHUNK
     ws_slot = nv * ws_head
     f_head = n_chunks * _FACTORS * CHUNK
+    w_base = 2 * ws_slot + nv * f_head          # W, then U0 (precompute_w only)
+    u_base = w_base + nv * n_chunks * CHUNK * K
     q_div = float(K ** 0.5)
     opts = pdl(state)
     _gdn_chunk_prep_kernel[(n_chunks, nv)](
-        qkv, a, b, A_log, dt_bias, info, workspace, NK, nv, K, q_div, qkv.stride(0), a.stride(0), b.stride(0),
-        ws_head, ws_slot, f_head, BT=CHUNK, BLOCK_K=block_k, NF=_FACTORS, PREC=prec,
+        qkv, a, b, A_log, dt_bias, info, workspace, NK, nv, K, V, q_div, qkv.stride(0), a.stride(0), b.stride(0),
+        ws_head, ws_slot, f_head, w_base, u_base, BT=CHUNK, BLOCK_K=block_k, BLOCK_VF=max(16, next_pow2(V)),
+        NF=_FACTORS, PREC=prec, PRE_W=bool(precompute_w),
         num_warps=4, **opts)   # 4 warps: 140 us against 228 with 8 (H100, 4,096 tokens)
     _gdn_chunk_scan_kernel[(nv, triton.cdiv(V, block_v))](
         qkv, state, out2, info, workspace, NK, nv, K, V, qkv.stride(0), out2.stride(0), ws_head, ws_slot, f_head,
-        BT=CHUNK, BLOCK_K=block_k, BLOCK_V=block_v, NF=_FACTORS, PREC=prec, PREFETCH=prefetch,
+        w_base, u_base, BT=CHUNK, BLOCK_K=block_k, BLOCK_V=block_v, NF=_FACTORS, PREC=prec, PREFETCH=prefetch,
+        PRE_W=bool(precompute_w),
         num_warps=8 if block_k >= 128 else 4, num_stages=1, **opts)   # fp32 tiles: pipelined stages overflow shared memory
