@@ -137,6 +137,9 @@ def test_padding_tokens_and_graph_replay():
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):              # warm-up on the capture stream: cuBLAS (the shared
+        step()                              # expert's down GEMM) sets up its workspace for s here
+    s.synchronize()
     graph = torch.cuda.CUDAGraph()
     out.fill_(float("nan"))
     with torch.cuda.graph(graph, stream=s):
