@@ -51,7 +51,10 @@ def test_int4_grid_holds_whole_groups():
 
     for k, g in ((2048, 128), (4096, 128), (256, 32)):
         grid = list(bench_gemv.int4_config_grid(k, g))
-        assert grid and all(bk % g == 0 and bk <= next_pow2(k) for bn, bk, w, _ in grid)
+        assert grid and all(bk % g == 0 and bk <= next_pow2(k) for bn, bk, *_ in grid)
+        # the whole-row kernel's candidates hold whole rows
+        rows = [c for c in grid if c[4]]
+        assert rows and all(c[1] >= k for c in rows)
 
 
 @pytest.mark.parametrize("norm", [False, True])

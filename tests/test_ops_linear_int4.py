@@ -27,8 +27,9 @@ def _nan(*shape, dtype):
 @pytest.mark.parametrize("b", [1, 3])
 def test_gemv_int4_matches_reference(dtype, group_size, b):
     """K = 3 groups (K not a power of two: a masked tail), N odd; once with the default launch (bf16
-    at B = 3: the tensor-core kernel; else the CUDA-core one, one K tile) and once with the CUDA-core
-    kernel at one group per K tile (the loop over K, scales advancing per tile)."""
+    at B = 3: the tensor-core kernel; else the CUDA-core one, one K tile), once with the CUDA-core
+    kernel at one group per K tile (the loop over K, scales advancing per tile) and once with the
+    whole-row kernel on 2 programs (5 blocks of 4 rows: several per program, a partial last one)."""
     n, k = 19, 3 * group_size
     w = _qw(n, k, group_size, dtype, seed=group_size + b)
     x = torch.randn(b, k, generator=torch.Generator().manual_seed(b)).to(dtype)
@@ -39,7 +40,8 @@ def test_gemv_int4_matches_reference(dtype, group_size, b):
     linear.gemv_reference(x, w.dequantize(dtype), ref2)
     assert torch.equal(ref, ref2)
     atol, rtol = TOL[dtype]
-    for launch in (None, int4.GemvInt4Launch(int4.next_pow2(b), 4, group_size, 4, 3)):
+    for launch in (None, int4.GemvInt4Launch(int4.next_pow2(b), 4, group_size, 4, 3),
+                   int4.GemvInt4Launch(int4.next_pow2(b), 4, int4.next_pow2(k), 4, 3, programs=2)):
         out = _nan(b, n, dtype=dtype)
         int4.gemv_int4_triton(x, w, out, launch=launch)
         torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
@@ -54,11 +56,12 @@ def test_gemv_int4_nibble_order_and_groups():
     zeros = torch.tensor([[3.0, -1.0]]).repeat(n, 1)
     w = QuantizedLinear(pack_int4(codes), scales, zeros, G, (n, k))
     x = torch.eye(k)[[0, 1, 7, 8, 33, 63]]
-    out = _nan(6, n, dtype=torch.float32)
-    int4.gemv_int4_triton(x, w, out, launch=int4.GemvInt4Launch(8, 2, 32, 4, 3))
     cols = torch.tensor([0, 1, 7, 8, 33, 63])
     want = ((codes[:, cols].float() - zeros[:, cols // G]) * scales[:, cols // G]).T
-    assert torch.equal(out, want)
+    for launch in (int4.GemvInt4Launch(8, 2, 32, 4, 3), int4.GemvInt4Launch(8, 2, 64, 4, 3, programs=2)):
+        out = _nan(6, n, dtype=torch.float32)
+        int4.gemv_int4_triton(x, w, out, launch=launch)
+        assert torch.equal(out, want), launch
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -118,6 +121,8 @@ def test_gemv_int4_refusals_are_named():
         int4.gemv_int4_triton(torch.zeros(17, 64), w, torch.zeros(17, 8))
     with pytest.raises(ValueError, match="block_k=16 must be a power of two holding whole groups of 32"):
         int4.gemv_int4_triton(x, w, out, launch=int4.GemvInt4Launch(2, 2, 16, 4, 3))
+    with pytest.raises(ValueError, match=r"launch.programs=2 must be 0, or > 0 with whole rows \(block_k=32 >= K=64\)"):
+        int4.gemv_int4_triton(x, w, out, launch=int4.GemvInt4Launch(2, 2, 32, 4, 3, programs=2))
 
 
 def test_gemv_int4_config_holds_whole_groups():
@@ -140,7 +145,8 @@ def test_norm_gemv_int4_matches_reference(dtype, b, group_size, one_tile, add):
     """The fused prologue + int4 GEMV equals norm_gemv_reference on the dequantized weight (which
     is norm_gemv_int4_reference); residual_out and normed_out come out; the inputs are untouched.
     one_tile False: the CUDA-core kernel with K over two tiles (the rms a loop of its own); bf16 at
-    B = 3 with the default launch: the norm kernel, then the tensor-core kernel."""
+    B = 3 with the default launch: the norm kernel, then the tensor-core kernel. "rows": the
+    whole-row kernel on 2 programs of 4 blocks (the prologue once per program, program 0 storing)."""
     n, k = 13, 2 * group_size
     g = torch.Generator().manual_seed(b + group_size)
     x = torch.randn(b, k, generator=g).to(dtype) if add else None
@@ -150,7 +156,9 @@ def test_norm_gemv_int4_matches_reference(dtype, b, group_size, one_tile, add):
     res_before = residual.clone()
     launch = None if one_tile else int4.GemvInt4Launch(int4.next_pow2(b), 4, group_size, 4, 3)
     outs = {}
+    rows = int4.GemvInt4Launch(int4.next_pow2(b), 4, k, 4, 3, programs=2)
     for name, fn, kw in (("triton", int4.norm_gemv_int4_triton, {"launch": launch}),
+                         ("rows", int4.norm_gemv_int4_triton, {"launch": rows}),
                          ("int4_ref", int4.norm_gemv_int4_reference, {}),
                          ("bf16_ref", linear.norm_gemv_reference, {})):
         o, n_out = _nan(b, n, dtype=dtype), _nan(b, k, dtype=dtype)
@@ -162,9 +170,10 @@ def test_norm_gemv_int4_matches_reference(dtype, b, group_size, one_tile, add):
     for a, c in zip(outs["int4_ref"], outs["bf16_ref"]):
         assert (a is None and c is None) or torch.equal(a, c)
     atol, rtol = TOL[dtype]
-    for a, c in zip(outs["triton"], outs["int4_ref"]):
-        if a is not None:
-            torch.testing.assert_close(a.float(), c.float(), atol=atol, rtol=rtol)
+    for kernel in ("triton", "rows"):
+        for a, c in zip(outs[kernel], outs["int4_ref"]):
+            if a is not None:
+                torch.testing.assert_close(a.float(), c.float(), atol=atol, rtol=rtol)
 
 
 def test_norm_gemv_int4_bad_arguments_are_named():
@@ -192,10 +201,11 @@ def test_gemv_int4_rounds_the_weight_to_the_model_dtype(b):
     w = quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(9)).half(), 32, "hqq")
     cols = torch.tensor([5, 40, 63])[:b]
     x = torch.eye(k, dtype=torch.float16)[cols]
-    out = _nan(b, n, dtype=torch.float32)
-    int4.gemv_int4_triton(x, w, out)
     exact = w.dequantize(torch.float32)[:, cols].T
-    assert torch.equal(out, w.dequantize(torch.float16)[:, cols].T.float())
+    for launch in (None, int4.GemvInt4Launch(int4.next_pow2(b), 4, k, 4, 3, programs=1)):
+        out = _nan(b, n, dtype=torch.float32)
+        int4.gemv_int4_triton(x, w, out, launch=launch)
+        assert torch.equal(out, w.dequantize(torch.float16)[:, cols].T.float()), launch
     assert not torch.equal(out, exact)   # the rounding is visible at these points
 
 

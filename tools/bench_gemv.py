@@ -69,14 +69,19 @@ def config_grid(k: int):
             yield bn, bk, w, s
 
 
-def int4_config_grid(k: int, group_size: int):
+def int4_config_grid(k: int, group_size: int, sm_count: int = 132):
     """Candidates of the int4 CUDA-core GEMV at batch 1: its accumulator is one fp32 per word, so
     programs hold up to 16x the bf16 kernel's weights; K tiles hold whole groups."""
     from model.ops._util import next_pow2
 
     for bn, bk, w, s in itertools.product((2, 4, 8, 16, 32, 64), (256, 512, 1024, 2048), (4, 8), (1, 3)):
         if group_size <= bk <= next_pow2(k) and 4096 <= bn * bk <= 16384 * w:
-            yield bn, bk, w, s
+            yield bn, bk, w, s, 0
+    # the whole-row kernel: blocks of bn rows over a fixed number of programs (per SM)
+    if k <= 4096:
+        for bn, w, per_sm in itertools.product((1, 2, 4, 8), (4, 8), (2, 4, 8, 16)):
+            if 1024 <= bn * next_pow2(k) <= 4096 * w:
+                yield bn, next_pow2(k), w, 1, per_sm * sm_count
 
 
 class Shape:
@@ -120,13 +125,16 @@ class Shape:
             return self.int4_ops.gemv_int4_config(1, self.n, self.k, self.weights[0].group_size, norm=self.norm)
         return self.linear.gemv_config(1, self.n, self.k, 2, norm=self.norm)
 
-    def launch(self, bn, bk, w, s):
-        kind = self.int4_ops.GemvInt4Launch if self.int4 else self.linear.GemvLaunch
-        return kind(1, bn, bk, w, s)
+    def launch(self, bn, bk, w, s, programs=0):
+        if self.int4:
+            return self.int4_ops.GemvInt4Launch(1, bn, bk, w, s, programs)
+        return self.linear.GemvLaunch(1, bn, bk, w, s)
 
     def grid(self):
         if self.int4:
-            return int4_config_grid(self.k, self.weights[0].group_size)
+            from model.ops.hardware import current_profile
+
+            return int4_config_grid(self.k, self.weights[0].group_size, current_profile().sm_count)
         return config_grid(self.k)
 
     def _call(self, w, out, launch) -> None:
@@ -187,11 +195,11 @@ def main(argv=None) -> int:
         shape.check(base)
         default_us = shape.time_us(base, args.reps)
         tried = [{**dataclasses.asdict(base), "us": default_us}]
-        for bn, bk, w, s in (shape.grid() if args.sweep and calls > 1 else ()):   # lm_head: 1 call
+        for params in (shape.grid() if args.sweep and calls > 1 else ()):   # lm_head: 1 call
             if time.monotonic() > deadline:
                 log("sweep stopped at --max-seconds")
                 break
-            launch = shape.launch(bn, bk, w, s)
+            launch = shape.launch(*params)
             if launch == base:
                 continue
             try:
@@ -205,7 +213,8 @@ def main(argv=None) -> int:
         floor_us = shape.nbytes / (bw * 1e3)
         rows.append({"shape": name, "N": n, "K": k, "calls": calls, "bytes": shape.nbytes, "floor_us": floor_us,
                      "default_us": default_us, "default": dataclasses.asdict(base), "tried": tried})
-        conf = " ".join(f"{key}={best[key]}" for key in ("block_n", "block_k", "warps", "stages"))
+        conf = " ".join(f"{key}={best[key]}" for key in ("block_n", "block_k", "warps", "stages", "programs")
+                        if key in best)
         log(f"{name:14s} {n:7d} {k:5d} {calls:5d} {shape.nbytes / 1e6:7.1f} {floor_us:8.2f} {default_us:10.2f} "
             f"{best['us']:8.2f} {shape.nbytes / (best['us'] * 1e3):9.0f}  {conf}")
         del shape

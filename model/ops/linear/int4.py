@@ -25,8 +25,8 @@ import triton.language as tl
 from ...quant.format import QuantizedLinear
 from .._util import INTERPRET, MODEL_DTYPES, check_rows, next_pow2, pdl, pdl_wait
 from ..hardware import DeviceProfile, current_profile, profile_for
-from .gemv import (MAX_BATCH, _check_norm_gemv, _h_tile, _input_tile, _inv_rms, gemv_dot_block_n, gemv_reference,
-                   norm_gemv_reference)
+from .gemv import (MAX_BATCH, _check_norm_gemv, _h_tile, _input_tile, _inv_rms, _normed_tile, gemv_dot_block_n,
+                   gemv_reference, norm_gemv_reference)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -199,6 +199,61 @@ def _gemv_int4_kernel(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, q_ptr, s_ptr, z_
 
 
 @triton.jit
+def _load_row_block(q_ptr, s_ptr, z_ptr, blk, N, NW, stride_qn, stride_sn, offs_w, GROUP: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """The words, scales and zeros of the whole rows of block blk (_load_words); a block past
+    the last row loads nothing."""
+    rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows64 = rows.to(tl.int64)[:, None]
+    return _load_words(q_ptr + rows64 * stride_qn, s_ptr + rows64 * stride_sn, z_ptr + rows64 * stride_sn,
+                       offs_w, (rows < N)[:, None], NW, GROUP)
+
+
+@triton.jit
+def _gemv_int4_rows_kernel(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, q_ptr, s_ptr, z_ptr, out_ptr, B, N, K, eps,
+                           stride_xb, stride_rb, stride_rob, stride_nob, stride_qn, stride_sn, stride_ob,
+                           GROUP: tl.constexpr, NORM: tl.constexpr, ADD: tl.constexpr, WRITE_R: tl.constexpr,
+                           WRITE_N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr):
+    """_gemv_int4_kernel's math over blocks of BLOCK_N whole rows (K <= BLOCK_K), a fixed number
+    of programs each taking every P-th block. A program forms its input rows (the norm) once for
+    all its blocks, loads its first block before the PDL wait, and the next block's words before
+    it dequantizes the current one, so that the weight stream does not stop for the
+    dequantization or for the prologue."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs_b = tl.arange(0, BLOCK_B)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_b = offs_b < B
+    mk = offs_k < K
+    NW = K // 8
+    words, s, z = _load_row_block(q_ptr, s_ptr, z_ptr, pid, N, NW, stride_qn, stride_sn, offs_w, GROUP, BLOCK_N)
+    pdl_wait(USE_GDC)
+    DT = r_ptr.dtype.element_ty   # the model dtype: the input rows' (x when not NORM)
+    m2 = mask_b[:, None] & mk[None, :]
+    if NORM:
+        h = _h_tile(x_ptr, r_ptr, offs_b, offs_k, m2, stride_xb, stride_rb, ADD)
+        hf = h.to(tl.float32)
+        inv_rms = tl.math.rsqrt(tl.sum(hf * hf, axis=1) / K + eps)
+        xt = _normed_tile(h, inv_rms, nw_ptr, rout_ptr, nout_ptr, offs_b, offs_k, m2, mk, pid, stride_rob,
+                          stride_nob, WRITE_R, WRITE_N)
+    else:
+        xt = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :], mask=m2, other=0.0)
+    x4 = tl.reshape(xt.to(tl.float32), (BLOCK_B, 1, BLOCK_K // 8, 8))
+    for blk in range(pid, tl.cdiv(N, BLOCK_N), nprog):
+        nxt = _load_row_block(q_ptr, s_ptr, z_ptr, blk + nprog, N, NW, stride_qn, stride_sn, offs_w, GROUP,
+                              BLOCK_N)
+        w = _dequant_words(words, s, z, DT)
+        res = tl.sum(tl.sum(x4 * w[None, :, :, :], axis=3), axis=2)   # a word's eight codes in-thread
+        rows = blk * BLOCK_N + offs_n
+        tl.store(out_ptr + offs_b[:, None] * stride_ob + rows[None, :], res.to(out_ptr.dtype.element_ty),
+                 mask=mask_b[:, None] & (rows < N)[None, :])
+        words, s, z = nxt
+
+
+@triton.jit
 def _gemv_int4_dot_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, B, N, K, stride_xb, stride_qn, stride_sn, stride_ob,
                           GROUP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           DOT_FP32: tl.constexpr, USE_GDC: tl.constexpr):
@@ -283,6 +338,7 @@ class GemvInt4Launch:
     block_k: int      # columns per loop iteration (a multiple of the group size)
     warps: int
     stages: int
+    programs: int = 0  # > 0: _gemv_int4_rows_kernel (block_k holds whole rows) on this many programs
 
 
 def gemv_int4_config(b: int, n: int, k: int, group_size: int, *, norm: bool = False,
@@ -335,7 +391,14 @@ def _launch(x, residual, norm_weight, residual_out, normed_out, eps, w: Quantize
     if cfg.block_k % w.group_size or cfg.block_k & (cfg.block_k - 1):
         raise ValueError(f"launch.block_k={cfg.block_k} must be a power of two holding whole groups of "
                          f"{w.group_size}")
-    _gemv_int4_kernel[(triton.cdiv(n, cfg.block_n),)](
+    if cfg.programs < 0 or (cfg.programs and cfg.block_k < k):
+        raise ValueError(f"launch.programs={cfg.programs} must be 0, or > 0 with whole rows (block_k="
+                         f"{cfg.block_k} >= K={k})")
+    kernel, grid = _gemv_int4_kernel, triton.cdiv(n, cfg.block_n)
+    extra = dict(ONE_TILE=k <= cfg.block_k)
+    if cfg.programs:
+        kernel, grid, extra = _gemv_int4_rows_kernel, min(grid, cfg.programs), {}
+    kernel[(grid,)](
         x if x is not None else dummy, residual if norm else dummy, norm_weight if norm else dummy,
         residual_out if residual_out is not None else dummy, normed_out if normed_out is not None else dummy,
         w.qweight, w.scales, w.zeros, out, b, n, k, float(eps),
@@ -345,7 +408,7 @@ def _launch(x, residual, norm_weight, residual_out, normed_out, eps, w: Quantize
         w.qweight.stride(0), w.scales.stride(0), out.stride(0),
         GROUP=w.group_size, NORM=norm, ADD=norm and x is not None, WRITE_R=residual_out is not None,
         WRITE_N=normed_out is not None, BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        ONE_TILE=k <= cfg.block_k, num_warps=cfg.warps, num_stages=cfg.stages, **pdl(out))
+        **extra, num_warps=cfg.warps, num_stages=cfg.stages, **pdl(out))
 
 
 def gemv_int4_triton(x: torch.Tensor, w: QuantizedLinear, out: torch.Tensor, *,
