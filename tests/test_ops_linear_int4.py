@@ -137,6 +137,19 @@ def test_gemv_int4_config_holds_whole_groups():
                     assert c.block_b >= b and c.block_b * c.block_n * c.block_k <= int4._INT4_WEIGHTS_PER_PROGRAM
 
 
+def test_gemv_int4_rows_config():
+    """rows=True (the MODEL_INT4_ROWS setting): batch 1 and K <= 4096 get the whole-row kernel on 4
+    programs per SM, blocks of 8192 weights; larger batches or K keep the per-block kernel."""
+    from model.ops.hardware import DeviceProfile
+    h200 = DeviceProfile.preset("h200")
+    c = int4.gemv_int4_config(1, 12352, 2048, 128, norm=True, profile=h200, rows=True)
+    assert (c.programs, c.block_n, c.block_k) == (4 * h200.sm_count, 4, 2048)
+    assert int4.gemv_int4_config(1, 2048, 4096, 128, profile=h200, rows=True).block_n == 2
+    for b, k in ((2, 2048), (1, 8192)):
+        assert int4.gemv_int4_config(b, 2048, k, 128, profile=h200, rows=True).programs == 0
+    assert int4.gemv_int4_config(1, 2048, 2048, 128, profile=h200, rows=False).programs == 0
+
+
 # ----------------------------------------------------------------------------- norm + GEMV
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b,group_size,one_tile", [(1, 32, True), (3, 64, False), (3, 128, True)])

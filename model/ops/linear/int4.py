@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ...quant.format import QuantizedLinear
+from ...settings import SETTINGS
 from .._util import INTERPRET, MODEL_DTYPES, check_rows, next_pow2, pdl, pdl_wait
 from ..hardware import DeviceProfile, current_profile, profile_for
 from .gemv import (MAX_BATCH, _check_norm_gemv, _h_tile, _input_tile, _inv_rms, _normed_tile, gemv_dot_block_n,
@@ -341,15 +342,27 @@ class GemvInt4Launch:
     programs: int = 0  # > 0: _gemv_int4_rows_kernel (block_k holds whole rows) on this many programs
 
 
+def gemv_int4_rows_config(k: int, profile: DeviceProfile) -> GemvInt4Launch:
+    """The whole-row kernel at batch 1: blocks of 8192 weights (4 rows of K = 2048, 2 of 4096), four
+    programs per SM. Unmeasured guesses: tools/bench_gemv.py --quant int4 --sweep tries others."""
+    block_k = next_pow2(k)
+    return GemvInt4Launch(1, max(1, 8192 // block_k), block_k, 4, 1, programs=4 * profile.sm_count)
+
+
 def gemv_int4_config(b: int, n: int, k: int, group_size: int, *, norm: bool = False,
-                     profile: DeviceProfile | None = None) -> GemvInt4Launch:
+                     profile: DeviceProfile | None = None, rows: bool | None = None) -> GemvInt4Launch:
     """The CUDA-core int4 kernel's configuration: K tiles of whole groups, narrowed as the batch
     grows (the accumulator is B x N x K / 8). At batch 1 (H200, tools/bench_gemv.py --quant int4
     --sweep at 35b-a3b): 8 rows x 1024 columns per program for the wide K = 2048 projections
     (gdn in_proj 16.6 -> 13.0 us, attn qkv 14.7 -> 10.1 us against 16 x 2048) and 2 x 2048 for
     K = 4096 (out/o_proj 7.9 -> 5.8 us against 4 x 2048): the dequantization is compute-bound, and
-    more, smaller programs keep more SMs busy."""
+    more, smaller programs keep more SMs busy. rows (default: the MODEL_INT4_ROWS setting): at
+    batch 1 and K <= 4096 the whole-row kernel instead (gemv_int4_rows_config)."""
     profile = current_profile() if profile is None else profile
+    if rows is None:
+        rows = SETTINGS.int4_rows
+    if rows and b == 1 and k <= 4096:
+        return gemv_int4_rows_config(k, profile)
     block_b = next_pow2(b)
     budget = 8192 if block_b == 1 else 4096
     widest = (1024 if norm or (k <= 2048 and n >= 4096) else 2048) if block_b == 1 else max(128, budget // block_b)
