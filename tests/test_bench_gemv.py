@@ -50,11 +50,11 @@ def test_int4_grid_holds_whole_groups():
     from model.ops._util import next_pow2
 
     for k, g in ((2048, 128), (4096, 128), (256, 32)):
-        grid = list(bench_gemv.int4_config_grid(k, g))
+        grid = list(bench_gemv.int4_config_grid(k, g, sm_count=132))
         assert grid and all(bk % g == 0 and bk <= next_pow2(k) for bn, bk, *_ in grid)
         # the whole-row kernel's candidates hold whole rows
         rows = [c for c in grid if c[4]]
-        assert rows and all(c[1] >= k for c in rows)
+        assert rows and all(c[1] >= k and c[4] % 132 == 0 for c in rows)
 
 
 @pytest.mark.parametrize("norm", [False, True])

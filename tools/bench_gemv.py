@@ -69,9 +69,9 @@ def config_grid(k: int):
             yield bn, bk, w, s
 
 
-def int4_config_grid(k: int, group_size: int, sm_count: int = 132):
-    """Candidates of the int4 CUDA-core GEMV at batch 1: its accumulator is one fp32 per word, so
-    programs hold up to 16x the bf16 kernel's weights; K tiles hold whole groups."""
+def int4_config_grid(k: int, group_size: int, sm_count: int):
+    """Candidates of the int4 CUDA-core GEMV at batch 1 on a GPU of sm_count SMs: its accumulator is
+    one fp32 per word, so programs hold up to 16x the bf16 kernel's weights; K tiles hold whole groups."""
     from model.ops._util import next_pow2
 
     for bn, bk, w, s in itertools.product((2, 4, 8, 16, 32, 64), (256, 512, 1024, 2048), (4, 8), (1, 3)):
