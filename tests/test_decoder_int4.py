@@ -175,22 +175,29 @@ def test_int4_builders_refuse_before_any_work():
         empty_int4_weights(tiny32(), "meta", torch.bfloat16, 48)
 
 
-def test_int4_whole_row_gemv_setting_matches_reference(monkeypatch):
-    """MODEL_INT4_ROWS=1 (patched here: settings are read at import): every batch-1 int4 GEMV runs
-    the whole-row kernel (the other CUDA-core kernel is made to refuse any launch), and the tokens
-    and logits still agree with the reference backend over 16 greedy steps."""
+def test_int4_per_block_gemv_setting_matches_reference(monkeypatch):
+    """MODEL_INT4_ROWS=0 (patched here: settings are read at import): every batch-1 int4 GEMV runs
+    the per-block kernel (the whole-row kernel, the default, is made to refuse any launch), and the
+    tokens and logits still agree with the reference backend over 16 greedy steps."""
     from model.ops.linear import int4
     from model.settings import SETTINGS
 
     class Refuse:
         def __getitem__(self, grid):
-            raise AssertionError("the per-block int4 GEMV kernel ran with MODEL_INT4_ROWS=1")
+            raise AssertionError("the whole-row int4 GEMV kernel ran with MODEL_INT4_ROWS=0")
 
-    monkeypatch.setattr(int4, "SETTINGS", dataclasses.replace(SETTINGS, int4_rows=True))
-    monkeypatch.setattr(int4, "_gemv_int4_kernel", Refuse())
+    monkeypatch.setattr(int4, "SETTINGS", dataclasses.replace(SETTINGS, int4_rows=False))
+    monkeypatch.setattr(int4, "_gemv_int4_rows_kernel", Refuse())
     cfg = small_int4_config()
     w = random_int4_weights(cfg, "cpu", torch.float32, seed=5, group_size=32, method="rtn")
     decs, logits, tokens = _greedy_both(cfg, w, 16)
     assert tokens["triton"] == tokens["reference"] and len(set(tokens["triton"])) > 4
     for p, (a, b) in enumerate(zip(logits["triton"], logits["reference"])):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"step {p}")
+
+
+def test_int4_default_batch1_gemv_is_the_whole_row_kernel():
+    """The default (MODEL_INT4_ROWS=1): batch-1 GEMVs with K <= 4096 get the whole-row kernel."""
+    from model.ops.linear import int4
+    assert int4.SETTINGS.int4_rows is True
+    assert int4.gemv_int4_config(1, 2048, 4096, 128).programs > 0

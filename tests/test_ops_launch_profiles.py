@@ -66,7 +66,8 @@ def test_profile_lookup_and_settings():
     assert Settings.from_env({"MODEL_PDL": "0"}).pdl is False
     assert Settings.from_env({}).pdl is True and Settings.from_env({"TRITON_INTERPRET": "true"}).interpret
     assert Settings.from_env({}).prefill_pdl is False and Settings.from_env({"MODEL_PREFILL_PDL": "1"}).prefill_pdl
-    assert Settings.from_env({}).int4_rows is False and Settings.from_env({"MODEL_INT4_ROWS": "on"}).int4_rows
+    assert Settings.from_env({}).int4_rows is True
+    assert Settings.from_env({"MODEL_INT4_ROWS": "off"}).int4_rows is False
     with pytest.raises(ValueError, match="MODEL_PREFILL_PDL='2'"):
         Settings.from_env({"MODEL_PREFILL_PDL": "2"})
     with pytest.raises(ValueError, match="MODEL_PDL='maybe'"):

@@ -94,7 +94,8 @@ def test_int4_prefill_launches_at_35b_shapes_are_valid():
     """tools/int4_compile --prefill's record: the 35b-a3b model with every linear and the lm_head
     int4 (meta tensors, H200 profile) through PrefillStep.forward at chunks of 16 and 2048. Every
     projection takes the int4 GEMM (no cuBLAS call could take a QuantizedLinear), the experts the
-    int4 grouped kernels, the lm_head the int4 GEMV; no launch breaks launch_audit's rules."""
+    int4 grouped kernels, the lm_head the int4 GEMV (batch 1: the whole-row kernel); no launch breaks
+    launch_audit's rules."""
     from model.ops import _util
     from model.ops.hardware import DeviceProfile
     from tools import int4_compile, launch_audit
@@ -103,7 +104,7 @@ def test_int4_prefill_launches_at_35b_shapes_are_valid():
     log = int4_compile.record_prefill(h200, "35b-a3b", (16, 2048), 128)
     kernels = [L.kernel for L in log]
     assert {"_gemm_int4_kernel", "_moe_gate_up_int4_gemm_kernel", "_moe_down_int4_gemm_kernel",
-            "_moe_shared_combine_int4_kernel", "_gemv_int4_kernel"} <= set(kernels)
+            "_moe_shared_combine_int4_kernel", "_gemv_int4_rows_kernel"} <= set(kernels)
     assert "_gemv_kernel" not in kernels and "_moe_gate_up_gemm_kernel" not in kernels
     # per chunk and layer: in_proj/out_proj (linear attention) or qkv/o_proj, and router_shared
     assert kernels.count("_gemm_int4_kernel") == 2 * 40 * 3

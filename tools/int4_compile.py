@@ -68,9 +68,14 @@ def record(profile, preset: str, batches, group_size: int):
             for b in batches:
                 def e(*shape):
                     return torch.empty(shape, dtype=torch.bfloat16, device=dev)
-                int4.gemv_int4_triton(e(b, k), w, e(b, n))
-                int4.norm_gemv_int4_triton(e(b, k), e(b, k), e(k), 1e-6, w, e(b, n), residual_out=e(b, k),
-                                           normed_out=e(b, k))
+                # the default; at batch 1 (the whole-row kernel) also the per-block kernel (MODEL_INT4_ROWS=0)
+                for rows in (None, False) if b == 1 else (None,):
+                    la = {} if rows is None else {"launch": int4.gemv_int4_config(b, n, k, group_size, rows=False)}
+                    int4.gemv_int4_triton(e(b, k), w, e(b, n), **la)
+                    if rows is not None:
+                        la = {"launch": int4.gemv_int4_config(b, n, k, group_size, norm=True, rows=False)}
+                    int4.norm_gemv_int4_triton(e(b, k), e(b, k), e(k), 1e-6, w, e(b, n), residual_out=e(b, k),
+                                               normed_out=e(b, k), **la)
         _record_moe(preset, batches, group_size)
     return log
 

@@ -158,17 +158,19 @@ def run_decode_step(preset: str, batch: int, dtype, max_seq: int = 4096, int4: b
         moe4.moe_experts_int4_triton(e(batch, H), m.gate_up_proj, m.down_proj, e(batch, K, dt=torch.int32),
                                      e(batch, K), e(batch, 2 * Is), m.shared_down, e(batch, 1),
                                      moe.moe_workspace(batch, K, I, dtype, dev), e(batch, H), launch=launch)
-        if batch == 1:   # the whole-row GEMV (MODEL_INT4_ROWS) at the in_proj (norm) and out_proj shapes
+        if batch == 1:   # the per-block GEMV (MODEL_INT4_ROWS=0) at the in_proj (norm) and out_proj shapes
             from model.ops.hardware import current_profile
             from model.ops.linear import int4 as lin4
 
             gdn = next(layer.mixer for layer in dec.weights.layers if layer.kind == "linear_attention")
-            rows = lin4.gemv_int4_rows_config(H, current_profile())
-            lin4.norm_gemv_int4_triton(e(1, H), e(1, H), e(H), eps, gdn.in_proj, e(1, gdn.in_proj.shape[0]),
-                                       residual_out=e(1, H), normed_out=e(1, H), launch=rows)
-            k_out = gdn.out_proj.shape[1]
+            n_in, k_out = gdn.in_proj.shape[0], gdn.out_proj.shape[1]
+            per_block = lin4.gemv_int4_config(1, n_in, H, INT4_GROUP_SIZE, norm=True, profile=current_profile(),
+                                              rows=False)
+            lin4.norm_gemv_int4_triton(e(1, H), e(1, H), e(H), eps, gdn.in_proj, e(1, n_in),
+                                       residual_out=e(1, H), normed_out=e(1, H), launch=per_block)
             lin4.gemv_int4_triton(e(1, k_out), gdn.out_proj, e(1, H),
-                                  launch=lin4.gemv_int4_rows_config(k_out, current_profile()))
+                                  launch=lin4.gemv_int4_config(1, H, k_out, INT4_GROUP_SIZE,
+                                                               profile=current_profile(), rows=False))
 
 
 def run_prefill_step(preset: str, tokens: int, dtype) -> None:
