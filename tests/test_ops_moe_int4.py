@@ -1,6 +1,8 @@
 """int4 MoE decode experts: the Triton kernels vs their reference (dequantize the experts, then
 moe_experts_reference), zero experts, group sizes 32/64/128, and the argument checks. Small shapes
 (CPU interpreter); tests/gpu/test_ops_int4_gpu.py runs the 35b-a3b shapes."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -50,6 +52,31 @@ def test_moe_experts_int4_matches_reference(dtype, b, h, e, i, i_s, k, group_siz
         out, _ = _run(moe4.moe_experts_int4_triton, args, b, h, k, i, dtype, launch=launch)
         assert not torch.isnan(out).any()
         torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
+
+
+def _nan_after(w: QuantizedLinear) -> QuantizedLinear:
+    """w with its scales and zeros the front of NaN-filled buffers: a read past a tensor's end
+    gives NaN (in the interpreter it gave whatever memory followed, so the bug below was flaky)."""
+    def tail(t):
+        buf = torch.full((t.numel() + 64,), float("nan"), dtype=t.dtype)
+        buf[:t.numel()] = t.reshape(-1)
+        return buf[:t.numel()].view(t.shape)
+    return QuantizedLinear(w.qweight, tail(w.scales), tail(w.zeros), w.group_size, w.shape, w.name)
+
+
+@pytest.mark.parametrize("i,i_s", [(96, 64), (64, 96)])
+def test_moe_int4_down_reads_no_scale_past_the_shorter_of_routed_and_shared(i, i_s):
+    """The CUDA-core down kernel loops over the longer of I and IS words in one-group tiles;
+    past the shorter one's end it read a scale and zero beyond its last row's groups (NaN x 0 in
+    the output when that memory held NaN). With NaN after both tensors, the output matches."""
+    b, h, e, k, G = 1, 64, 6, 2, 32
+    x, gu, dn, ids, w, sgu, sdn, sgl = _inputs(7, b, h, e, i, i_s, k, G, torch.float32)
+    args = (x, gu, _nan_after(dn), ids, w, sgu, _nan_after(sdn), sgl)
+    ref, _ = _run(moe4.moe_experts_int4_reference, args, b, h, k, i, torch.float32)
+    cfg = dataclasses.replace(moe4.moe_int4_launch_config(b, h, i, k, i_s, G, tc=False), down_block_i=G)
+    # down_block_i = G: one-group tiles, where a row's scale and zero are read once per tile
+    out, _ = _run(moe4.moe_experts_int4_triton, args, b, h, k, i, torch.float32, launch=cfg)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
 
 
 def test_moe_int4_act_workspace_matches_the_bf16_kernel_on_dequantized_experts():
