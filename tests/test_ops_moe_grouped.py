@@ -83,8 +83,11 @@ def test_skewed_routing(device, dtype):
     want = _run(moe.moe_experts_grouped_reference, args, ws)
     _close(_run(moe.moe_experts_grouped_triton, args, ws), want, dtype)
     cfg = moe.moe_grouped_launch_config(t, H, I, k, e, IS)
-    for block_m in (16, 128):   # seven blocks of expert 5; one block of 128 holding all its 100 rows
-        launch = dataclasses.replace(cfg, block_m=block_m)
+    # columns first: the grid (column tiles, blocks), with 16-column tiles two and four of them
+    cols = {kernel: dataclasses.replace(getattr(cfg, kernel), block_n=16, columns_first=True)
+            for kernel in ("gate_up", "down")}
+    for block_m, tiles in ((16, {}), (128, {}), (16, cols)):   # seven blocks of expert 5; one of 128, all its 100 rows
+        launch = dataclasses.replace(cfg, block_m=block_m, **tiles)
         _close(_run(moe.moe_experts_grouped_triton, args, _workspace(t, k, e, dtype, device), launch=launch),
                want, dtype)
 

@@ -56,7 +56,9 @@ def test_grouped_int4_matches_reference(dtype, group_size, h, i, i_s):
     cfg = gi.moe_grouped_int4_launch_config(t, h, i, k, e, i_s)
     assert {cfg.gate_up.block_k, cfg.down.block_k, cfg.shared.block_k} == {min(128, h, i, i_s)}
     k16 = {kernel: dataclasses.replace(getattr(cfg, kernel), block_k=16) for kernel in ("gate_up", "down", "shared")}
-    for launch in (None, dataclasses.replace(cfg, block_m=16, **k16)):
+    cols = {kernel: dataclasses.replace(getattr(cfg, kernel), block_n=16, columns_first=True)
+            for kernel in ("gate_up", "down")}   # the grid (column tiles, blocks)
+    for launch in (None, dataclasses.replace(cfg, block_m=16, **k16), dataclasses.replace(cfg, **cols)):
         got = _run(gi.moe_experts_grouped_int4_triton, args, _workspace(t, k, e, dtype, "cpu", h=h, i=i, i_s=i_s),
                    info, launch=launch)
         _close(got, want, dtype)

@@ -50,6 +50,10 @@ class GemmTiles:
     block_k: int
     num_warps: int
     num_stages: int
+    # grid (column tiles, blocks) instead of (blocks, column tiles): the programs of one block's
+    # column tiles launch side by side, so its gathered rows are read from L2 by all of them at
+    # about the same time (and an expert's weights by its blocks), not again a wave later
+    columns_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,14 @@ def tile_args(tiles: GemmTiles) -> dict:
     return dict(BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
 
+def gemm_grid(tiles: GemmTiles, n_blocks: int, n: int) -> tuple[tuple[int, int], dict]:
+    """The grid of a grouped GEMM over n_blocks expert blocks and n output columns, and the
+    kernel's COLUMNS_FIRST flag (tiles.columns_first) with its tile arguments."""
+    cols = triton.cdiv(n, tiles.block_n)
+    grid = (cols, n_blocks) if tiles.columns_first else (n_blocks, cols)
+    return grid, dict(COLUMNS_FIRST=tiles.columns_first, **tile_args(tiles))
+
+
 def grouping_blocks(cfg, ws, n_pairs: int, e: int) -> int:
     """The GEMM blocks (grid rows) of grouping n_pairs pairs over e experts with cfg.block_m rows a
     block, refused where block_m is not one of BLOCK_MS or the grouping does not fit the workspace."""
@@ -230,26 +242,30 @@ def _mma(a, b, acc, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _block_rows(block_ptr, sorted_ptr, BLOCK_M: tl.constexpr):
-    """(expert, pair index per row, row mask) of this program's block."""
-    b = tl.program_id(0)
+def _block_rows(block_ptr, sorted_ptr, BLOCK_M: tl.constexpr, COLUMNS_FIRST: tl.constexpr):
+    """(expert, valid rows, pair index per row, row mask, column tile) of this program (gemm_grid)."""
+    if COLUMNS_FIRST:
+        b, col = tl.program_id(1), tl.program_id(0)
+    else:
+        b, col = tl.program_id(0), tl.program_id(1)
     e = tl.load(block_ptr + b * 2).to(tl.int64)
     rows = tl.load(block_ptr + b * 2 + 1)
     offs_m = tl.arange(0, BLOCK_M)
     mm = offs_m < rows
     pair = tl.load(sorted_ptr + b * BLOCK_M + offs_m, mask=mm, other=0).to(tl.int64)
-    return e, rows, pair, mm
+    return e, rows, pair, mm, col
 
 
 @triton.jit
 def _moe_gate_up_gemm_kernel(x_ptr, gu_ptr, block_ptr, sorted_ptr, act_ptr, H, I, TOPK, stride_x,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             DOT_FP32: tl.constexpr, EMULATE: tl.constexpr, USE_GDC: tl.constexpr):
+                             DOT_FP32: tl.constexpr, EMULATE: tl.constexpr, COLUMNS_FIRST: tl.constexpr,
+                             USE_GDC: tl.constexpr):
     pdl_wait(USE_GDC)
-    e, rows, pair, mm = _block_rows(block_ptr, sorted_ptr, BLOCK_M)
+    e, rows, pair, mm, col = _block_rows(block_ptr, sorted_ptr, BLOCK_M, COLUMNS_FIRST)
     if rows == 0:                        # a block past the used count
         return
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = col * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + (pair // TOPK)[:, None] * stride_x + offs_k[None, :]
@@ -274,12 +290,13 @@ def _moe_gate_up_gemm_kernel(x_ptr, gu_ptr, block_ptr, sorted_ptr, act_ptr, H, I
 @triton.jit
 def _moe_down_gemm_kernel(act_ptr, dn_ptr, w_ptr, block_ptr, sorted_ptr, y_ptr, H, I,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          DOT_FP32: tl.constexpr, EMULATE: tl.constexpr, USE_GDC: tl.constexpr):
+                          DOT_FP32: tl.constexpr, EMULATE: tl.constexpr, COLUMNS_FIRST: tl.constexpr,
+                          USE_GDC: tl.constexpr):
     pdl_wait(USE_GDC)
-    e, rows, pair, mm = _block_rows(block_ptr, sorted_ptr, BLOCK_M)
+    e, rows, pair, mm, col = _block_rows(block_ptr, sorted_ptr, BLOCK_M, COLUMNS_FIRST)
     if rows == 0:
         return
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = col * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = offs_n < H
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = act_ptr + pair[:, None] * I + offs_k[None, :]
@@ -387,12 +404,12 @@ def moe_experts_grouped_triton(x, gate_up_proj, down_proj, ids, weights, shared_
     group_pairs(ids, info, p, e, cfg.block_m, ws.chunk_counts, ws.chunk_base, ws.block_info, ws.sorted_pairs)
     # 4-5: the grouped GEMMs
     flags = dict(BLOCK_M=cfg.block_m, DOT_FP32=dot_fp32, EMULATE=emulate)
-    _moe_gate_up_gemm_kernel[(n_blocks, triton.cdiv(i, cfg.gate_up.block_n))](
-        x, gate_up_proj, ws.block_info, ws.sorted_pairs, ws.act, h, i, k, x.stride(0), **flags,
-        **tile_args(cfg.gate_up), **opts)
-    _moe_down_gemm_kernel[(n_blocks, triton.cdiv(h, cfg.down.block_n))](
-        ws.act, down_proj, weights, ws.block_info, ws.sorted_pairs, ws.y, h, i, **flags,
-        **tile_args(cfg.down), **opts)
+    grid, tiles = gemm_grid(cfg.gate_up, n_blocks, i)
+    _moe_gate_up_gemm_kernel[grid](x, gate_up_proj, ws.block_info, ws.sorted_pairs, ws.act, h, i, k, x.stride(0),
+                                   **flags, **tiles, **opts)
+    grid, tiles = gemm_grid(cfg.down, n_blocks, h)
+    _moe_down_gemm_kernel[grid](ws.act, down_proj, weights, ws.block_info, ws.sorted_pairs, ws.y, h, i, **flags,
+                                **tiles, **opts)
     # 6: shared expert (act here, the down GEMM on cuBLAS, as the reference's linear), then the ordered sum
     sgl = shared_gate_logit  # [T] or [T, 1], any row stride: one element per token
     act_s, y_s = ws.shared_act[:t], ws.shared_y[:t]

@@ -26,8 +26,8 @@ from ...quant.format import QuantizedLinear
 from .._util import INTERPRET, next_pow2, pdl, pdl_wait
 from ..linear.int4_gemm import _int4_tile
 from .grouped import (MoeGroupedLaunch, _block_rows, _check_grouped, _combine_store, _mma, _rnd, _shared_act_tile,
-                      check_launch, grouping_blocks, moe_experts_grouped_reference, moe_grouped_launch_config,
-                      tile_args)
+                      check_launch, gemm_grid, grouping_blocks, moe_experts_grouped_reference,
+                      moe_grouped_launch_config, tile_args)
 from .grouping import group_pairs
 from .int4 import check_int4_experts
 
@@ -61,12 +61,12 @@ def moe_experts_grouped_int4_reference(x, gate_up_proj: QuantizedLinear, down_pr
 def _moe_gate_up_int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, block_ptr, sorted_ptr, act_ptr, H, I, TOPK, stride_x,
                                   GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                   BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, EMULATE: tl.constexpr,
-                                  USE_GDC: tl.constexpr):
+                                  COLUMNS_FIRST: tl.constexpr, USE_GDC: tl.constexpr):
     pdl_wait(USE_GDC)
-    e, rows, pair, mm = _block_rows(block_ptr, sorted_ptr, BLOCK_M)
+    e, rows, pair, mm, col = _block_rows(block_ptr, sorted_ptr, BLOCK_M, COLUMNS_FIRST)
     if rows == 0:                        # a block past the used count
         return
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = col * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)
     offs_w = tl.arange(0, BLOCK_K // 8)
@@ -97,12 +97,12 @@ def _moe_gate_up_int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, block_ptr, sorted_
 def _moe_down_int4_gemm_kernel(act_ptr, q_ptr, s_ptr, z_ptr, w_ptr, block_ptr, sorted_ptr, y_ptr, H, I,
                                GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, EMULATE: tl.constexpr,
-                               USE_GDC: tl.constexpr):
+                               COLUMNS_FIRST: tl.constexpr, USE_GDC: tl.constexpr):
     pdl_wait(USE_GDC)
-    e, rows, pair, mm = _block_rows(block_ptr, sorted_ptr, BLOCK_M)
+    e, rows, pair, mm, col = _block_rows(block_ptr, sorted_ptr, BLOCK_M, COLUMNS_FIRST)
     if rows == 0:
         return
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = col * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = offs_n < H
     offs_k = tl.arange(0, BLOCK_K)
     offs_w = tl.arange(0, BLOCK_K // 8)
@@ -178,12 +178,12 @@ def moe_experts_grouped_int4_triton(x, gate_up_proj: QuantizedLinear, down_proj:
     group_pairs(ids, info, p, e, cfg.block_m, ws.chunk_counts, ws.chunk_base, ws.block_info, ws.sorted_pairs)
     flags = dict(BLOCK_M=cfg.block_m, DOT_FP32=dot_fp32, EMULATE=emulate)
     gu, dn, sd = gate_up_proj, down_proj, shared_down
-    _moe_gate_up_int4_gemm_kernel[(n_blocks, triton.cdiv(i, cfg.gate_up.block_n))](
-        x, gu.qweight, gu.scales, gu.zeros, ws.block_info, ws.sorted_pairs, ws.act, h, i, k, x.stride(0),
-        GROUP=gu.group_size, **flags, **tile_args(cfg.gate_up), **opts)
-    _moe_down_int4_gemm_kernel[(n_blocks, triton.cdiv(h, cfg.down.block_n))](
-        ws.act, dn.qweight, dn.scales, dn.zeros, weights, ws.block_info, ws.sorted_pairs, ws.y, h, i,
-        GROUP=dn.group_size, **flags, **tile_args(cfg.down), **opts)
+    grid, tiles = gemm_grid(cfg.gate_up, n_blocks, i)
+    _moe_gate_up_int4_gemm_kernel[grid](x, gu.qweight, gu.scales, gu.zeros, ws.block_info, ws.sorted_pairs, ws.act,
+                                        h, i, k, x.stride(0), GROUP=gu.group_size, **flags, **tiles, **opts)
+    grid, tiles = gemm_grid(cfg.down, n_blocks, h)
+    _moe_down_int4_gemm_kernel[grid](ws.act, dn.qweight, dn.scales, dn.zeros, weights, ws.block_info, ws.sorted_pairs,
+                                     ws.y, h, i, GROUP=dn.group_size, **flags, **tiles, **opts)
     sgl = shared_gate_logit  # [T] or [T, 1], any row stride: one element per token
     _moe_shared_combine_int4_kernel[(triton.cdiv(t, cfg.shared_block_m), triton.cdiv(h, cfg.shared.block_n))](
         shared_gate_up, sd.qweight, sd.scales, sd.zeros, sgl, ids, ws.y, info, out, t, h, i_s, k,
