@@ -66,6 +66,15 @@ def _h_tile(x_ptr, r_ptr, offs_b, kk, m2, stride_xb, stride_rb, ADD: tl.constexp
 
 
 @triton.jit
+def _one_tile_rms(x_ptr, r_ptr, offs_b, offs_k, m2, K, eps, stride_xb, stride_rb, ADD: tl.constexpr):
+    """(residual (+ x) tile, 1 / rms of each row) when one tile holds the whole rows (K <= BLOCK_K):
+    the rows are loaded once, for the rms and for the product."""
+    h = _h_tile(x_ptr, r_ptr, offs_b, offs_k, m2, stride_xb, stride_rb, ADD)
+    hf = h.to(tl.float32)
+    return h, tl.math.rsqrt(tl.sum(hf * hf, axis=1) / K + eps)
+
+
+@triton.jit
 def _inv_rms(x_ptr, r_ptr, offs_b, offs_k, mask_b, K, eps, stride_xb, stride_rb,
              ADD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     """1 / rms of each row of residual (+ x), fp32 [BLOCK_B], over K in BLOCK_K tiles."""
@@ -147,11 +156,9 @@ def _gemv_kernel(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, w_ptr, out_ptr, B, N,
     pdl_wait(USE_GDC)
     h1 = tl.zeros([BLOCK_B, BLOCK_K], dtype=r_ptr.dtype.element_ty)
     if NORM:
-        if ONE_TILE:   # the rows are loaded once, for the rms and for the product
-            h1 = _h_tile(x_ptr, r_ptr, offs_b, offs_k, mask_b[:, None] & (offs_k < K)[None, :], stride_xb,
-                         stride_rb, ADD)
-            hf = h1.to(tl.float32)
-            inv_rms = tl.math.rsqrt(tl.sum(hf * hf, axis=1) / K + eps)
+        if ONE_TILE:
+            h1, inv_rms = _one_tile_rms(x_ptr, r_ptr, offs_b, offs_k, mask_b[:, None] & (offs_k < K)[None, :], K,
+                                        eps, stride_xb, stride_rb, ADD)
         else:
             inv_rms = _inv_rms(x_ptr, r_ptr, offs_b, offs_k, mask_b, K, eps, stride_xb, stride_rb, ADD,
                                BLOCK_B, BLOCK_K)

@@ -26,8 +26,8 @@ from ...quant.format import QuantizedLinear
 from ...settings import SETTINGS
 from .._util import INTERPRET, MODEL_DTYPES, check_rows, next_pow2, pdl, pdl_wait
 from ..hardware import DeviceProfile, current_profile, profile_for
-from .gemv import (MAX_BATCH, _check_norm_gemv, _h_tile, _input_tile, _inv_rms, _normed_tile, gemv_dot_block_n,
-                   gemv_reference, norm_gemv_reference)
+from .gemv import (MAX_BATCH, _check_norm_gemv, _input_tile, _inv_rms, _normed_tile, _one_tile_rms,
+                   gemv_dot_block_n, gemv_reference, norm_gemv_reference)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -174,11 +174,9 @@ def _gemv_int4_kernel(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, q_ptr, s_ptr, z_
     DT = r_ptr.dtype.element_ty   # the model dtype: the input rows' (x when not NORM)
     h1 = tl.zeros([BLOCK_B, BLOCK_K], dtype=DT)
     if NORM:
-        if ONE_TILE:   # the rows are loaded once, for the rms and for the product
-            h1 = _h_tile(x_ptr, r_ptr, offs_b, offs_k, mask_b[:, None] & (offs_k < K)[None, :], stride_xb,
-                         stride_rb, ADD)
-            hf = h1.to(tl.float32)
-            inv_rms = tl.math.rsqrt(tl.sum(hf * hf, axis=1) / K + eps)
+        if ONE_TILE:
+            h1, inv_rms = _one_tile_rms(x_ptr, r_ptr, offs_b, offs_k, mask_b[:, None] & (offs_k < K)[None, :], K,
+                                        eps, stride_xb, stride_rb, ADD)
         else:
             inv_rms = _inv_rms(x_ptr, r_ptr, offs_b, offs_k, mask_b, K, eps, stride_xb, stride_rb, ADD,
                                BLOCK_B, BLOCK_K)
@@ -235,9 +233,7 @@ def _gemv_int4_rows_kernel(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, q_ptr, s_pt
     DT = r_ptr.dtype.element_ty   # the model dtype: the input rows' (x when not NORM)
     m2 = mask_b[:, None] & mk[None, :]
     if NORM:
-        h = _h_tile(x_ptr, r_ptr, offs_b, offs_k, m2, stride_xb, stride_rb, ADD)
-        hf = h.to(tl.float32)
-        inv_rms = tl.math.rsqrt(tl.sum(hf * hf, axis=1) / K + eps)
+        h, inv_rms = _one_tile_rms(x_ptr, r_ptr, offs_b, offs_k, m2, K, eps, stride_xb, stride_rb, ADD)
         xt = _normed_tile(h, inv_rms, nw_ptr, rout_ptr, nout_ptr, offs_b, offs_k, m2, mk, pid, stride_rob,
                           stride_nob, WRITE_R, WRITE_N)
     else:

@@ -116,13 +116,16 @@ def _moe_gate_up_int4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, act_ptr, H, I,
 
 
 @triton.jit
-def _group_params(s_rows, z_rows, ww, w0, m_row, m, GROUP: tl.constexpr, BLOCK_I: tl.constexpr):
+def _group_params(s_rows, z_rows, ww, w0, NW, m_row, m, GROUP: tl.constexpr, BLOCK_I: tl.constexpr):
     """The scale and zero (fp32) of the groups of words ww (starting at word w0) for row pointers
-    s_rows/z_rows [..., 1]: when BLOCK_I == GROUP the tile is one group, so one pair per row
-    ([..., 1], mask m_row) rather than one per word (mask m)."""
+    s_rows/z_rows [..., 1] of NW words: when BLOCK_I == GROUP the tile is one group, so one pair
+    per row ([..., 1], mask m_row, and none past the row's end: a caller's loop may run longer
+    than this row, and a read there gave NaN x 0 when that memory held NaN) rather than one per
+    word (mask m)."""
     if BLOCK_I == GROUP:
-        sc = tl.load(s_rows + w0 // (GROUP // 8), mask=m_row, other=0.0).to(tl.float32)
-        zr = tl.load(z_rows + w0 // (GROUP // 8), mask=m_row, other=0.0).to(tl.float32)
+        m_tile = m_row & (w0 + tl.zeros([1], tl.int32) < NW)
+        sc = tl.load(s_rows + w0 // (GROUP // 8), mask=m_tile, other=0.0).to(tl.float32)
+        zr = tl.load(z_rows + w0 // (GROUP // 8), mask=m_tile, other=0.0).to(tl.float32)
     else:
         sc = tl.load(s_rows + ww // (GROUP // 8), mask=m, other=0.0).to(tl.float32)
         zr = tl.load(z_rows + ww // (GROUP // 8), mask=m, other=0.0).to(tl.float32)
@@ -167,11 +170,9 @@ def _moe_down_int4_kernel(act_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, w_ptr, sgu_ptr,
         av = tl.reshape(av.to(tl.float32), (BLOCK_K, 1, BLOCK_I // 8, 8))
         m3 = m_rows & (ww < NW)[None, None, :]
         words = tl.load(q_ptr + rows[:, :, None] * NW + ww[None, None, :], mask=m3, other=0)
-        # the loop runs over the longer of I and IS: past a row's end no group's scale is read (a
-        # read past the last row's groups gave NaN x 0 when that memory held NaN)
-        w0_t = w0 + tl.zeros([1], tl.int32)
+        # the loop runs over the longer of I and IS (_group_params reads nothing past a row's end)
         sc, zr = _group_params((s_ptr + rows * NG)[:, :, None], (z_ptr + rows * NG)[:, :, None],
-                               ww[None, None, :], w0, m_rows & (w0_t < NW), m3, GROUP, BLOCK_I)
+                               ww[None, None, :], w0, NW, m_rows, m3, GROUP, BLOCK_I)
         acc += _dequant_codes(words[:, :, :, None], sc[:, :, :, None], zr[:, :, :, None], nib, dt) * av
         ms = ii < IS
         g = tl.load(sgu_ptr + row * stride_sgu + ii, mask=ms, other=0.0).to(tl.float32)
@@ -180,8 +181,8 @@ def _moe_down_int4_kernel(act_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, w_ptr, sgu_ptr,
         a = tl.reshape(a, (1, BLOCK_I // 8, 8))
         m2 = mh[:, None] & (ww < SW)[None, :]
         words = tl.load(sq_ptr + srows * SW + ww[None, :], mask=m2, other=0)
-        sc, zr = _group_params(ss_ptr + srows * SG, sz_ptr + srows * SG, ww[None, :], w0, mh[:, None] & (w0_t < SW),
-                               m2, GROUP, BLOCK_I)
+        sc, zr = _group_params(ss_ptr + srows * SG, sz_ptr + srows * SG, ww[None, :], w0, SW, mh[:, None], m2, GROUP,
+                               BLOCK_I)
         acc2 += _dequant_words(words, sc, zr, dt) * a
     y = tl.sum(tl.sum(acc, axis=3), axis=2)
     y = y.to(dt).to(tl.float32)                                      # [K, HO], rounded per expert
