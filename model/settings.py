@@ -15,6 +15,9 @@ MODEL_INT4_ROWS   1 (default) / 0: the batch-1 int4 GEMVs (K <= 4096) run the wh
                   (blocks of rows over a fixed number of programs, the next block's words
                   loaded while the current one is dequantized); 0 gives the per-block kernel
                   (int4 decode at batch 1 on an H100: 2.473 ms with it, 2.761 ms without).
+MODEL_INT4_MOE_ROWS 0 (default) / 1: the batch-1 int4 expert kernels (gate/up and down) run
+                  over blocks of whole rows as well (model/ops/moe/int4_rows.py); off until
+                  measured on a GPU.
 """
 from __future__ import annotations
 
@@ -45,12 +48,14 @@ class Settings:
     pdl: bool = True           # MODEL_PDL
     prefill_pdl: bool = False  # MODEL_PREFILL_PDL
     int4_rows: bool = True     # MODEL_INT4_ROWS
+    int4_moe_rows: bool = False  # MODEL_INT4_MOE_ROWS
 
     @classmethod
     def from_env(cls, env=None) -> "Settings":
         env = os.environ if env is None else env
         return cls(interpret=_flag(env, "TRITON_INTERPRET", False), pdl=_flag(env, "MODEL_PDL", True),
-                   prefill_pdl=_flag(env, "MODEL_PREFILL_PDL", False), int4_rows=_flag(env, "MODEL_INT4_ROWS", True))
+                   prefill_pdl=_flag(env, "MODEL_PREFILL_PDL", False), int4_rows=_flag(env, "MODEL_INT4_ROWS", True),
+                   int4_moe_rows=_flag(env, "MODEL_INT4_MOE_ROWS", False))
 
 
 SETTINGS = Settings.from_env()

@@ -87,8 +87,24 @@ def test_int4_grids_hold_whole_groups(group_size):
     assert all(f["gate_up_block_h"] % group_size == 0 for f in grids["gate_up"])
     assert all(f["down_block_i"] >= group_size for f in grids["down"])
     plain = bench_moe.sweep_grids(shape)
-    assert len(grids["down"]) <= len(plain["down"]) and any(f["down_block_i"] == 64 for f in plain["down"])
-    assert (group_size == 128) == (len(grids["down"]) < len(plain["down"]))
+    per_block = [f for f in grids["down"] if f["down_programs"] == 0]
+    assert len(per_block) <= len(plain["down"]) and any(f["down_block_i"] == 64 for f in plain["down"])
+    assert (group_size == 128) == (len(per_block) < len(plain["down"]))
+
+
+def test_int4_batch1_grids_add_the_whole_row_kernels():
+    """At batch 1 the int4 grids hold whole-row entries (K tile of the whole row, not the tensor
+    cores, programs a multiple of the SMs) and pin the others to the per-block kernels; at batch 2,
+    and for bf16, there are none."""
+    shape = dict(b=1, h=2048, i=512, k=8, i_s=512)
+    grids = bench_moe.sweep_grids(shape, 128, sm_count=132)
+    for part, k_field, k_tile in (("gate_up", "gate_up_block_h", 2048), ("down", "down_block_i", 512)):
+        rows = [f for f in grids[part] if f[f"{part}_programs"]]
+        assert len(rows) == 18 and all(f[k_field] == k_tile and f[f"{part}_tc"] is False for f in rows)
+        assert {f[f"{part}_programs"] for f in rows} == {264, 528, 1056}
+        assert any(f[f"{part}_programs"] == 0 for f in grids[part])
+    for grids in (bench_moe.sweep_grids(dict(shape, b=2), 128), bench_moe.sweep_grids(shape)):
+        assert not any(f.get("gate_up_programs") or f.get("down_programs") for p in grids for f in grids[p])
 
 
 @pytest.mark.parametrize("fields", [{}, dict(gate_up_block_i=4, gate_up_block_h=32, down_block_ho=8, down_block_i=32,
@@ -103,6 +119,18 @@ def test_int4_configurations_match_the_int4_reference(fields):
     launch = dataclasses.replace(bench.default_launch(), **fields)
     assert bench.default_launch() == moe4.moe_int4_launch_config(**bench.shape, group_size=32)
     assert bench.check(launch) <= 0.02
+
+
+def test_int4_whole_row_configurations_match_the_int4_reference():
+    """Batch 1: every whole-row entry of the sweep grid at one warp count passes the bench's check
+    (bf16 on the interpreter, which truncates where the GPU rounds: some seeds fail the 2 % check
+    with the default launch too, seed 4 for one)."""
+    bench = bench_moe.Bench(_tiny32(), batch=1, copies=1, seed=3, torch=torch, device="cpu", group_size=32)
+    grids = bench_moe.sweep_grids(bench.shape, 32, bench.sm_count)
+    rows = [f for part in grids for f in grids[part] if f.get(f"{part}_programs") and f.get(f"{part}_warps") == 4]
+    assert len(rows) == 18
+    for fields in rows:
+        assert bench.check(dataclasses.replace(bench.default_launch(), **fields)) <= 0.02
 
 
 def test_int4_wrong_result_is_refused():

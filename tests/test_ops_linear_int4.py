@@ -234,7 +234,7 @@ def test_int4_launches_at_35b_shapes_are_valid():
     log = int4_compile.record(h200, "35b-a3b", (1, 8), 128)
     kernels = {L.kernel for L in log}
     assert {"_gemv_int4_kernel", "_gemv_int4_rows_kernel", "_gemv_int4_dot_kernel", "_moe_gate_up_int4_kernel",
-            "_moe_down_int4_kernel",
+            "_moe_down_int4_kernel", "_moe_gate_up_int4_rows_kernel", "_moe_down_int4_rows_kernel",
             "_moe_gate_up_int4_tc_kernel", "_moe_down_int4_tc_kernel"} <= kernels
     for L in log:
         assert not launch_audit.problems(L, h200, pdl_enabled=_util.HAVE_GDC), L

@@ -147,6 +147,9 @@ class Bench:
                 shared_gate_up=randn(batch, 2 * Is, scale=1.0), shared_down=weight("shared_down", H, Is),
                 shared_gate_logit=randn(batch, 1, scale=1.0), act_ws=moe.moe_workspace(batch, k, I, dt, dev),
                 out=torch.empty(batch, H, dtype=dt, device=dev)))
+        from model.ops.hardware import profile_for
+
+        self.sm_count = profile_for(self.layers[0]["out"]).sm_count   # the whole-row kernels' programs
         distinct = statistics.mean(len(set(L["ids"].flatten().tolist())) for L in self.layers)
         self.gate_up_bytes, self.down_bytes = expert_bytes(distinct, H, I, Is, group_size)
         ref = dict(self.layers[0])
@@ -185,19 +188,35 @@ class Bench:
         return common.time_graph_us(step, reps, len(self.layers))
 
 
-def sweep_grids(shape: dict, group_size: int | None = None) -> dict:
-    """{part: [MoeLaunch fields]} swept per kernel; int4 keeps the K tiles that hold whole groups."""
+def sweep_grids(shape: dict, group_size: int | None = None, sm_count: int = 132) -> dict:
+    """{part: [MoeLaunch fields]} swept per kernel; int4 keeps the K tiles that hold whole groups,
+    and at batch 1 adds the whole-row kernels (model/ops/moe/int4_rows.py: rows per block, warps,
+    programs per SM), the per-block entries then pinned to the per-block kernels."""
     g = group_size
-    return {"gate_up": [dict(gate_up_block_i=a, gate_up_block_h=b, gate_up_warps=w, gate_up_stages=s)
-                        for a, b, w, s in gate_up_grid(shape["h"], shape["i"]) if holds_groups(b, g)],
-            "down": [dict(down_block_ho=a, down_block_i=b, down_warps=w, down_stages=s)
-                     for a, b, w, s in down_grid(shape["h"], shape["i"], shape["k"]) if holds_groups(b, g)]}
+    grids = {"gate_up": [dict(gate_up_block_i=a, gate_up_block_h=b, gate_up_warps=w, gate_up_stages=s)
+                         for a, b, w, s in gate_up_grid(shape["h"], shape["i"]) if holds_groups(b, g)],
+             "down": [dict(down_block_ho=a, down_block_i=b, down_warps=w, down_stages=s)
+                      for a, b, w, s in down_grid(shape["h"], shape["i"], shape["k"]) if holds_groups(b, g)]}
+    if g is None or shape["b"] != 1:
+        return grids
+    from model.ops._util import next_pow2
+
+    for part in grids:
+        for fields in grids[part]:
+            fields[f"{part}_programs"] = 0
+    whole = {"gate_up": ("gate_up_block_i", "gate_up_block_h", max(g, next_pow2(shape["h"]))),
+             "down": ("down_block_ho", "down_block_i", max(g, next_pow2(max(shape["i"], shape["i_s"]))))}
+    for part, (rows_field, k_field, k_tile) in whole.items():
+        grids[part] += [{rows_field: r, k_field: k_tile, f"{part}_warps": w, f"{part}_stages": 1, f"{part}_tc": False,
+                         f"{part}_programs": p * sm_count}
+                        for r, w, p in itertools.product((1, 2, 4), (4, 8), (2, 4, 8))]
+    return grids
 
 
 def sweep(bench, base, reps, deadline, log) -> tuple:
     """Best gate/up and down configurations (each swept with the other kernel's default)."""
     results = {"gate_up": [], "down": []}
-    grids = sweep_grids(bench.shape, bench.group_size)
+    grids = sweep_grids(bench.shape, bench.group_size, bench.sm_count)
     for part, grid in grids.items():
         nbytes = bench.gate_up_bytes if part == "gate_up" else bench.down_bytes
         for fields in grid:

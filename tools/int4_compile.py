@@ -150,8 +150,11 @@ def _record_moe(preset: str, batches, group_size: int) -> None:
         def e(*shape, dt=torch.bfloat16):
             return torch.empty(shape, dtype=dt, device=dev)
         # the default (tensor-core kernels up to moe4.TC_MAX_BATCH rows), then the CUDA-core kernels
-        # (fp32 rows, larger batches)
-        for launch in (None, moe4.moe_int4_launch_config(b, H, I, K, IS, G, tc=False)):
+        # (fp32 rows, larger batches), and at batch 1 the whole-row kernels (MODEL_INT4_MOE_ROWS=1)
+        launches = [None, moe4.moe_int4_launch_config(b, H, I, K, IS, G, tc=False, rows=False)]
+        if b == 1:
+            launches.append(moe4.moe_int4_launch_config(b, H, I, K, IS, G, rows=True))
+        for launch in launches:
             moe4.moe_experts_int4_triton(e(b, H), gu, dn, e(b, K, dt=torch.int32), e(b, K), e(b, 2 * IS), sd,
                                          e(b, 1), e(b * K * I), e(b, H), launch=launch)
 

@@ -154,10 +154,12 @@ def run_decode_step(preset: str, batch: int, dtype, max_seq: int = 4096, int4: b
 
         m, K, I, Is = dec.weights.layers[0].moe, cfg.num_experts_per_tok, cfg.moe_intermediate_size, \
             cfg.shared_expert_intermediate_size
-        launch = moe4.moe_int4_launch_config(batch, H, I, K, Is, INT4_GROUP_SIZE, tc=False)
-        moe4.moe_experts_int4_triton(e(batch, H), m.gate_up_proj, m.down_proj, e(batch, K, dt=torch.int32),
-                                     e(batch, K), e(batch, 2 * Is), m.shared_down, e(batch, 1),
-                                     moe.moe_workspace(batch, K, I, dtype, dev), e(batch, H), launch=launch)
+        # at batch 1 also the whole-row kernels (MODEL_INT4_MOE_ROWS=1)
+        for rows in (False, True) if batch == 1 else (False,):
+            launch = moe4.moe_int4_launch_config(batch, H, I, K, Is, INT4_GROUP_SIZE, tc=False, rows=rows)
+            moe4.moe_experts_int4_triton(e(batch, H), m.gate_up_proj, m.down_proj, e(batch, K, dt=torch.int32),
+                                         e(batch, K), e(batch, 2 * Is), m.shared_down, e(batch, 1),
+                                         moe.moe_workspace(batch, K, I, dtype, dev), e(batch, H), launch=launch)
         if batch == 1:   # the per-block GEMV (MODEL_INT4_ROWS=0) at the in_proj (norm) and out_proj shapes
             from model.ops.hardware import current_profile
             from model.ops.linear import int4 as lin4

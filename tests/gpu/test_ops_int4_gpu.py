@@ -108,6 +108,32 @@ def test_moe_int4(dtype, b, group_size):
     torch.testing.assert_close(outs[0], outs[1], **_tol(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("group_size", [128, 32])
+def test_moe_int4_whole_rows(dtype, group_size):
+    """The batch-1 whole-row expert kernels (MODEL_INT4_MOE_ROWS) against the reference, and their
+    graph replay bit-identical to eager (nothing allocated during capture)."""
+    args = _moe_args(1, dtype, group_size)
+    cfg = moe4.moe_int4_launch_config(1, H, I, TOPK, IS, group_size, rows=True)
+    assert cfg.gate_up_programs > 0 and cfg.down_programs > 0
+    ws = moe.moe_workspace(1, TOPK, I, dtype, DEV).fill_(float("nan"))
+    out, ref = _nan(1, H, dtype=dtype), _nan(1, H, dtype=dtype)
+    moe4.moe_experts_int4_reference(*args, moe.moe_workspace(1, TOPK, I, dtype, DEV), ref)
+
+    def step():
+        moe4.moe_experts_int4_triton(*args, ws, out, launch=cfg)
+
+    step()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, ref, **_tol(dtype))
+    eager = out.clone()
+    graph = capture_without_allocation(step, "the whole-row int4 experts")
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
 def test_int4_kernels_capture_in_one_graph_without_allocation():
     """norm+GEMV, GEMV and the experts (b = 8, bf16) captured with torch.cuda.graph: nothing is
     allocated during capture and the replay writes exactly what eager wrote."""

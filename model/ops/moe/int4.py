@@ -21,7 +21,9 @@ from ...quant.format import QuantizedLinear
 from .._util import INTERPRET, MODEL_DTYPES, next_pow2, pdl, pdl_wait
 from ..hardware import current_profile, profile_for
 from ..linear.int4 import _code, _dequant_codes, _dequant_words, _load_words, _per_word, _to_dt
+from ...settings import SETTINGS
 from .decode import MoeLaunch, _ascending_sum, _check_moe, moe_experts_reference, moe_launch_config
+from .int4_rows import _moe_down_int4_rows_kernel, _moe_gate_up_int4_rows_kernel
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -381,9 +383,13 @@ def _moe_down_int4_tc_kernel(act_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, w_ptr, sgu_p
 class MoeInt4Launch(MoeLaunch):
     """MoeLaunch plus which kernel runs on the tensor cores: gate_up_tc (the K tile then >= 128
     columns, the tile 2 x gate_up_block_i rows), down_tc (K tile >= 128 columns, down_block_ho rows
-    of every slot)."""
+    of every slot); or over blocks of whole rows on a fixed number of programs (int4_rows.py,
+    batch 1): gate_up_programs > 0 (gate_up_block_h >= H), down_programs > 0 (down_block_i >=
+    max(I, Is))."""
     gate_up_tc: bool = False
     down_tc: bool = False
+    gate_up_programs: int = 0
+    down_programs: int = 0
 
 
 # the smallest K tile of the tensor-core kernels: a dot's K (words) is at least 16
@@ -405,12 +411,16 @@ def moe_int4_tc_eligible(b: int, k: int, dtype=None) -> bool:
 
 
 def moe_int4_launch_config(b: int, h: int, i: int, k: int, i_s: int, group_size: int,
-                           profile=None, *, tc: bool | None = None) -> MoeInt4Launch:
+                           profile=None, *, tc: bool | None = None, rows: bool | None = None) -> MoeInt4Launch:
     """The tensor-core kernels' tiles (_tc_config) for the kernels that take them, else the CUDA-core
     kernels' (_cuda_core_config). tc=None (default): gate/up on the tensor cores up to TC_MAX_BATCH
     rows with at most 8 slots, down from DOWN_TC_MIN_BATCH rows on; True: both kernels (up to
-    TC_MAX_BATCH rows); False: neither (the caller passes False for fp32 rows)."""
+    TC_MAX_BATCH rows); False: neither (the caller passes False for fp32 rows). rows (default: the
+    MODEL_INT4_MOE_ROWS setting): at batch 1, unless tc=True, both kernels over blocks of whole rows
+    (moe_int4_rows_config)."""
     profile = current_profile() if profile is None else profile
+    if (SETTINGS.int4_moe_rows if rows is None else rows) and b == 1 and tc is not True:
+        return moe_int4_rows_config(h, i, k, i_s, group_size, profile)
     fits = moe_int4_tc_eligible(b, k)
     gate_up_tc = fits if tc is None else tc
     down_tc = fits and b >= DOWN_TC_MIN_BATCH if tc is None else tc
@@ -420,6 +430,20 @@ def moe_int4_launch_config(b: int, h: int, i: int, k: int, i_s: int, group_size:
     dn = tensor_core if down_tc else cuda_core
     return MoeInt4Launch(gu.gate_up_block_i, gu.gate_up_block_h, gu.gate_up_warps, gu.gate_up_stages,
                          dn.down_block_ho, dn.down_block_i, dn.down_warps, dn.down_stages, gate_up_tc, down_tc)
+
+
+def moe_int4_rows_config(h: int, i: int, k: int, i_s: int, group_size: int, profile) -> MoeInt4Launch:
+    """The whole-row kernels (int4_rows.py) at batch 1, in the whole-row GEMV's proportions
+    (gemv_int4_rows_config): blocks of about 8192 weights (gate/up: 2 gate + 2 up rows of H = 2048;
+    down: 2 output rows of 8 slots plus the shared expert, 512 each), four programs per SM. Not yet
+    measured: MODEL_INT4_MOE_ROWS is off by default."""
+    block_h = max(group_size, next_pow2(h))
+    block_i2 = max(group_size, next_pow2(max(i, i_s)))
+    block_i = max(1, min(next_pow2(i), 4096 // block_h))
+    block_ho = max(1, min(next_pow2(h), 8192 // (next_pow2(k) * block_i2)))
+    programs = 4 * profile.sm_count
+    return MoeInt4Launch(block_i, block_h, 4, 1, block_ho, block_i2, 4, 1, gate_up_programs=programs,
+                         down_programs=programs)
 
 
 def _cuda_core_config(b: int, h: int, i: int, k: int, i_s: int, group_size: int, profile) -> MoeInt4Launch:
@@ -475,10 +499,30 @@ def _use_tc(cfg: MoeLaunch, field: str, b: int, k: int, dtype) -> bool:
     return True
 
 
+def _rows_programs(cfg: MoeLaunch, part: str, b: int, block: int, least: int, block_name: str) -> int:
+    """cfg's `part`_programs (0: not the whole-row kernel), refused unless it can run: batch 1, not
+    also on the tensor cores, K tiles of whole rows."""
+    programs = getattr(cfg, f"{part}_programs", 0)
+    if programs == 0:
+        return 0
+    if programs < 0 or getattr(cfg, f"{part}_tc", False) or b != 1 or block < least:
+        raise ValueError(f"launch.{part}_programs={programs}: the whole-row expert kernels take one row, not the "
+                         f"tensor cores, and {block_name} >= {least} (whole rows); got B={b}, {part}_tc="
+                         f"{getattr(cfg, f'{part}_tc', False)}, {block_name}={block}")
+    return programs
+
+
 def launch_moe_gate_up_int4(x, gate_up_proj: QuantizedLinear, ids, act_ws, cfg: MoeLaunch) -> None:
     b, h = x.shape
     k = ids.shape[1]
     i = gate_up_proj.shape[1] // 2
+    if programs := _rows_programs(cfg, "gate_up", b, cfg.gate_up_block_h, h, "gate_up_block_h"):
+        blocks = k * triton.cdiv(i, cfg.gate_up_block_i)
+        _moe_gate_up_int4_rows_kernel[(min(blocks, programs),)](
+            x, gate_up_proj.qweight, gate_up_proj.scales, gate_up_proj.zeros, ids, act_ws, h, i, k,
+            GROUP=gate_up_proj.group_size, BLOCK_I=cfg.gate_up_block_i, BLOCK_H=cfg.gate_up_block_h,
+            num_warps=cfg.gate_up_warps, num_stages=cfg.gate_up_stages, **pdl(x))
+        return
     if _use_tc(cfg, "gate_up_tc", b, k, x.dtype):
         _moe_gate_up_int4_tc_kernel[(b * k, triton.cdiv(i, cfg.gate_up_block_i))](
             x, gate_up_proj.qweight, gate_up_proj.scales, gate_up_proj.zeros, ids, act_ws, h, i, k, x.stride(0),
@@ -500,6 +544,13 @@ def launch_moe_down_int4(act_ws, down_proj: QuantizedLinear, ids, weights, share
         raise ValueError(f"shared_down has group_size={shared_down.group_size}, down_proj "
                          f"{down_proj.group_size}: the down kernel takes one")
     sgl = shared_gate_logit
+    if programs := _rows_programs(cfg, "down", b, cfg.down_block_i, max(i, i_s), "down_block_i"):
+        _moe_down_int4_rows_kernel[(min(triton.cdiv(h, cfg.down_block_ho), programs),)](
+            act_ws, down_proj.qweight, down_proj.scales, down_proj.zeros, ids, weights, shared_gate_up,
+            shared_down.qweight, shared_down.scales, shared_down.zeros, sgl, out, h, i, i_s, k,
+            GROUP=down_proj.group_size, BLOCK_HO=cfg.down_block_ho, BLOCK_I=cfg.down_block_i,
+            BLOCK_K=next_pow2(k), num_warps=cfg.down_warps, num_stages=cfg.down_stages, **pdl(out))
+        return
     if _use_tc(cfg, "down_tc", b, k, out.dtype):
         _moe_down_int4_tc_kernel[(b, triton.cdiv(h, cfg.down_block_ho))](
             act_ws, down_proj.qweight, down_proj.scales, down_proj.zeros, ids, weights, shared_gate_up,
@@ -530,5 +581,8 @@ def moe_experts_int4_triton(x, gate_up_proj: QuantizedLinear, down_proj: Quantiz
     cfg = launch or moe_int4_launch_config(b, h, i, k, i_s, g, profile_for(out),
                                            tc=None if moe_int4_tc_eligible(b, k, x.dtype) else False)
     _check_launch(cfg, g)
+    # both kernels' whole-row settings refused before either runs (act_ws is not written for nothing)
+    _rows_programs(cfg, "gate_up", b, cfg.gate_up_block_h, h, "gate_up_block_h")
+    _rows_programs(cfg, "down", b, cfg.down_block_i, max(i, i_s), "down_block_i")
     launch_moe_gate_up_int4(x, gate_up_proj, ids, act_ws, cfg)
     launch_moe_down_int4(act_ws, down_proj, ids, weights, shared_gate_up, shared_down, shared_gate_logit, out, cfg)
