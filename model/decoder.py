@@ -11,7 +11,7 @@ which leaves the state exactly as decode steps would.
 Per layer (ops in `model.ops`, fused weights in `model.weights`):
   GDN:        norm_gemv(in_proj) -> conv1d_update -> gated_delta_step (+ gated RMSNorm) -> gemv(out_proj)
   attention:  norm_gemv(qkv) -> qk_norm_rope_store -> decode_attention (x sigmoid gate) -> gemv(o_proj)
-  then        norm_gemv(router + shared gate/up + shared gate) -> router_topk -> moe_experts
+  then        norm_gemv(router + shared gate/up + shared gate, route: + router_topk) -> moe_experts
 and finally add_rmsnorm -> gemv(lm_head). Weights may be int4 (QuantizedLinear in the linear fields,
 docs/int4.md): the ops dispatch on the weight's type (model/ops/dispatch.py), so the step is the
 same code, capturable alike; the constructor checks every field against the config
@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 
 from .config import LINEAR, ModelConfig
+from .ops.moe.route import Route, route_counter
 from .state import DecodeState
 from .weights import ModelWeights
 
@@ -119,6 +120,7 @@ class Decoder:
         self.router_shared = buf(B, cfg.router_shared_rows)
         self.topk_weights = buf(B, k)
         self.topk_ids = buf(B, k, dtype=torch.int32)
+        self.route_counter = route_counter(dev)   # the fused router's (moe/route.py): zero between steps
         self.moe_ws = self.ops.moe_workspace(B, k, cfg.moe_intermediate_size, dt, dev)
 
     # ---- public API -----------------------------------------------------------------------------
@@ -129,6 +131,7 @@ class Decoder:
         if row is None:
             self.kv_error_flag.zero_()
             self.gdn_counters.zero_()   # zero after every step already; a reset makes sure
+            self.route_counter.zero_()
             self.next_positions = [0] * self.max_batch
         else:
             self.next_positions[row] = 0
@@ -339,14 +342,15 @@ class Decoder:
     def _lm_head(self, normed, logits) -> None:
         self.ops.gemv(normed, self.weights.lm_head, logits)
 
-    def _route(self, router_logits, topk_weights, topk_ids) -> None:
-        self.ops.router_topk(router_logits, self.cfg.num_experts_per_tok, topk_weights, topk_ids)
+    def _local_experts(self) -> tuple | None:
+        """(start, count) of the experts this decoder holds (expert parallel), None for all."""
+        return None
 
-    def _norm_gemv(self, norm_in: "_NormIn", w, out) -> None:
+    def _norm_gemv(self, norm_in: "_NormIn", w, out, **kw) -> None:
         # normed rows always go to the static buffer: the experts read them after the router
         # projection, and the tensor-core path (batch >= 2) needs it for its norm kernel
         self.ops.norm_gemv(norm_in.x, norm_in.residual, norm_in.weight, self.cfg.rms_norm_eps, w, out,
-                           residual_out=norm_in.residual_out, normed_out=self.normed[:out.shape[0]])
+                           residual_out=norm_in.residual_out, normed_out=self.normed[:out.shape[0]], **kw)
 
     def _gdn(self, i, m, norm_in, out, r0, r1):
         cfg, ops, n = self.cfg, self.ops, r1 - r0
@@ -380,9 +384,11 @@ class Decoder:
         cfg, ops = self.cfg, self.ops
         E, Is = cfg.num_experts, cfg.shared_expert_intermediate_size
         rs, normed = self.router_shared[:n], self.normed[:n]
-        self._norm_gemv(norm_in, m.router_shared, rs)   # also stores normed, which the experts read
         tw, ti = self.topk_weights[:n], self.topk_ids[:n]
-        self._route(rs[:, :E], tw, ti)
+        # the router's top-k of rs[:, :E] too (in the GEMV's epilogue where moe/route.py allows);
+        # normed is stored as well, which the experts read
+        route = Route(E, cfg.num_experts_per_tok, tw, ti, self._local_experts(), self.route_counter)
+        self._norm_gemv(norm_in, m.router_shared, rs, route=route)
         ops.moe_experts(normed, m.gate_up_proj, m.down_proj, ti, tw, rs[:, E:E + 2 * Is], m.shared_down,
                         rs[:, E + 2 * Is], self.moe_ws, out)
 

@@ -18,6 +18,9 @@ MODEL_INT4_ROWS   1 (default) / 0: the batch-1 int4 GEMVs (K <= 4096) run the wh
 MODEL_INT4_MOE_ROWS 0 (default) / 1: the batch-1 int4 expert kernels (gate/up and down) run
                   over blocks of whole rows as well (model/ops/moe/int4_rows.py); off until
                   measured on a GPU.
+MODEL_FUSED_ROUTER 0 (default) / 1: the router top-k runs in the epilogue of the batch-1 router
+                  GEMV (model/ops/moe/route.py) instead of as a kernel of its own; off until
+                  measured on a GPU.
 """
 from __future__ import annotations
 
@@ -49,13 +52,15 @@ class Settings:
     prefill_pdl: bool = False  # MODEL_PREFILL_PDL
     int4_rows: bool = True     # MODEL_INT4_ROWS
     int4_moe_rows: bool = False  # MODEL_INT4_MOE_ROWS
+    fused_router: bool = False   # MODEL_FUSED_ROUTER
 
     @classmethod
     def from_env(cls, env=None) -> "Settings":
         env = os.environ if env is None else env
         return cls(interpret=_flag(env, "TRITON_INTERPRET", False), pdl=_flag(env, "MODEL_PDL", True),
                    prefill_pdl=_flag(env, "MODEL_PREFILL_PDL", False), int4_rows=_flag(env, "MODEL_INT4_ROWS", True),
-                   int4_moe_rows=_flag(env, "MODEL_INT4_MOE_ROWS", False))
+                   int4_moe_rows=_flag(env, "MODEL_INT4_MOE_ROWS", False),
+                   fused_router=_flag(env, "MODEL_FUSED_ROUTER", False))
 
 
 SETTINGS = Settings.from_env()

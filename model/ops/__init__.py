@@ -18,10 +18,13 @@ experts all int4 or none), which dequantize exactly as QuantizedLinear.dequantiz
 
 linear.gemv(x[B,K], w[N,K], out[B,N])                         out = x @ w.T   (B <= 16)
 linear.norm_gemv(x[B,K] or None, residual[B,K], norm_weight[K], eps, w[N,K], out[B,N],
-                 residual_out=None, normed_out=None)       h = residual (+ x), n = rms(h) * (1 + nw),
+                 residual_out=None, normed_out=None, route=None)
+                                                              h = residual (+ x), n = rms(h) * (1 + nw),
                                                               out = n @ w.T; residual_out = h and
                                                               normed_out = n when given (neither may
-                                                              overlap x or residual)
+                                                              overlap x or residual); route (moe.route.
+                                                              Route): then moe.router_topk of out's
+                                                              first route.num_experts columns
 norm.rmsnorm(x[B,H], weight[H], eps, out[B,H])                out = rms(x) * (1 + w)
 norm.add_rmsnorm(x[B,H], residual[B,H], weight[H], eps, out)  residual += x (rounded to dtype),
                                                               out = rmsnorm(residual)

@@ -58,10 +58,9 @@ class ParallelDecoder(Decoder):
     def _lm_head(self, normed, logits) -> None:
         self.vocab_shard.logits(self.ops.gemv, normed, self.weights.lm_head, logits)
 
-    def _route(self, router_logits, topk_weights, topk_ids) -> None:
+    def _local_experts(self) -> tuple:
         e = self.plan.experts
-        self.ops.router_topk(router_logits, self.cfg.num_experts_per_tok, topk_weights, topk_ids,
-                             local_experts=(e.start, len(e)))
+        return (e.start, len(e))
 
     def _gdn(self, i, m, norm_in, out, r0, r1):
         super()._gdn(i, m, norm_in, out, r0, r1)

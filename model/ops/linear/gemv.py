@@ -22,6 +22,8 @@ import triton.language as tl
 
 from .._util import INTERPRET, check_rows, next_pow2, pdl, pdl_wait
 from ..hardware import DeviceProfile, current_profile, profile_for
+from ..moe.route import (check_route, fusable, route_after_gemv, route_kernel_args, route_reference, route_triton,
+                         router_programs)
 
 MAX_BATCH = 16
 # the PDL weight prefetch pays off up to about this many programs per SM (H200, whole 35b step:
@@ -137,10 +139,13 @@ def _gemv_kernel(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, w_ptr, out_ptr, B, N,
                  stride_xb, stride_rb, stride_rob, stride_nob, stride_wn, stride_ob,
                  NORM: tl.constexpr, ADD: tl.constexpr, WRITE_R: tl.constexpr, WRITE_N: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 ONE_TILE: tl.constexpr, PREFETCH: tl.constexpr, USE_GDC: tl.constexpr):
+                 ONE_TILE: tl.constexpr, PREFETCH: tl.constexpr, USE_GDC: tl.constexpr,
+                 rw_ptr, rid_ptr, cnt_ptr, ROUTER_PROGRAMS, R_E, R_TOPK, R_START, R_LOCAL,
+                 ROUTE: tl.constexpr, R_BLOCK_E: tl.constexpr, R_BLOCK_K: tl.constexpr, R_LOCAL_ON: tl.constexpr):
     """B = 1 (or fp32): CUDA-core FMAs. ONE_TILE (K <= BLOCK_K): the norm's rows are loaded once.
     PREFETCH (with PDL): the first weight tile is loaded before waiting on the previous kernel;
-    without PDL the plain loop (its software pipelining measured faster on H100)."""
+    without PDL the plain loop (its software pipelining measured faster on H100). ROUTE: the
+    router top-k of the first R_E output columns in the epilogue (moe/route.py)."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_b = tl.arange(0, BLOCK_B)
@@ -179,6 +184,10 @@ def _gemv_kernel(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, w_ptr, out_ptr, B, N,
     res = tl.sum(acc, axis=2)
     out_ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :]
     tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_n[None, :])
+    if ROUTE:
+        if pid < ROUTER_PROGRAMS:
+            route_after_gemv(out_ptr, rw_ptr, rid_ptr, cnt_ptr, ROUTER_PROGRAMS, B, R_E, R_TOPK, stride_ob, R_START,
+                             R_LOCAL, R_BLOCK_E, R_BLOCK_K, R_LOCAL_ON)
 
 
 @triton.jit
@@ -252,9 +261,11 @@ def gemv_triton(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, launch: 
     _launch_gemv(x, None, None, None, None, 0.0, w, out, b, n, k, launch)
 
 
-def _launch_gemv(x, residual, norm_weight, residual_out, normed_out, eps, w, out, b, n, k, launch):
+def _launch_gemv(x, residual, norm_weight, residual_out, normed_out, eps, w, out, b, n, k, launch,
+                 route=None) -> bool:
     """The GEMV launch for gemv (residual None) and norm_gemv, arguments already checked; absent
-    pointers get a stand-in that the kernel's flags keep it from touching."""
+    pointers get a stand-in that the kernel's flags keep it from touching. route (checked, and
+    fusable): the CUDA-core kernel takes it into its epilogue; returns whether it did."""
     if b > MAX_BATCH:
         raise ValueError(f"gemv handles batches up to {MAX_BATCH}, got B={b}")
     norm = residual is not None
@@ -283,7 +294,7 @@ def _launch_gemv(x, residual, norm_weight, residual_out, normed_out, eps, w, out
         _gemv_dot_kernel[(triton.cdiv(n, block_n),)](x, w, out, b, n, k, x.stride(0), w.stride(0), out.stride(0),
                                                     BLOCK_B=max(16, next_pow2(b)), BLOCK_N=block_n, BLOCK_K=block_k,
                                                     DOT_FP32=INTERPRET, num_warps=4, num_stages=4, **opts)
-        return
+        return False
     cfg = launch or gemv_config(b, n, k, w.element_size(), norm=norm, profile=profile)
     if cfg.block_b < b:
         raise ValueError(f"launch.block_b={cfg.block_b} is smaller than the batch {b}")
@@ -291,9 +302,12 @@ def _launch_gemv(x, residual, norm_weight, residual_out, normed_out, eps, w, out
     # the weight prefetch before the PDL wait helps the first wave only; GEMVs of many waves (the
     # lm_head) keep the plain loop, whose software pipelining streams faster
     prefetch = opts["USE_GDC"] and programs <= prefetch_max_programs(profile)
+    epilogue = route_kernel_args(route, out, router_programs(route.num_experts, cfg.block_n, programs)
+                                 if route is not None else 0)
     _gemv_kernel[(programs,)](*args, **flags, BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                               ONE_TILE=k <= cfg.block_k, PREFETCH=prefetch, num_warps=cfg.warps,
-                              num_stages=cfg.stages, **opts)
+                              num_stages=cfg.stages, **opts, **epilogue)
+    return route is not None
 
 
 # ----------------------------------------------------------------------------- RMSNorm + GEMV
@@ -332,13 +346,16 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.device == b.device and a0 < b1 and b0 < a1
 
 
-def norm_gemv_reference(x, residual, norm_weight, eps, w, out, *, residual_out=None, normed_out=None) -> None:
+def norm_gemv_reference(x, residual, norm_weight, eps, w, out, *, residual_out=None, normed_out=None,
+                        route=None) -> None:
     """h = residual + x (rounded; residual alone when x is None), n = rms(h) * (1 + norm_weight),
     out = n @ w.T; optionally residual_out = h and normed_out = n. Equal to add_rmsnorm (or rmsnorm)
-    followed by gemv."""
+    followed by gemv. route (moe/route.py's Route): then router_topk on out's first columns."""
     from ..norm import _rms_ref
 
     _check_norm_gemv(x, residual, norm_weight, w, out, residual_out, normed_out)
+    if route is not None:
+        check_route(route, out)
     h = residual if x is None else residual + x
     normed = _rms_ref(h, norm_weight, eps)
     out.copy_(torch.nn.functional.linear(normed.to(w.dtype), w))
@@ -346,13 +363,20 @@ def norm_gemv_reference(x, residual, norm_weight, eps, w, out, *, residual_out=N
         residual_out.copy_(h)
     if normed_out is not None:
         normed_out.copy_(normed)
+    if route is not None:
+        route_reference(route, out)
 
 
 def norm_gemv_triton(x, residual, norm_weight, eps, w, out, *, residual_out=None, normed_out=None,
-                     launch: GemvLaunch | None = None) -> None:
+                     launch: GemvLaunch | None = None, route=None) -> None:
     """The RMSNorm computed in the GEMV's prologue by every program (a whole row is a few KB from
     L2), which saves the separate norm kernel; program 0 stores residual_out and normed_out. On the
     tensor-core path (B >= 2, bf16/fp16) the norm runs as its own kernel first, into normed_out
-    (a temporary when not given: pass it for a step that must not allocate)."""
+    (a temporary when not given: pass it for a step that must not allocate). route: as
+    norm_gemv_reference, in the CUDA-core kernel's epilogue where moe/route.py allows."""
     b, n, k = _check_norm_gemv(x, residual, norm_weight, w, out, residual_out, normed_out)
-    _launch_gemv(x, residual, norm_weight, residual_out, normed_out, eps, w, out, b, n, k, launch)
+    logits = check_route(route, out) if route is not None else None
+    fused = _launch_gemv(x, residual, norm_weight, residual_out, normed_out, eps, w, out, b, n, k, launch,
+                         route if fusable(route) else None)
+    if route is not None and not fused:
+        route_triton(route, logits)

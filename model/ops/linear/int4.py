@@ -26,6 +26,7 @@ from ...quant.format import QuantizedLinear
 from ...settings import SETTINGS
 from .._util import INTERPRET, MODEL_DTYPES, check_rows, next_pow2, pdl, pdl_wait
 from ..hardware import DeviceProfile, current_profile, profile_for
+from ..moe.route import check_route, fusable, route_after_gemv, route_kernel_args, route_triton, router_programs
 from .gemv import (MAX_BATCH, _check_norm_gemv, _input_tile, _inv_rms, _normed_tile, _one_tile_rms,
                    gemv_dot_block_n, gemv_reference, norm_gemv_reference)
 
@@ -74,11 +75,11 @@ def gemv_int4_reference(x: torch.Tensor, w: QuantizedLinear, out: torch.Tensor) 
 
 
 def norm_gemv_int4_reference(x, residual, norm_weight, eps, w: QuantizedLinear, out, *, residual_out=None,
-                             normed_out=None) -> None:
+                             normed_out=None, route=None) -> None:
     """norm_gemv_reference with w dequantized to the residual's dtype."""
     _check_norm_int4(x, residual, norm_weight, w, out, residual_out, normed_out)
     norm_gemv_reference(x, residual, norm_weight, eps, w.dequantize(residual.dtype), out,
-                        residual_out=residual_out, normed_out=normed_out)
+                        residual_out=residual_out, normed_out=normed_out, route=route)
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -213,12 +214,16 @@ def _gemv_int4_rows_kernel(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, q_ptr, s_pt
                            stride_xb, stride_rb, stride_rob, stride_nob, stride_qn, stride_sn, stride_ob,
                            GROUP: tl.constexpr, NORM: tl.constexpr, ADD: tl.constexpr, WRITE_R: tl.constexpr,
                            WRITE_N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr):
+                           BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr,
+                           rw_ptr, rid_ptr, cnt_ptr, ROUTER_PROGRAMS, R_E, R_TOPK, R_START, R_LOCAL,
+                           ROUTE: tl.constexpr, R_BLOCK_E: tl.constexpr, R_BLOCK_K: tl.constexpr,
+                           R_LOCAL_ON: tl.constexpr):
     """_gemv_int4_kernel's math over blocks of BLOCK_N whole rows (K <= BLOCK_K), a fixed number
     of programs each taking every P-th block. A program forms its input rows (the norm) once for
     all its blocks, loads its first block before the PDL wait, and the next block's words before
     it dequantizes the current one, so that the weight stream does not stop for the
-    dequantization or for the prologue."""
+    dequantization or for the prologue. ROUTE: the router top-k of the first R_E output columns
+    in the epilogue (moe/route.py; the programs below ROUTER_PROGRAMS hold the router blocks)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs_b = tl.arange(0, BLOCK_B)
@@ -248,6 +253,10 @@ def _gemv_int4_rows_kernel(x_ptr, r_ptr, nw_ptr, rout_ptr, nout_ptr, q_ptr, s_pt
         tl.store(out_ptr + offs_b[:, None] * stride_ob + rows[None, :], res.to(out_ptr.dtype.element_ty),
                  mask=mask_b[:, None] & (rows < N)[None, :])
         words, s, z = nxt
+    if ROUTE:
+        if pid < ROUTER_PROGRAMS:
+            route_after_gemv(out_ptr, rw_ptr, rid_ptr, cnt_ptr, ROUTER_PROGRAMS, B, R_E, R_TOPK, stride_ob, R_START,
+                             R_LOCAL, R_BLOCK_E, R_BLOCK_K, R_LOCAL_ON)
 
 
 @triton.jit
@@ -375,7 +384,10 @@ def gemv_int4_config(b: int, n: int, k: int, group_size: int, *, norm: bool = Fa
     return GemvInt4Launch(block_b, block_n, block_k, 4, 3)
 
 
-def _launch(x, residual, norm_weight, residual_out, normed_out, eps, w: QuantizedLinear, out, b, n, k, launch):
+def _launch(x, residual, norm_weight, residual_out, normed_out, eps, w: QuantizedLinear, out, b, n, k, launch,
+            route=None) -> bool:
+    """route (checked, and fusable): the whole-row kernel takes it into its epilogue; returns
+    whether it did (the other kernels do not)."""
     if b > MAX_BATCH:
         raise ValueError(f"gemv_int4 handles batches up to {MAX_BATCH}, got B={b}")
     norm = residual is not None
@@ -395,7 +407,7 @@ def _launch(x, residual, norm_weight, residual_out, normed_out, eps, w: Quantize
             x, w.qweight, w.scales, w.zeros, out, b, n, k, x.stride(0), w.qweight.stride(0), w.scales.stride(0),
             out.stride(0), GROUP=w.group_size, BLOCK_B=max(16, next_pow2(b)), BLOCK_N=block_n, BLOCK_K=block_k,
             DOT_FP32=INTERPRET, num_warps=4, num_stages=4, **pdl(out))
-        return
+        return False
     cfg = launch or gemv_int4_config(b, n, k, w.group_size, norm=norm, profile=profile_for(out))
     if cfg.block_b < b:
         raise ValueError(f"launch.block_b={cfg.block_b} is smaller than the batch {b}")
@@ -407,8 +419,12 @@ def _launch(x, residual, norm_weight, residual_out, normed_out, eps, w: Quantize
                          f"{cfg.block_k} >= K={k})")
     kernel, grid = _gemv_int4_kernel, triton.cdiv(n, cfg.block_n)
     extra = dict(ONE_TILE=k <= cfg.block_k)
+    fused = False
     if cfg.programs:
-        kernel, grid, extra = _gemv_int4_rows_kernel, min(grid, cfg.programs), {}
+        kernel, grid = _gemv_int4_rows_kernel, min(grid, cfg.programs)
+        fused = route is not None
+        extra = route_kernel_args(route if fused else None, out,
+                                  router_programs(route.num_experts, cfg.block_n, grid) if fused else 0)
     kernel[(grid,)](
         x if x is not None else dummy, residual if norm else dummy, norm_weight if norm else dummy,
         residual_out if residual_out is not None else dummy, normed_out if normed_out is not None else dummy,
@@ -420,6 +436,7 @@ def _launch(x, residual, norm_weight, residual_out, normed_out, eps, w: Quantize
         GROUP=w.group_size, NORM=norm, ADD=norm and x is not None, WRITE_R=residual_out is not None,
         WRITE_N=normed_out is not None, BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         **extra, num_warps=cfg.warps, num_stages=cfg.stages, **pdl(out))
+    return fused
 
 
 def gemv_int4_triton(x: torch.Tensor, w: QuantizedLinear, out: torch.Tensor, *,
@@ -449,13 +466,17 @@ def _check_norm_int4(x, residual, norm_weight, w, out, residual_out, normed_out)
 
 
 def norm_gemv_int4_triton(x, residual, norm_weight, eps, w: QuantizedLinear, out, *, residual_out=None,
-                          normed_out=None, launch: GemvInt4Launch | None = None) -> None:
+                          normed_out=None, launch: GemvInt4Launch | None = None, route=None) -> None:
     """norm_gemv_triton's fused prologue (residual add + RMSNorm in every program, program 0 storing
     residual_out and normed_out) before the int4 GEMV. On the tensor-core path (B >= 2, bf16/fp16)
     the norm runs as its own kernel first, into normed_out (a temporary when not given: pass it for
-    a step that must not allocate)."""
+    a step that must not allocate). route: as norm_gemv_triton (fused into the whole-row kernel)."""
     b, n, k = _check_norm_int4(x, residual, norm_weight, w, out, residual_out, normed_out)
     if w.scales.stride(0) != w.zeros.stride(0):
         raise ValueError(f"{w.name}: scales and zeros must have the same row stride, got "
                          f"{w.scales.stride(0)} and {w.zeros.stride(0)}")
-    _launch(x, residual, norm_weight, residual_out, normed_out, eps, w, out, b, n, k, launch)
+    logits = check_route(route, out) if route is not None else None
+    fused = _launch(x, residual, norm_weight, residual_out, normed_out, eps, w, out, b, n, k, launch,
+                    route if fusable(route) else None)
+    if route is not None and not fused:
+        route_triton(route, logits)

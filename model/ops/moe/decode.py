@@ -62,13 +62,18 @@ def router_topk_reference(logits, top_k, weights_out, ids_out, *, local_experts=
 
 
 @triton.jit
-def _router_topk_kernel(logits_ptr, w_ptr, ids_ptr, E, TOPK, stride_l, E_START, E_LOCAL,
-                        BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, LOCAL: tl.constexpr, USE_GDC: tl.constexpr):
-    pdl_wait(USE_GDC)
-    row = tl.program_id(0)
+def _topk_row(logits_ptr, w_ptr, ids_ptr, row, E, TOPK, stride_l, E_START, E_LOCAL, BLOCK_E: tl.constexpr,
+              BLOCK_K: tl.constexpr, LOCAL: tl.constexpr, CG: tl.constexpr):
+    """Row `row`'s softmax, top-k and renormalised weights (router_topk_reference's contract).
+    CG: the logits were just stored by other programs of this kernel (the fused router epilogue
+    of the GEMVs), so they are read from L2 past this SM's L1."""
     offs = tl.arange(0, BLOCK_E)
     me = offs < E
-    x = tl.load(logits_ptr + row * stride_l + offs, mask=me, other=float("-inf")).to(tl.float32)
+    if CG:
+        x = tl.load(logits_ptr + row * stride_l + offs, mask=me, other=float("-inf"), cache_modifier=".cg")
+    else:
+        x = tl.load(logits_ptr + row * stride_l + offs, mask=me, other=float("-inf"))
+    x = x.to(tl.float32)
     p = tl.exp(x - tl.max(x, axis=0))
     p = p / tl.sum(p, axis=0)
     p = tl.where(me, p, -1.0)
@@ -87,6 +92,14 @@ def _router_topk_kernel(logits_ptr, w_ptr, ids_ptr, E, TOPK, stride_l, E_START, 
     if LOCAL:   # expert parallel: this rank's experts renumbered from 0, every other one -1
         idxs = tl.where((idxs >= E_START) & (idxs < E_START + E_LOCAL), idxs - E_START, -1)
     tl.store(ids_ptr + row * TOPK + offs_k, idxs, mask=mk)
+
+
+@triton.jit
+def _router_topk_kernel(logits_ptr, w_ptr, ids_ptr, E, TOPK, stride_l, E_START, E_LOCAL,
+                        BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, LOCAL: tl.constexpr, USE_GDC: tl.constexpr):
+    pdl_wait(USE_GDC)
+    _topk_row(logits_ptr, w_ptr, ids_ptr, tl.program_id(0), E, TOPK, stride_l, E_START, E_LOCAL, BLOCK_E, BLOCK_K,
+              LOCAL, False)
 
 
 def router_topk_triton(logits, top_k, weights_out, ids_out, *, local_experts=None) -> None:
