@@ -9,7 +9,7 @@ Prompts go through `prefill` (model/prefill.py: T tokens of one row per step, on
 which leaves the state exactly as decode steps would.
 
 Per layer (ops in `model.ops`, fused weights in `model.weights`):
-  GDN:        norm_gemv(in_proj) -> conv1d_update -> gated_delta_step (+ gated RMSNorm) -> gemv(out_proj)
+  GDN:        norm_gemv(in_proj) -> gated_delta_step (conv1d_update first, + gated RMSNorm) -> gemv(out_proj)
   attention:  norm_gemv(qkv) -> qk_norm_rope_store -> decode_attention (x sigmoid gate) -> gemv(o_proj)
   then        norm_gemv(router + shared gate/up + shared gate, route: + router_topk) -> moe_experts
 and finally add_rmsnorm -> gemv(lm_head). Weights may be int4 (QuantizedLinear in the linear fields,
@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 
 from .config import LINEAR, ModelConfig
+from .ops.gated_delta.step import ConvIn, gated_delta_conv_counters
 from .ops.moe.route import Route, route_counter
 from .state import DecodeState
 from .weights import ModelWeights
@@ -106,6 +107,7 @@ class Decoder:
         self.conv_out = buf(B, cfg.conv_dim)
         self.gdn_out = buf(B, cfg.linear_value_dim)
         self.gdn_counters = self.ops.gated_delta_workspace(B, cfg.linear_num_value_heads, dev)
+        self.conv_counters = gated_delta_conv_counters(B, cfg.linear_num_key_heads, dev)   # the fused conv's
         # attention
         NH, D = cfg.num_attention_heads, cfg.head_dim
         self.attn_proj = buf(B, cfg.attn_qkv_rows)
@@ -132,6 +134,7 @@ class Decoder:
             self.kv_error_flag.zero_()
             self.gdn_counters.zero_()   # zero after every step already; a reset makes sure
             self.route_counter.zero_()
+            self.conv_counters.zero_()
             self.next_positions = [0] * self.max_batch
         else:
             self.next_positions[row] = 0
@@ -359,12 +362,12 @@ class Decoder:
         self._norm_gemv(norm_in, m.in_proj, proj)
         qkv, z = proj[:, :C], proj[:, C:C + VD]
         b, a = proj[:, C + VD:C + VD + NV], proj[:, C + VD + NV:]
-        conv_out = self.conv_out[:n]
-        ops.conv1d_update(qkv, self.state.conv_state(i)[r0:r1], m.conv, conv_out)
+        # the conv1d first (inside the gated-delta kernel where gated_delta/step.py allows)
+        conv = ConvIn(self.state.conv_state(i)[r0:r1], m.conv, self.conv_counters, self.conv_out[:n])
         gdn_out = self.gdn_out[:n]
-        ops.gated_delta_step(conv_out, a, b, m.A_log, m.dt_bias, self.state.recurrent_state(i)[r0:r1], gdn_out,
+        ops.gated_delta_step(qkv, a, b, m.A_log, m.dt_bias, self.state.recurrent_state(i)[r0:r1], gdn_out,
                              cfg.linear_num_key_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim,
-                             z=z, norm_weight=m.norm, eps=cfg.rms_norm_eps, workspace=self.gdn_counters)
+                             z=z, norm_weight=m.norm, eps=cfg.rms_norm_eps, workspace=self.gdn_counters, conv=conv)
         ops.gemv(gdn_out, m.out_proj, out)
 
     def _attention(self, i, m, norm_in, out, positions, r0, r1):

@@ -78,6 +78,7 @@ def decode_memory(cfg, *, batch: int, max_seq: int, dtype_bytes: int, backend: s
     workspaces = (B * row_elems * db
                   + B * k * 4                                        # top-k ids, int32
                   + B * NV * 4                                       # GDN arrival counters, int32
+                  + B * cfg.linear_num_key_heads * 4 + 4             # fused conv and router counters, int32
                   + cfg.rotary_dim // 2 * 4 + 4                      # inv_freq, kv error flag
                   + attention_workspace_numel(B, NH, D, S) * 4
                   + moe_workspace_numel(B, k, cfg.moe_intermediate_size) * db)

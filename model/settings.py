@@ -21,6 +21,9 @@ MODEL_INT4_MOE_ROWS 0 (default) / 1: the batch-1 int4 expert kernels (gate/up an
 MODEL_FUSED_ROUTER 0 (default) / 1: the router top-k runs in the epilogue of the batch-1 router
                   GEMV (model/ops/moe/route.py) instead of as a kernel of its own; off until
                   measured on a GPU.
+MODEL_FUSED_CONV  0 (default) / 1: the GDN decode step's conv1d runs inside the gated-delta kernel
+                  (model/ops/gated_delta/step.py ConvIn) instead of as a kernel of its own; off
+                  until measured on a GPU.
 """
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ class Settings:
     int4_rows: bool = True     # MODEL_INT4_ROWS
     int4_moe_rows: bool = False  # MODEL_INT4_MOE_ROWS
     fused_router: bool = False   # MODEL_FUSED_ROUTER
+    fused_conv: bool = False     # MODEL_FUSED_CONV
 
     @classmethod
     def from_env(cls, env=None) -> "Settings":
@@ -60,7 +64,8 @@ class Settings:
         return cls(interpret=_flag(env, "TRITON_INTERPRET", False), pdl=_flag(env, "MODEL_PDL", True),
                    prefill_pdl=_flag(env, "MODEL_PREFILL_PDL", False), int4_rows=_flag(env, "MODEL_INT4_ROWS", True),
                    int4_moe_rows=_flag(env, "MODEL_INT4_MOE_ROWS", False),
-                   fused_router=_flag(env, "MODEL_FUSED_ROUTER", False))
+                   fused_router=_flag(env, "MODEL_FUSED_ROUTER", False),
+                   fused_conv=_flag(env, "MODEL_FUSED_CONV", False))
 
 
 SETTINGS = Settings.from_env()

@@ -131,3 +131,73 @@ def test_gated_delta_split_fused_norm_matches_the_unsplit_kernel(device, block_v
     with pytest.raises(ValueError, match="block_v must be a power of two, got 12"):
         gated_delta.gated_delta_step_triton(qkv, a, bb, A_log, dt_bias, st_s, out_s, nk, k, v, **extra,
                                             workspace=ws, block_v=12)
+
+
+def _conv_in(g, b, nk, nv, k, v, dtype, device, w=4):
+    c = 2 * nk * k + nv * v
+    state = torch.randn(b, c, w, generator=g).to(dtype).to(device)
+    weight = (torch.randn(c, w, generator=g) * 0.5).to(dtype).to(device)
+    return gated_delta.ConvIn(state, weight, gated_delta.gated_delta_conv_counters(b, nk, device),
+                              torch.full((b, c), float("nan"), dtype=dtype, device=device))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_v,fused_norm", [(None, False), (None, True), (8, True), (16, False)])
+def test_gated_delta_fused_conv_equals_conv_then_step(monkeypatch, device, dtype, block_v, fused_norm):
+    """MODEL_FUSED_CONV=1 (patched): the kernel's own conv gives the same output, recurrent state and
+    conv state, bit for bit, as conv1d_update then the step (three steps: each reads the conv state
+    the one before wrote), with several programs per key head (2 value heads each, value columns
+    split); the counters are back at zero after every step. The reference with conv= is the
+    reference conv then the reference step."""
+    import dataclasses
+
+    from model.ops.gated_delta import step
+    from model.settings import SETTINGS
+
+    b, nk, nv, k, v = 2, 2, 4, 16, 32
+    g = torch.Generator().manual_seed(11)
+    qkv, a, bb, A_log, dt_bias, state = _gdn_inputs(g, b, nk, nv, k, v, dtype, device)
+    extra = {}
+    if fused_norm:
+        extra = dict(z=torch.randn(b, nv * v, generator=g).to(dtype).to(device),
+                     norm_weight=torch.randn(v, generator=g).to(dtype).to(device), eps=1e-6)
+    ws = gated_delta.gated_delta_workspace(b, nv, device)
+    cf = _conv_in(g, b, nk, nv, k, v, dtype, device)
+    cu = gated_delta.ConvIn(cf.state.clone(), cf.weight, cf.counters.clone(), cf.out.clone())
+    cr = gated_delta.ConvIn(cf.state.clone(), cf.weight, cf.counters.clone(), cf.out.clone())
+    st_f, st_u, st_r = state.clone(), state.clone(), state.clone()
+    out_f, out_u, out_r = (torch.full((b, nv * v), float("nan"), dtype=dtype, device=device) for _ in range(3))
+    fused = dataclasses.replace(SETTINGS, fused_conv=True)
+    for p in range(3):
+        x = qkv * (1 + p)
+        monkeypatch.setattr(step, "SETTINGS", fused)
+        gated_delta.gated_delta_step_triton(x, a, bb, A_log, dt_bias, st_f, out_f, nk, k, v, **extra,
+                                            workspace=ws, block_v=block_v, conv=cf)
+        assert torch.isnan(cf.out).all(), "the fused kernel wrote the unfused path's conv buffer"
+        assert int(cf.counters.abs().sum()) == 0 and int(ws.abs().sum()) == 0
+        monkeypatch.setattr(step, "SETTINGS", SETTINGS)
+        gated_delta.gated_delta_step_triton(x, a, bb, A_log, dt_bias, st_u, out_u, nk, k, v, **extra,
+                                            workspace=ws, block_v=block_v, conv=cu)
+        gated_delta.gated_delta_step_reference(x, a, bb, A_log, dt_bias, st_r, out_r, nk, k, v, **extra, conv=cr)
+        assert torch.equal(cf.state, cu.state) and torch.equal(cu.state, cr.state), p
+        assert torch.equal(out_f, out_u) and torch.equal(st_f, st_u), p
+    if dtype == torch.float32 or device == "cuda":   # bf16 on CPU: the interpreter truncates where the GPU rounds
+        torch.testing.assert_close(st_u, st_r, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out_u, out_r, **_tol(dtype))
+
+
+def test_gated_delta_conv_refusals(device):
+    b, nk, nv, k, v = 1, 1, 2, 16, 16
+    g = torch.Generator().manual_seed(12)
+    qkv, a, bb, A_log, dt_bias, state = _gdn_inputs(g, b, nk, nv, k, v, torch.float32, device)
+    good = _conv_in(g, b, nk, nv, k, v, torch.float32, device)
+    out = torch.full((b, nv * v), float("nan"), device=device)
+    st = state.clone()
+    for fn in (gated_delta.gated_delta_step_triton, gated_delta.gated_delta_step_reference):
+        with pytest.raises(ValueError, match=r"conv.counters must be int32 with >= 1 elements"):
+            fn(qkv, a, bb, A_log, dt_bias, st, out, nk, k, v, conv=good._replace(counters=good.counters.float()))
+        with pytest.raises(ValueError, match=r"conv.state must be \[1, 64, W\].*got \(1, 63, 4\)"):
+            fn(qkv, a, bb, A_log, dt_bias, st, out, nk, k, v, conv=good._replace(state=good.state[:, :-1]))
+        with pytest.raises(TypeError, match="conv must be a ConvIn, got tuple"):
+            fn(qkv, a, bb, A_log, dt_bias, st, out, nk, k, v, conv=tuple(good))
+    assert torch.isnan(out).all() and torch.equal(st, state)

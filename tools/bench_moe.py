@@ -206,8 +206,8 @@ def sweep_grids(shape: dict, group_size: int | None = None, sm_count: int = 132)
             fields[f"{part}_programs"] = 0
     whole = {"gate_up": ("gate_up_block_i", "gate_up_block_h", max(g, next_pow2(shape["h"]))),
              "down": ("down_block_ho", "down_block_i", max(g, next_pow2(max(shape["i"], shape["i_s"]))))}
-    for part, (rows_field, k_field, k_tile) in whole.items():
-        grids[part] += [{rows_field: r, k_field: k_tile, f"{part}_warps": w, f"{part}_stages": 1, f"{part}_tc": False,
+    for part, (rows_field, k_field, k_tile) in whole.items():   # first: the sweep may stop at --max-seconds
+        grids[part][:0] = [{rows_field: r, k_field: k_tile, f"{part}_warps": w, f"{part}_stages": 1, f"{part}_tc": False,
                          f"{part}_programs": p * sm_count}
                         for r, w, p in itertools.product((1, 2, 4), (4, 8), (2, 4, 8))]
     return grids
@@ -217,10 +217,11 @@ def sweep(bench, base, reps, deadline, log) -> tuple:
     """Best gate/up and down configurations (each swept with the other kernel's default)."""
     results = {"gate_up": [], "down": []}
     grids = sweep_grids(bench.shape, bench.group_size, bench.sm_count)
-    for part, grid in grids.items():
+    for n, (part, grid) in enumerate(grids.items()):
         nbytes = bench.gate_up_bytes if part == "gate_up" else bench.down_bytes
+        part_deadline = time.monotonic() + (deadline - time.monotonic()) / (len(grids) - n)   # a share for each
         for fields in grid:
-            if time.monotonic() > deadline:
+            if time.monotonic() > part_deadline:
                 log(f"{part}: sweep stopped at --max-seconds")
                 break
             launch = dataclasses.replace(base, **fields)

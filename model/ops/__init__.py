@@ -35,8 +35,10 @@ conv.conv1d_update(x[B,C], conv_state[B,C,W], weight[C,W], out[B,C])
                                                               out = silu(sum_j w[:,j] * state[:,:,j])
 gated_delta.gated_delta_step(qkv[B,2*NK*K+NV*V], a[B,NV], b[B,NV], A_log[NV], dt_bias[NV],
                              state[B,NV,K,V] fp32 (in place), out[B,NV*V] or [B,NV,V], NK, K, V,
-                             z=None, norm_weight=None, eps=1e-6, workspace=None)
-                                                              qkv is the conv output; out = o, or
+                             z=None, norm_weight=None, eps=1e-6, workspace=None, conv=None)
+                                                              qkv is the conv output (with conv, a
+                                                              gated_delta.ConvIn, its input: then
+                                                              conv1d_update first); out = o, or
                                                               with z/norm_weight the fused
                                                               gated_rmsnorm(o, z, norm_weight, eps)
 attention.qk_norm_rope_store(qkv[B, NH*2D + 2*NKV*D], q_norm_w[D], k_norm_w[D], positions[B] int64,

@@ -41,27 +41,35 @@ def conv1d_update_reference(x, conv_state, weight, out) -> None:
 
 
 @triton.jit
+def conv_channels(x_ptr, s_row_ptr, w_ptr, ch, mc, W, BLOCK_W: tl.constexpr, DT: tl.constexpr):
+    """One decode step of the channels ch (mask mc) of one row: x_ptr and s_row_ptr point at the
+    row's input and its [C, W] state. Returns (out as fp32: the conv rounded to DT, SiLU, rounded
+    to DT; the new state tile [channels, BLOCK_W]; its pointers and mask) so that the caller
+    stores the state once every reader of the old one is done."""
+    offs_w = tl.arange(0, BLOCK_W)
+    m2 = mc[:, None] & (offs_w < W)[None, :]
+    s_ptrs = s_row_ptr + ch.to(tl.int64)[:, None] * W + offs_w[None, :]
+    # shifted state: column j takes old column j + 1, the last column takes x
+    shifted = tl.load(s_ptrs + 1, mask=mc[:, None] & (offs_w[None, :] < W - 1), other=0.0)
+    x = tl.load(x_ptr + ch, mask=mc, other=0.0)
+    new = tl.where(offs_w[None, :] == W - 1, x[:, None].to(shifted.dtype), shifted)
+    w = tl.load(w_ptr + ch[:, None] * W + offs_w[None, :], mask=m2, other=0.0)
+    y = tl.sum(new.to(tl.float32) * w.to(tl.float32), axis=1).to(DT).to(tl.float32)
+    y = (y * tl.sigmoid(y)).to(DT).to(tl.float32)
+    return y, new, s_ptrs, m2
+
+
+@triton.jit
 def _conv1d_update_kernel(x_ptr, state_ptr, w_ptr, out_ptr, C, W, stride_x, stride_o,
                           BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, USE_GDC: tl.constexpr):
     pdl_wait(USE_GDC)
     row = tl.program_id(0)
     cb = tl.program_id(1)
     offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_w = tl.arange(0, BLOCK_W)
     mc = offs_c < C
-    mw = offs_w < W
-    m2 = mc[:, None] & mw[None, :]
-    s_ptrs = state_ptr + (row * C + offs_c)[:, None].to(tl.int64) * W + offs_w[None, :]
-    # shifted state: column j takes old column j + 1, the last column takes x
-    shifted = tl.load(s_ptrs + 1, mask=mc[:, None] & (offs_w[None, :] < W - 1), other=0.0)
-    x = tl.load(x_ptr + row * stride_x + offs_c, mask=mc, other=0.0)
-    is_last = offs_w[None, :] == W - 1
-    new = tl.where(is_last, x[:, None].to(shifted.dtype), shifted)
-    w = tl.load(w_ptr + offs_c[:, None] * W + offs_w[None, :], mask=m2, other=0.0)
-    acc = tl.sum(new.to(tl.float32) * w.to(tl.float32), axis=1)
     dt = out_ptr.dtype.element_ty
-    y = acc.to(dt).to(tl.float32)
-    y = y * tl.sigmoid(y)
+    y, new, s_ptrs, m2 = conv_channels(x_ptr + row * stride_x, state_ptr + row.to(tl.int64) * C * W, w_ptr, offs_c,
+                                       mc, W, BLOCK_W, dt)
     tl.debug_barrier()  # every lane has read the old state before any lane overwrites it
     tl.store(s_ptrs, new.to(state_ptr.dtype.element_ty), mask=m2)
     tl.store(out_ptr + row * stride_o + offs_c, y.to(dt), mask=mc)

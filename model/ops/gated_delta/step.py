@@ -21,8 +21,43 @@ import torch
 import triton
 import triton.language as tl
 
+from typing import NamedTuple
+
+from ...settings import SETTINGS
 from .._util import as_rows, check_contiguous, check_rows, fill_programs, next_pow2, pdl, pdl_wait
+from ..conv import _check as _check_conv, conv1d_update_reference, conv1d_update_triton, conv_channels
 from ..norm import gated_rmsnorm_reference
+
+
+class ConvIn(NamedTuple):
+    """The depthwise conv that precedes the step (conv1d_update's contract, with qkv its input):
+    state [B, C, W] and weight [C, W] as conv1d_update takes them; counters: zeroed int32, >= B x NK
+    (gated_delta_conv_counters), with which the Triton kernel does the conv itself
+    (MODEL_FUSED_CONV=1); out [B, C]: the conv's output buffer where it runs as its own kernel."""
+    state: torch.Tensor
+    weight: torch.Tensor
+    counters: torch.Tensor
+    out: torch.Tensor
+
+
+def gated_delta_conv_counters(batch: int, num_key_heads: int, device) -> torch.Tensor:
+    """Per-(row, key head) arrival counters of the fused conv (ConvIn.counters); zero between steps."""
+    return torch.zeros(batch * num_key_heads, dtype=torch.int32, device=device)
+
+
+def _check_conv_in(conv: ConvIn, qkv, bsz, NK):
+    if not isinstance(conv, ConvIn):
+        raise TypeError(f"conv must be a ConvIn, got {type(conv).__name__}")
+    st = conv.state
+    if not isinstance(st, torch.Tensor) or st.dim() != 3 or tuple(st.shape[:2]) != (bsz, qkv.shape[1]):
+        raise ValueError(f"conv.state must be [{bsz}, {qkv.shape[1]}, W] (a row per qkv row, a channel per qkv "
+                         f"column), got {tuple(getattr(st, 'shape', ()))}")
+    _check_conv(qkv, conv.state, conv.weight, conv.out)
+    c = conv.counters
+    if not isinstance(c, torch.Tensor) or c.dtype != torch.int32 or c.numel() < bsz * NK or c.device != qkv.device:
+        raise ValueError(f"conv.counters must be int32 with >= {bsz * NK} elements on {qkv.device} "
+                         f"(gated_delta_conv_counters), got {getattr(c, 'dtype', type(c).__name__)} "
+                         f"{getattr(c, 'numel', lambda: '')()}")
 
 
 def _check(qkv, a, b, A_log, dt_bias, state, out, NK, K, V, z, norm_weight):
@@ -51,9 +86,14 @@ def gated_delta_workspace(batch: int, num_value_heads: int, device) -> torch.Ten
 
 
 def gated_delta_step_reference(qkv, a, b, A_log, dt_bias, state, out, NK, K, V,
-                               z=None, norm_weight=None, eps=1e-6, workspace=None) -> None:
-    """`workspace` is accepted for the Triton path's signature and unused."""
+                               z=None, norm_weight=None, eps=1e-6, workspace=None, conv=None) -> None:
+    """`workspace` is accepted for the Triton path's signature and unused. conv (ConvIn): qkv is the
+    conv's input, conv1d_update_reference runs first (into conv.out)."""
     bsz, nv, out2 = _check(qkv, a, b, A_log, dt_bias, state, out, NK, K, V, z, norm_weight)
+    if conv is not None:
+        _check_conv_in(conv, qkv, bsz, NK)
+        conv1d_update_reference(qkv, conv.state, conv.weight, conv.out)
+        qkv = conv.out
     dtype = qkv.dtype
     q = qkv[:, : NK * K].reshape(bsz, NK, K).float()
     k = qkv[:, NK * K: 2 * NK * K].reshape(bsz, NK, K).float()
@@ -83,7 +123,12 @@ def gated_delta_step_reference(qkv, a, b, A_log, dt_bias, state, out, NK, K, V,
 def _gated_delta_kernel(qkv_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, state_ptr, out_ptr, z_ptr, nw_ptr, cnt_ptr,
                         NK, NV, K, V, q_div, eps, stride_qkv, stride_a, stride_b, stride_out, stride_z,
                         FUSE_NORM: tl.constexpr, SPLIT: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_V: tl.constexpr, BLOCK_VH: tl.constexpr, USE_GDC: tl.constexpr):
+                        BLOCK_V: tl.constexpr, BLOCK_VH: tl.constexpr, USE_GDC: tl.constexpr,
+                        cs_ptr, cw_ptr, ccnt_ptr, W, CONV: tl.constexpr, BLOCK_W: tl.constexpr):
+    """CONV: qkv is the conv's input; the kernel does conv1d_update for its channels (q and k of
+    its key head, its slice of v) from the conv state cs [B, C, W] and weight cw [C, W]. The v
+    slice is this program's alone; q and k are read by all the programs of the key head, so their
+    new state is stored by the last of them to arrive at the (row, key head) counter."""
     pdl_wait(USE_GDC)
     pid = tl.program_id(0)
     vb = tl.program_id(1)
@@ -95,9 +140,26 @@ def _gated_delta_kernel(qkv_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, state_ptr, out
     mk = offs_k < K
     mv = offs_v < V
     base = qkv_ptr + row * stride_qkv
-    q = tl.load(base + kh * K + offs_k, mask=mk, other=0.0).to(tl.float32)
-    k = tl.load(base + NK * K + kh * K + offs_k, mask=mk, other=0.0).to(tl.float32)
-    v = tl.load(base + 2 * NK * K + vh * V + offs_v, mask=mv, other=0.0).to(tl.float32)
+    if CONV:
+        C = 2 * NK * K + NV * V
+        cdt = qkv_ptr.dtype.element_ty   # the conv's output dtype where it runs on its own
+        s_row = cs_ptr + row.to(tl.int64) * C * W
+        q, q_new, q_ptrs, q_m = conv_channels(base, s_row, cw_ptr, kh * K + offs_k, mk, W, BLOCK_W, cdt)
+        k, k_new, k_ptrs, k_m = conv_channels(base, s_row, cw_ptr, NK * K + kh * K + offs_k, mk, W, BLOCK_W, cdt)
+        v, v_new, v_ptrs, v_m = conv_channels(base, s_row, cw_ptr, 2 * NK * K + vh * V + offs_v, mv, W, BLOCK_W,
+                                              cdt)
+        sdt = cs_ptr.dtype.element_ty
+        tl.debug_barrier()   # every thread has read the old state before any overwrites it, or the release
+        tl.store(v_ptrs, v_new.to(sdt), mask=v_m)
+        arrived = tl.atomic_add(ccnt_ptr + row * NK + kh, 1, sem="acq_rel")
+        if arrived == (NV // NK) * tl.num_programs(1) - 1:   # every reader of this key head's old q/k state is done
+            tl.store(q_ptrs, q_new.to(sdt), mask=q_m)
+            tl.store(k_ptrs, k_new.to(sdt), mask=k_m)
+            tl.atomic_xchg(ccnt_ptr + row * NK + kh, 0)
+    else:
+        q = tl.load(base + kh * K + offs_k, mask=mk, other=0.0).to(tl.float32)
+        k = tl.load(base + NK * K + kh * K + offs_k, mask=mk, other=0.0).to(tl.float32)
+        v = tl.load(base + 2 * NK * K + vh * V + offs_v, mask=mv, other=0.0).to(tl.float32)
     dt = out_ptr.dtype.element_ty
     # beta = sigmoid(b) rounded to the model dtype; g = -exp(A_log) * softplus(a + dt_bias), fp32
     bb = tl.load(b_ptr + row * stride_b + vh).to(tl.float32)
@@ -155,10 +217,16 @@ def _gated_norm_store(o, offs, mask, out_ptrs, z_ptrs, nw_ptr, V, eps):
 
 
 def gated_delta_step_triton(qkv, a, b, A_log, dt_bias, state, out, NK, K, V,
-                            z=None, norm_weight=None, eps=1e-6, workspace=None, block_v=None) -> None:
+                            z=None, norm_weight=None, eps=1e-6, workspace=None, block_v=None, conv=None) -> None:
     """`workspace` (gated_delta_workspace) lets the fused-norm path split value columns too;
-    `block_v` overrides the split (tests)."""
+    `block_v` overrides the split (tests). conv (ConvIn): as the reference; in this kernel with
+    MODEL_FUSED_CONV=1, else conv1d_update_triton first."""
     bsz, nv, out2 = _check(qkv, a, b, A_log, dt_bias, state, out, NK, K, V, z, norm_weight)
+    if conv is not None:
+        _check_conv_in(conv, qkv, bsz, NK)
+        if not SETTINGS.fused_conv:
+            conv1d_update_triton(qkv, conv.state, conv.weight, conv.out)
+            qkv, conv = conv.out, None
     fuse = z is not None
     if workspace is not None and (workspace.dtype != torch.int32 or workspace.numel() < bsz * nv):
         raise ValueError(f"workspace must be int32 with >= {bsz * nv} elements (gated_delta_workspace), "
@@ -183,4 +251,7 @@ def gated_delta_step_triton(qkv, a, b, A_log, dt_bias, state, out, NK, K, V,
                               NK, nv, K, V, float(K ** 0.5), float(eps), qkv.stride(0), a.stride(0),
                               b.stride(0), out2.stride(0), zt.stride(0),
                               FUSE_NORM=fuse, SPLIT=split, BLOCK_K=block_k, BLOCK_V=block_v,
-                              BLOCK_VH=next_pow2(V), num_warps=warps, **pdl(state))
+                              BLOCK_VH=next_pow2(V), num_warps=warps, **pdl(state),
+                              cs_ptr=conv.state if conv else state, cw_ptr=conv.weight if conv else state,
+                              ccnt_ptr=conv.counters if conv else cnt, W=conv.state.shape[2] if conv else 1,
+                              CONV=conv is not None, BLOCK_W=next_pow2(conv.state.shape[2]) if conv else 1)
