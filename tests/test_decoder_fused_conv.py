@@ -13,22 +13,14 @@ from model.settings import SETTINGS
 from model.weights import random_weights
 
 from tests.int4_helpers import small_int4_config
+from tests.launch_spy import CountLaunches
 from tests.test_decoder_int4 import _greedy_both
-
-
-class Count:
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
 
 
 def test_fused_conv_decoder_matches_reference_and_the_unfused_decoder(monkeypatch):
     cfg = small_int4_config()
     w = random_weights(cfg, "cpu", torch.float32, seed=8)
-    counted = Count(conv._conv1d_update_kernel)
+    counted = CountLaunches(conv._conv1d_update_kernel)
     monkeypatch.setattr(conv, "_conv1d_update_kernel", counted)
     _, unfused_logits, unfused_tokens = _greedy_both(cfg, w, 16)
     gdn_layers = sum(1 for t in cfg.layer_types if t == LINEAR)

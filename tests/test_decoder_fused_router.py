@@ -13,18 +13,15 @@ from model.settings import SETTINGS
 from model.weights import random_weights
 
 from tests.int4_helpers import small_int4_config
+from tests.launch_spy import RefuseLaunches
 from tests.test_decoder_int4 import _greedy_both
-
-
-class Refuse:
-    def __getitem__(self, grid):
-        raise AssertionError("router_topk ran as a kernel of its own with MODEL_FUSED_ROUTER=1")
 
 
 @pytest.mark.parametrize("quant", [False, True])
 def test_fused_router_decoder_matches_reference(monkeypatch, quant):
     monkeypatch.setattr(route, "SETTINGS", dataclasses.replace(SETTINGS, fused_router=True))
-    monkeypatch.setattr(decode, "_router_topk_kernel", Refuse())
+    monkeypatch.setattr(decode, "_router_topk_kernel",
+                        RefuseLaunches("router_topk ran as a kernel of its own with MODEL_FUSED_ROUTER=1"))
     cfg = small_int4_config()
     w = (random_int4_weights(cfg, "cpu", torch.float32, seed=7, group_size=32, method="rtn") if quant
          else random_weights(cfg, "cpu", torch.float32, seed=7))

@@ -210,23 +210,16 @@ def test_int4_whole_row_experts_setting_matches_reference(monkeypatch):
     from model.ops.moe import int4 as moe4
     from model.settings import SETTINGS
 
-    launches = {"gate_up": 0, "down": 0}
+    from tests.launch_spy import CountLaunches
 
-    class Count:
-        def __init__(self, part, kernel):
-            self.part, self.kernel = part, kernel
-
-        def __getitem__(self, grid):
-            launches[self.part] += 1
-            return self.kernel[grid]
-
+    spies = {p: CountLaunches(getattr(moe4, f"_moe_{p}_int4_rows_kernel")) for p in ("gate_up", "down")}
     monkeypatch.setattr(moe4, "SETTINGS", dataclasses.replace(SETTINGS, int4_moe_rows=True))
-    monkeypatch.setattr(moe4, "_moe_gate_up_int4_rows_kernel", Count("gate_up", moe4._moe_gate_up_int4_rows_kernel))
-    monkeypatch.setattr(moe4, "_moe_down_int4_rows_kernel", Count("down", moe4._moe_down_int4_rows_kernel))
+    for p, spy in spies.items():
+        monkeypatch.setattr(moe4, f"_moe_{p}_int4_rows_kernel", spy)
     cfg = small_int4_config()
     w = random_int4_weights(cfg, "cpu", torch.float32, seed=6, group_size=32, method="rtn")
     decs, logits, tokens = _greedy_both(cfg, w, 16)
-    assert launches["gate_up"] == launches["down"] == 16 * cfg.num_layers
+    assert spies["gate_up"].launches == spies["down"].launches == 16 * cfg.num_layers
     assert tokens["triton"] == tokens["reference"] and len(set(tokens["triton"])) > 4
     for p, (a, b) in enumerate(zip(logits["triton"], logits["reference"])):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"step {p}")

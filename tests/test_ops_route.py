@@ -15,6 +15,8 @@ from model.ops.moe.route import Route, route_counter
 from model.quant import quantize
 from model.settings import SETTINGS
 
+from tests.launch_spy import CountLaunches
+
 E, TOPK, K, N = 40, 4, 64, 72     # 40 router rows among 72 (the shared expert's rows after them)
 
 
@@ -23,19 +25,9 @@ def fused(monkeypatch):
     monkeypatch.setattr(route_mod, "SETTINGS", dataclasses.replace(SETTINGS, fused_router=True))
 
 
-class Count:
-    """Counts the launches of a kernel it stands in for."""
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
-
-
 @pytest.fixture
 def topk_launches(monkeypatch):
-    c = Count(decode._router_topk_kernel)
+    c = CountLaunches(decode._router_topk_kernel)
     monkeypatch.setattr(decode, "_router_topk_kernel", c)
     return c
 

@@ -10,6 +10,7 @@ import torch
 
 from tests.gpu._capture import capture_without_allocation
 from tests.gpu._int4 import nan_full, quantized, randn
+from tests.launch_spy import RefuseLaunches
 
 from model.ops import moe
 from model.ops.linear import gemv, int4
@@ -23,15 +24,11 @@ H, E, TOPK, ROWS = 2048, 256, 8, 1281
 DT = torch.bfloat16
 
 
-class Refuse:
-    def __getitem__(self, grid):
-        raise AssertionError("router_topk ran as a kernel of its own: the route was not fused")
-
-
 @pytest.fixture(autouse=True)
 def fused(monkeypatch):
     monkeypatch.setattr(route_mod, "SETTINGS", dataclasses.replace(SETTINGS, fused_router=True))
-    monkeypatch.setattr(decode, "_router_topk_kernel", Refuse())
+    monkeypatch.setattr(decode, "_router_topk_kernel",
+                        RefuseLaunches("router_topk ran as a kernel of its own: the route was not fused"))
 
 
 def _check(op, w, calls):
