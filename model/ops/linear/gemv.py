@@ -22,8 +22,7 @@ import triton.language as tl
 
 from .._util import INTERPRET, check_rows, next_pow2, pdl, pdl_wait
 from ..hardware import DeviceProfile, current_profile, profile_for
-from ..moe.route import (check_route, fusable, route_after_gemv, route_kernel_args, route_reference, route_triton,
-                         router_programs)
+from ..moe.route import check_route, fusable, route_after_gemv, route_kernel_args, route_reference, route_triton
 
 MAX_BATCH = 16
 # the PDL weight prefetch pays off up to about this many programs per SM (H200, whole 35b step:
@@ -302,8 +301,7 @@ def _launch_gemv(x, residual, norm_weight, residual_out, normed_out, eps, w, out
     # the weight prefetch before the PDL wait helps the first wave only; GEMVs of many waves (the
     # lm_head) keep the plain loop, whose software pipelining streams faster
     prefetch = opts["USE_GDC"] and programs <= prefetch_max_programs(profile)
-    epilogue = route_kernel_args(route, out, router_programs(route.num_experts, cfg.block_n, programs)
-                                 if route is not None else 0)
+    epilogue = route_kernel_args(route, out, cfg.block_n, programs)
     _gemv_kernel[(programs,)](*args, **flags, BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                               ONE_TILE=k <= cfg.block_k, PREFETCH=prefetch, num_warps=cfg.warps,
                               num_stages=cfg.stages, **opts, **epilogue)

@@ -26,7 +26,7 @@ from ...quant.format import QuantizedLinear
 from ...settings import SETTINGS
 from .._util import INTERPRET, MODEL_DTYPES, check_rows, next_pow2, pdl, pdl_wait
 from ..hardware import DeviceProfile, current_profile, profile_for
-from ..moe.route import check_route, fusable, route_after_gemv, route_kernel_args, route_triton, router_programs
+from ..moe.route import check_route, fusable, route_after_gemv, route_kernel_args, route_triton
 from .gemv import (MAX_BATCH, _check_norm_gemv, _input_tile, _inv_rms, _normed_tile, _one_tile_rms,
                    gemv_dot_block_n, gemv_reference, norm_gemv_reference)
 
@@ -423,8 +423,7 @@ def _launch(x, residual, norm_weight, residual_out, normed_out, eps, w: Quantize
     if cfg.programs:
         kernel, grid = _gemv_int4_rows_kernel, min(grid, cfg.programs)
         fused = route is not None
-        extra = route_kernel_args(route if fused else None, out,
-                                  router_programs(route.num_experts, cfg.block_n, grid) if fused else 0)
+        extra = route_kernel_args(route, out, cfg.block_n, grid)
     kernel[(grid,)](
         x if x is not None else dummy, residual if norm else dummy, norm_weight if norm else dummy,
         residual_out if residual_out is not None else dummy, normed_out if normed_out is not None else dummy,

@@ -61,15 +61,15 @@ def fusable(route: Route | None) -> bool:
     return route is not None and route.counter is not None and SETTINGS.fused_router
 
 
-def route_kernel_args(route: Route | None, out: torch.Tensor, router_programs: int) -> dict:
+def route_kernel_args(route: Route | None, out: torch.Tensor, block_n: int, grid: int) -> dict:
     """The keyword arguments of a GEMV kernel's router epilogue (ROUTE=False and stand-ins without
-    one); router_programs: how many of the kernel's programs store router rows."""
+    one), for a kernel of `grid` programs storing `block_n` rows a block (router_programs)."""
     if route is None:
         return dict(rw_ptr=out, rid_ptr=out, cnt_ptr=out, ROUTER_PROGRAMS=0, R_E=0, R_TOPK=0, R_START=0, R_LOCAL=0,
                     ROUTE=False, R_BLOCK_E=1, R_BLOCK_K=1, R_LOCAL_ON=False)
     start, count = route.local_experts if route.local_experts is not None else (0, route.num_experts)
     return dict(rw_ptr=route.weights_out, rid_ptr=route.ids_out, cnt_ptr=route.counter,
-                ROUTER_PROGRAMS=router_programs, R_E=route.num_experts, R_TOPK=route.top_k, R_START=start,
+                ROUTER_PROGRAMS=router_programs(route.num_experts, block_n, grid), R_E=route.num_experts, R_TOPK=route.top_k, R_START=start,
                 R_LOCAL=count, ROUTE=True, R_BLOCK_E=next_pow2(route.num_experts), R_BLOCK_K=next_pow2(route.top_k),
                 R_LOCAL_ON=route.local_experts is not None)
 
