@@ -27,10 +27,12 @@ MODEL_FUSED_CONV  0 (default) / 1: the GDN decode step's conv1d runs inside the 
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 
-__all__ = ["Settings", "SETTINGS"]
+__all__ = ["Settings", "SETTINGS", "overridden", "parse_variant"]
 
 _TRUE = ("1", "true", "on", "yes")
 _FALSE = ("0", "false", "off", "no", "")
@@ -69,3 +71,45 @@ class Settings:
 
 
 SETTINGS = Settings.from_env()
+
+
+@contextlib.contextmanager
+def overridden(**changes: bool):
+    """Within the block, SETTINGS (the one object every module reads) holds `changes`; restored on
+    exit, also after an exception. For benchmarks that compare settings in one process (same GPU,
+    same weights, same clocks): a graph captured inside keeps the kernels it captured. Unknown
+    names or non-bool values raise ValueError naming them, and nothing is changed."""
+    fields = {f.name for f in dataclasses.fields(Settings)} - {"interpret"}   # Triton reads that one itself
+    bad = sorted(set(changes) - fields)
+    if bad:
+        raise ValueError(f"unknown setting(s) {bad}; known: {sorted(fields)}")
+    wrong = {k: v for k, v in changes.items() if not isinstance(v, bool)}
+    if wrong:
+        raise ValueError(f"settings must be bool, got {wrong}")
+    saved = {k: getattr(SETTINGS, k) for k in changes}
+    try:
+        for k, v in changes.items():
+            object.__setattr__(SETTINGS, k, v)
+        yield SETTINGS
+    finally:
+        for k, v in saved.items():
+            object.__setattr__(SETTINGS, k, v)
+
+
+def parse_variant(text: str) -> dict:
+    """'default' -> {}; 'fused_router+int4_moe_rows=0' -> {'fused_router': True, 'int4_moe_rows':
+    False} (a bare name means on). ValueError naming the bad part."""
+    text = text.strip()
+    if text == "default":
+        return {}
+    fields = {f.name for f in dataclasses.fields(Settings)} - {"interpret"}
+    out = {}
+    for part in text.split("+"):
+        name, eq, raw = part.strip().partition("=")
+        if name not in fields:
+            raise ValueError(f"variant {text!r}: unknown setting {name!r}; known: {sorted(fields)}")
+        value = raw.strip().lower() if eq else "1"
+        if value not in _TRUE + _FALSE[:-1]:
+            raise ValueError(f"variant {text!r}: {part!r} needs a value in {_TRUE + _FALSE[:-1]}")
+        out[name] = value in _TRUE
+    return out

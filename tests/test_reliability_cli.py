@@ -86,6 +86,8 @@ def _tool(name):
     ("bench_decode", ["--context", "-5"], "argument --context: expected a positive integer, got -5"),
     ("bench_decode", ["--steps", "x"], "argument --steps: expected a positive integer, got 'x'"),
     ("bench_decode", ["--ref-layers", "0"], "argument --ref-layers: expected a positive integer, got 0"),
+    ("bench_decode", ["--variants", "default,fused_ruter"], "unknown setting 'fused_ruter'"),
+    ("bench_decode", ["--variants", "fused_conv=maybe"], "'fused_conv=maybe' needs a value in"),
     ("capture_trace", ["--batch", "17"], "--batch 17: the Triton GEMV decodes at most 16 rows together"),
     ("capture_trace", ["--seed", "-3"], "argument --seed: expected a seed"),
     ("capture_trace", ["--profile-steps", "-1"], "--profile-steps must be >= 0"),

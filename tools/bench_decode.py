@@ -2,6 +2,11 @@
 
     python -m tools.bench_decode --preset 35b-a3b --batches 1,2,4,8 --context 1024 --out out/bench
     python -m tools.bench_decode --preset 35b-a3b --quant int4 [--group-size 128] [--lm-head bf16|int4]
+    python -m tools.bench_decode --batches 1 --variants default,fused_router,fused_conv+fused_router,default
+
+--variants compares process settings (model/settings.py; 'a+b' turns both on, 'a=0' off) in one
+process on the same weights: each variant is checked (graph == eager, and int4 against the
+reference) and timed in turn; a repeated 'default' shows the drift between the first and last.
 
 For each batch: checks first that graph-replayed tokens equal eager tokens (greedy, from the same
 state), then times with CUDA events (medians over --steps after warmup): our eager step, the
@@ -41,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--ref-layers", type=common.positive_int, default=4,
                    help="int4: layers of that check (random weights over all 40 layers are chaotic: a "
                         "summation-order difference grows layer by layer, see DESIGN.md)")
+    p.add_argument("--variants", type=variant_list, default=[("default", {})],
+                   help="comma-separated settings variants to compare, e.g. default,fused_router,"
+                        "fused_conv+int4_moe_rows,default (names: model/settings.py)")
     p.add_argument("--out", type=Path, default=Path("out/bench"))
     args = p.parse_args(argv)
     common.check_batch(p, "--batches", max(args.batches))
@@ -49,6 +57,19 @@ def parse_args(argv=None):
     if args.steps < 50:
         print(f"note: --steps {args.steps} < 50; medians are noisier", file=sys.stderr)
     return args
+
+
+def variant_list(text: str) -> list:
+    """'default,fused_router' -> [('default', {}), ('fused_router', {'fused_router': True})]."""
+    from model.settings import parse_variant
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated variants, got {text!r}")
+    try:
+        return [(n, parse_variant(n)) for n in names]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def fill_context(gen, batch: int, context: int, torch):
@@ -202,21 +223,25 @@ def main(argv=None) -> int:
 
     dtype_bytes = torch.finfo(getattr(torch, args.dtype)).bits // 8
     fmt = common.weights_format(weights)
-    int4_check = None
-    if int4_fields(weights):     # correctness first: the int4 kernels against their references
-        layers = min(args.ref_layers, cfg.num_layers)
-        cut = weights.first_layers(layers)
-        int4_check = check_against_reference(cut.cfg, cut, min(args.batches), args.ref_steps, torch)
-        int4_check["layers"] = layers
-        print(f"int4 check: {int4_check}", file=sys.stderr)
-    rows = []
-    for batch in args.batches:
-        row = bench_ours(cfg, weights, batch, args, torch)
-        row["weight_bytes"] = read_bytes_per_token(weights, batch)["total"]
-        row["bytes"] = row["weight_bytes"] + common.kv_bytes_per_token(cfg, args.context, dtype_bytes, batch)
-        row["floor_ms"] = row["bytes"] / (bw * 1e9) * 1e3
-        rows.append(row)
-        print(f"batch {batch}: {row}", file=sys.stderr)
+    from model.settings import overridden
+
+    int4_check, rows = None, []
+    for name, changes in args.variants:
+        with overridden(**changes):
+            if int4_fields(weights):     # correctness first: the int4 kernels against their references
+                layers = min(args.ref_layers, cfg.num_layers)
+                cut = weights.first_layers(layers)
+                int4_check = check_against_reference(cut.cfg, cut, min(args.batches), args.ref_steps, torch)
+                int4_check["layers"] = layers
+                print(f"{name}: int4 check: {int4_check}", file=sys.stderr)
+            for batch in args.batches:
+                row = bench_ours(cfg, weights, batch, args, torch)
+                row["variant"], row["int4_check"] = name, int4_check
+                row["weight_bytes"] = read_bytes_per_token(weights, batch)["total"]
+                row["bytes"] = row["weight_bytes"] + common.kv_bytes_per_token(cfg, args.context, dtype_bytes, batch)
+                row["floor_ms"] = row["bytes"] / (bw * 1e9) * 1e3
+                rows.append(row)
+                print(f"{name}, batch {batch}: {row}", file=sys.stderr)
     hf = None
     if args.hf_layers:
         layers = min(args.hf_layers, cfg.num_layers)
@@ -238,10 +263,11 @@ def main(argv=None) -> int:
     if int4_check:
         print(f"int4 Triton vs reference over {int4_check['steps']} steps: max |logit diff| / max |logit| "
               f"{int4_check['max_rel_logit_diff']:.3g}, top-1 agreement {int4_check['top1_agreement']:.0%}")
-    print(f"{'batch':>5} {'GB/tok':>7} {'floor ms':>9} {'eager ms':>9} {'cugraph_rt ms':>14} {'torch graph ms':>15} "
+    wide = max(len(r["variant"]) for r in rows)
+    print(f"{'variant':<{wide}} {'batch':>5} {'GB/tok':>7} {'floor ms':>9} {'eager ms':>9} {'cugraph_rt ms':>14} {'torch graph ms':>15} "
           f"{'eager/replay':>12} {'ours/torch':>10} {'tok/s':>8} {'x floor':>8}")
     for r in rows:
-        print(f"{r['batch']:>5} {r['bytes'] / 1e9:>7.3f} {r['floor_ms']:>9.3f} {r['eager_ms']:>9.3f} {r['cugraph_rt_ms']:>14.3f} "
+        print(f"{r['variant']:<{wide}} {r['batch']:>5} {r['bytes'] / 1e9:>7.3f} {r['floor_ms']:>9.3f} {r['eager_ms']:>9.3f} {r['cugraph_rt_ms']:>14.3f} "
               f"{r['torch_graph_ms']:>15.3f} {r['eager_ms'] / r['cugraph_rt_ms']:>12.2f} "
               f"{r['cugraph_rt_ms'] / r['torch_graph_ms']:>10.3f} {r['batch'] * 1e3 / r['cugraph_rt_ms']:>8.1f} "
               f"{r['cugraph_rt_ms'] / r['floor_ms']:>8.2f}")

