@@ -225,6 +225,11 @@ def main(argv=None) -> int:
     fmt = common.weights_format(weights)
     from model.settings import overridden
 
+    floors = {}   # per batch: the bytes a step reads do not depend on the variant
+    for batch in args.batches:
+        weight_bytes = read_bytes_per_token(weights, batch)["total"]
+        nbytes = weight_bytes + common.kv_bytes_per_token(cfg, args.context, dtype_bytes, batch)
+        floors[batch] = {"weight_bytes": weight_bytes, "bytes": nbytes, "floor_ms": nbytes / (bw * 1e9) * 1e3}
     int4_check, rows = None, []
     for name, changes in args.variants:
         with overridden(**changes):
@@ -236,10 +241,7 @@ def main(argv=None) -> int:
                 print(f"{name}: int4 check: {int4_check}", file=sys.stderr)
             for batch in args.batches:
                 row = bench_ours(cfg, weights, batch, args, torch)
-                row["variant"], row["int4_check"] = name, int4_check
-                row["weight_bytes"] = read_bytes_per_token(weights, batch)["total"]
-                row["bytes"] = row["weight_bytes"] + common.kv_bytes_per_token(cfg, args.context, dtype_bytes, batch)
-                row["floor_ms"] = row["bytes"] / (bw * 1e9) * 1e3
+                row.update(variant=name, int4_check=int4_check, **floors[batch])
                 rows.append(row)
                 print(f"{name}, batch {batch}: {row}", file=sys.stderr)
     hf = None
